@@ -1,0 +1,271 @@
+"""The ``mtrec`` command line: thin wrappers over the Python API.
+
+Bad input (config, data, model directory) prints one line ``mtrec: error: ...`` and
+exits with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mtrec.errors import MtrecError
+
+__all__ = ["main"]
+
+EXAMPLES = {
+    "main": """\
+examples:
+  mtrec quickstart                                  # synthetic log -> MMoE -> AUC, in ./mtrec-quickstart
+  mtrec datasets synthetic --rows 200000 --output data/synthetic/clicks.parquet
+  mtrec train --config configs/synthetic/mmoe.yaml --set train.epochs=3 --output runs/mmoe
+  mtrec evaluate --model runs/mmoe --data data/synthetic/clicks.parquet
+  mtrec models
+""",
+    "quickstart": """\
+example:
+  mtrec quickstart --rows 200000 --model ple --workdir /tmp/qs
+writes WORKDIR/clicks.parquet (+ .truth.json with the best achievable AUC) and the
+model directory WORKDIR/model.
+""",
+    "synthetic": """\
+example:
+  mtrec datasets synthetic --rows 500000 --seed 1 --output data/synthetic/clicks.parquet
+Columns: user/item/author/category/... IDs (Zipf-like, int64 and strings), numeric
+features, the list column hist_item_ids, and labels click, conversion (only where
+click = 1), dwell_time and satisfied. The AUC of the true probabilities (the best any
+model can reach) is written to OUTPUT.truth.json.
+""",
+    "train": """\
+examples:
+  mtrec train --config configs/synthetic/mmoe.yaml
+  mtrec train --config configs/synthetic/ple.yaml --set train.epochs=5 --set model.num_levels=3 \\
+      --output runs/ple --overwrite
+  mtrec train --config cfg.yaml --set tasks.cvr.weight=2 --set data.train=data/day1.parquet
+--set takes dotted keys; list items are addressed by index or by their name.
+""",
+    "evaluate": """\
+example:
+  mtrec evaluate --model runs/mmoe --data data/synthetic/test.parquet --output metrics.json
+Each task is evaluated on its own sample space (e.g. CVR on clicked rows only).
+""",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="mtrec",
+        description="Multi-task recommender ranking (MMoE, PLE, Shared-Bottom) on Parquet click logs.",
+        epilog=EXAMPLES["main"],
+        formatter_class=fmt,
+    )
+    from mtrec import __version__
+
+    p.add_argument("--version", action="version", version=f"mtrec {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    q = sub.add_parser(
+        "quickstart",
+        help="generate a synthetic click log, train a model, print validation AUC",
+        description="Generate a synthetic click log, train a multi-task model on it and save the model.",
+        epilog=EXAMPLES["quickstart"],
+        formatter_class=fmt,
+    )
+    q.add_argument("--rows", type=int, default=200_000, help="rows of synthetic data (default 200000)")
+    q.add_argument("--model", default="mmoe", help="architecture (see `mtrec models`; default mmoe)")
+    q.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
+    q.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
+    q.add_argument("--workdir", type=Path, default=Path("mtrec-quickstart"), help="default ./mtrec-quickstart")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing WORKDIR/model")
+
+    d = sub.add_parser("datasets", help="generate or prepare datasets", description="Generate or prepare datasets.")
+    dsub = d.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    s = dsub.add_parser(
+        "synthetic",
+        help="write a synthetic click log with known ground truth",
+        description="Write a realistic synthetic click log (one row per impression) as Parquet.",
+        epilog=EXAMPLES["synthetic"],
+        formatter_class=fmt,
+    )
+    s.add_argument("--rows", type=int, required=True, help="number of impressions")
+    s.add_argument("--output", type=Path, required=True, help="Parquet file to write")
+    s.add_argument("--seed", type=int, default=0, help="seed of the ground-truth world and the rows (default 0)")
+    s.add_argument(
+        "--sample-seed", type=int, default=None, help="draw other rows from the same world (e.g. a test file)"
+    )
+    s.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+    t = sub.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description="Train a multi-task model from a YAML config and write one model directory.",
+        epilog=EXAMPLES["train"],
+        formatter_class=fmt,
+    )
+    t.add_argument("--config", type=Path, required=True, help="YAML config (see configs/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
+    t.add_argument("--output", type=Path, default=None, help="model directory (default: config output)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing model directory when done")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+
+    e = sub.add_parser(
+        "evaluate",
+        help="per-task AUC and log loss of a saved model on labelled data",
+        description="Evaluate a saved model on labelled Parquet data: a table on stdout and a JSON file.",
+        epilog=EXAMPLES["evaluate"],
+        formatter_class=fmt,
+    )
+    e.add_argument("--model", type=Path, required=True, help="model directory written by `mtrec train`")
+    e.add_argument("--data", required=True, help="Parquet file, folder or glob with the label columns")
+    e.add_argument("--output", type=Path, default=None, help="JSON file (default MODEL/evaluations/<data name>.json)")
+    e.add_argument("--batch-size", type=int, default=None, help="rows per prediction batch")
+
+    sub.add_parser("models", help="list the registered architectures", description="List the architectures.")
+    return p
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_metrics(tasks: dict[str, dict[str, Any]]) -> str:
+    """A per-task metrics table."""
+
+    def num(v: Any, digits: int = 4) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:,}" if isinstance(v, int) else f"{v:.{digits}f}"
+
+    rows = [["task", "rows", "positives", "auc", "logloss", "rmse", "mean_pred", "mean_label"]]
+    for name, m in tasks.items():
+        rows.append(
+            [
+                name,
+                num(m.get("count")),
+                num(m.get("positives")) if "positives" in m else "-",
+                num(m.get("auc")) if "logloss" in m else "-",
+                num(m.get("logloss")) if "logloss" in m else "-",
+                num(m.get("rmse")) if "rmse" in m else "-",
+                num(m.get("mean_pred")),
+                num(m.get("mean_label")),
+            ]
+        )
+    notes = [f"{name}: {m['note']}" for name, m in tasks.items() if m.get("note")]
+    return _table(rows) + ("\n" + "\n".join(notes) if notes else "")
+
+
+def _cmd_synthetic(args: argparse.Namespace) -> int:
+    from mtrec.data.synthetic import write_click_log
+
+    if args.output.exists() and not args.overwrite:
+        raise MtrecError(f"{args.output}: already exists (pass --overwrite to replace it)")
+    if args.rows < 1:
+        raise MtrecError(f"--rows: expected a positive number, got {args.rows}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    truth = write_click_log(args.output, args.rows, seed=args.seed, sample_seed=args.sample_seed)
+    best = ", ".join(f"{k} {v:.4f}" for k, v in truth["best_auc"].items())
+    print(f"wrote {args.rows:,} rows to {args.output} in {time.perf_counter() - t0:.1f}s")
+    print(f"click rate {truth['rates']['click']:.4f}; best achievable AUC: {best}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mtrec.config import load_config
+    from mtrec.train import train
+
+    config = load_config(args.config, args.overrides)
+    train(config, output=args.output, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mtrec.checkpoint import atomic_write_text
+    from mtrec.evaluate import evaluate_model_dir
+
+    result = evaluate_model_dir(args.model, args.data, batch_size=args.batch_size)
+    print(format_metrics(result["tasks"]))
+    out = args.output
+    if out is None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(args.data).rstrip("/")).stem) or "data"
+        out = args.model / "evaluations" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2))
+    print(f"metrics written to {out}")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from mtrec.data.synthetic import write_click_log
+    from mtrec.quickstart import quickstart_config
+    from mtrec.train import train
+
+    workdir: Path = args.workdir
+    model_dir = workdir / "model"
+    if model_dir.exists() and not args.overwrite:
+        raise MtrecError(f"{model_dir}: already exists (pass --overwrite to replace it)")
+    data = workdir / "clicks.parquet"
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"1/2 generating {args.rows:,} synthetic impressions -> {data}", flush=True)
+    truth = write_click_log(data, args.rows, seed=args.seed)
+    config = quickstart_config(str(data), model=args.model, epochs=args.epochs, seed=args.seed)
+    print(f"2/2 training {args.model} for up to {args.epochs} epoch(s)", flush=True)
+    result = train(config, output=model_dir, overwrite=args.overwrite)
+    print()
+    print("validation metrics of the best epoch (each task on its own sample space):")
+    print(format_metrics(result.best_metrics))
+    print(
+        "best achievable AUC (true probabilities): " + ", ".join(f"{k} {v:.4f}" for k, v in truth["best_auc"].items())
+    )
+    print(f"model directory: {model_dir}")
+    print(f"next: mtrec evaluate --model {model_dir} --data {data}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from mtrec.models import list_models
+
+    for name, desc in list_models().items():
+        print(f"{name:15s} {desc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handlers = {
+        "quickstart": _cmd_quickstart,
+        "datasets": _cmd_synthetic,
+        "train": _cmd_train,
+        "evaluate": _cmd_evaluate,
+        "models": _cmd_models,
+    }
+    try:
+        return handlers[args.command](args)
+    except MtrecError as exc:
+        if args.debug:
+            raise
+        print(f"mtrec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtrec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Typed configuration: YAML in, frozen dataclasses out, unknown keys rejected.
+
+A config has five sections (``data``, ``features``, ``tasks``, ``model``, ``train``)
+plus ``output``. Model parameters are checked against the registered model's
+constructor, so a typo such as ``num_expert`` is an error rather than silently ignored.
+
+Example:
+    >>> cfg = config_from_dict({
+    ...     "data": {"train": "clicks.parquet"},
+    ...     "features": {"sparse": [{"name": "user_id"}]},
+    ...     "tasks": [{"name": "ctr", "label": "click"}],
+    ...     "model": {"name": "mmoe", "num_experts": 2},
+    ... }, overrides=["train.epochs=1"])
+    >>> cfg.train.epochs, cfg.model.params["num_experts"]
+    (1, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtrec.errors import ConfigError, SchemaError
+from mtrec.schema import DenseFeature, Schema, SequenceFeature, SparseFeature, Task
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "FeaturesConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is.
+
+    Args:
+        train: Parquet file, folder or glob with the training data.
+        valid: Parquet validation data; when omitted, ``valid_fraction`` of the
+            training rows (seeded) is held out instead.
+        valid_fraction: Share of training rows held out when ``valid`` is not given.
+    """
+
+    train: str | None = None
+    valid: str | None = None
+    valid_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """The ``features:`` section."""
+
+    sparse: tuple[SparseFeature, ...] = ()
+    dense: tuple[DenseFeature, ...] = ()
+    sequence: tuple[SequenceFeature, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``model:`` section: an architecture name, the embedding size and the
+    architecture's own keyword arguments (checked against its constructor)."""
+
+    name: str = "mmoe"
+    embedding_dim: int = 16
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train:`` section.
+
+    Args:
+        epochs: Maximum number of passes over the training data.
+        batch_size: Rows per optimisation step.
+        lr: Adam learning rate of the dense (MLP) parameters.
+        embedding_lr: Learning rate of the embedding rows (sparse Adam); default ``lr``.
+        weight_decay: L2 penalty on the dense parameters.
+        grad_clip: Clip the norm of the dense parameters' gradient to this value.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        bf16: Use bfloat16 autocast on CUDA.
+        seed: Seeds parameter initialisation, the validation split and shuffling.
+        monitor: Validation metric that selects the best epoch: ``mean_auc``,
+            ``loss``, ``<task>.auc`` or ``<task>.logloss``.
+        patience: Stop after this many epochs without improvement of ``monitor``.
+        threads: Torch CPU threads (default: all cores).
+        eval_batch_size: Rows per batch when predicting.
+        log_every: Steps between progress lines when output is not a terminal.
+    """
+
+    epochs: int = 3
+    batch_size: int = 2048
+    lr: float = 1e-3
+    embedding_lr: float | None = None
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    device: str = "auto"
+    bf16: bool = False
+    seed: int = 0
+    monitor: str = "mean_auc"
+    patience: int = 2
+    threads: int | None = None
+    eval_batch_size: int = 16384
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole training configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    tasks: tuple[Task, ...] = ()
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: str | None = None
+
+    @property
+    def schema(self) -> Schema:
+        """The features and tasks as a validated :class:`~mtrec.schema.Schema`."""
+        return Schema(
+            sparse=self.features.sparse,
+            dense=self.features.dense,
+            sequence=self.features.sequence,
+            tasks=self.tasks,
+        )
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config file, applies ``a.b=value`` overrides and validates it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    try:
+        return config_from_dict(raw, overrides=overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def config_from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
+    """Validates a plain dict (as parsed from YAML) into a :class:`Config`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping at the top level, got {type(raw).__name__}")
+    raw = _deepcopy(raw)
+    for item in overrides:
+        _apply_override(raw, item)
+    model_raw = raw.pop("model", {}) or {}
+    cfg = _coerce(raw, Config, "")
+    model = _model_config(model_raw)
+    cfg = dataclasses.replace(cfg, model=model)
+    try:
+        cfg.schema  # noqa: B018 - validates names and references
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_train(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain dict (lists, no tuples) of a config, as written to ``config.yaml``."""
+
+    def plain(x: Any) -> Any:
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, Mapping):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    out = plain(cfg)
+    model = out.pop("model")
+    out["model"] = {"name": model["name"], "embedding_dim": model["embedding_dim"], **model["params"]}
+    return out
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
+    positive = {"epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size, "lr": t.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"train.{key}: expected a positive number, got {value}")
+    if t.patience < 0:
+        raise ConfigError(f"train.patience: expected >= 0, got {t.patience}")
+    if not 0.0 < cfg.data.valid_fraction < 1.0:
+        raise ConfigError(f"data.valid_fraction: expected a number in (0, 1), got {cfg.data.valid_fraction}")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+    names = set(cfg.schema.task_names)
+    monitor = t.monitor
+    if monitor not in ("mean_auc", "loss"):
+        task, _, metric = monitor.partition(".")
+        if task not in names or metric not in ("auc", "logloss", "loss", "rmse"):
+            raise ConfigError(
+                f"train.monitor: expected mean_auc, loss or <task>.auc|logloss|rmse with a task in "
+                f"{sorted(names)}, got {monitor!r}"
+            )
+    if cfg.model.embedding_dim < 1:
+        raise ConfigError(f"model.embedding_dim: expected >= 1, got {cfg.model.embedding_dim}")
+
+
+def _model_config(raw: Any) -> ModelConfig:
+    from mtrec.models.registry import model_parameters
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model: expected a mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    name = raw.pop("name", "mmoe")
+    if not isinstance(name, str):
+        raise ConfigError(f"model.name: expected a string, got {name!r}")
+    dim = _coerce(raw.pop("embedding_dim", 16), int, "model.embedding_dim")
+    try:
+        spec = model_parameters(name)
+    except KeyError as exc:
+        raise ConfigError(f"model.name: {exc.args[0]}") from None
+    params: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in spec:
+            raise ConfigError(
+                f"model.{key}: unknown parameter for model {name!r} (expected one of "
+                f"{', '.join(['name', 'embedding_dim', *spec])})"
+            )
+        params[key] = _coerce(value, spec[key][0], f"model.{key}")
+    for key, (_, default) in spec.items():
+        params.setdefault(key, default)
+    return ModelConfig(name=name, embedding_dim=dim, params=params)
+
+
+def _deepcopy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example train.epochs=3")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            index = _list_index(node, part, where)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def _list_index(node: list[Any], part: str, where: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if -len(node) <= index < len(node):
+            return index
+        raise ConfigError(f"--set {where}: index out of range (list has {len(node)} items)")
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    raise ConfigError(f"--set {where}: no item named {part!r}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against annotation ``tp``; returns it converted (lists to tuples)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}.{_item_label(v, i)}") for i, v in enumerate(value))
+    if origin is not None and issubclass(origin, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _coerce_dataclass(value, tp, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _item_label(value: Any, index: int) -> str:
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return value["name"]
+    return str(index)
+
+
+def _coerce_dataclass(value: Any, cls: Any, key: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{key}." if key else ""
+    for k in value:
+        if k not in fields:
+            raise ConfigError(f"{prefix}{k}: unknown key (expected one of {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _coerce(value[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parameter_spec(fn: Any, skip: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """Keyword parameters of ``fn`` with their annotation and default, for strict configs."""
+    hints = typing.get_type_hints(fn)
+    spec = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if name in skip or name == "self" or p.default is inspect.Parameter.empty:
+            continue
+        spec[name] = (hints.get(name, Any), p.default)
+    return spec

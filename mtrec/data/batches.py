@@ -1,0 +1,103 @@
+"""Encoded columns as tensors, and batches as slices or index gathers of them.
+
+There is no per-row ``__getitem__`` and no collate: a training batch is one
+``index_select`` per column with a slice of a fresh permutation, an evaluation batch
+is a view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from mtrec.batch import Batch
+from mtrec.data.preprocess import EncodedColumns
+
+__all__ = ["TensorColumns"]
+
+
+class TensorColumns:
+    """All rows of a dataset as column tensors (on CPU or on a device).
+
+    Example:
+        >>> import numpy as np
+        >>> enc = EncodedColumns(np.zeros((5, 2), np.int64), np.zeros((5, 1), np.float32), [],
+        ...                      np.zeros((5, 0), np.int64), np.zeros((5, 1), np.float32), np.ones((5, 1), bool))
+        >>> cols = TensorColumns.from_encoded(enc)
+        >>> [len(b) for b in cols.iter_batches(2)]
+        [2, 2, 1]
+    """
+
+    def __init__(self, batch: Batch) -> None:
+        self.all = batch
+
+    @classmethod
+    def from_encoded(cls, enc: EncodedColumns) -> TensorColumns:
+        """Wraps numpy columns without copying."""
+        return cls(
+            Batch(
+                torch.from_numpy(enc.sparse),
+                torch.from_numpy(enc.dense),
+                tuple(torch.from_numpy(s) for s in enc.sequences),
+                torch.from_numpy(enc.seq_lengths),
+                torch.from_numpy(enc.labels),
+                torch.from_numpy(enc.label_mask),
+            )
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.all)
+
+    def to(self, device: torch.device | str) -> TensorColumns:
+        """Copies every column to ``device``."""
+        return TensorColumns(self.all.to(device))
+
+    def gather(self, index: torch.Tensor) -> Batch:
+        """Rows at ``index`` (1-D int64 on the columns' device)."""
+        a = self.all
+        return Batch(
+            a.sparse.index_select(0, index),
+            a.dense.index_select(0, index),
+            tuple(s.index_select(0, index) for s in a.sequences),
+            a.seq_lengths.index_select(0, index),
+            a.labels.index_select(0, index),
+            a.label_mask.index_select(0, index),
+        )
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Rows ``start:stop`` as views."""
+        a = self.all
+        return Batch(
+            a.sparse[start:stop],
+            a.dense[start:stop],
+            tuple(s[start:stop] for s in a.sequences),
+            a.seq_lengths[start:stop],
+            a.labels[start:stop],
+            a.label_mask[start:stop],
+        )
+
+    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
+        """Number of batches :meth:`iter_batches` yields."""
+        n = self.num_rows
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[Batch]:
+        """Yields batches in order (views) or in a fresh random order (gathers)."""
+        n = self.num_rows
+        stop = n - n % batch_size if drop_last else n
+        if not shuffle:
+            for start in range(0, stop, batch_size):
+                yield self.slice(start, min(start + batch_size, n))
+            return
+        order = torch.randperm(n, generator=generator).to(self.all.labels.device)
+        for start in range(0, stop, batch_size):
+            yield self.gather(order[start : start + batch_size])

@@ -1,0 +1,426 @@
+"""Fit once on the training data, encode everything the same way afterwards.
+
+* Sparse features: a frequency-ordered vocabulary (values seen at least ``min_freq``
+  times get indices ``1..V``; nulls, rare and unseen values share index 0), or a
+  stable 64-bit hash into ``hash_buckets`` buckets. IDs stay int64 throughout.
+* Dense features: null/NaN/inf fill, optional log1p, standardisation with training
+  statistics.
+* List features: encoded with their own vocabulary or the one of a sparse feature
+  (``vocab_from``), truncated to the last ``max_len`` items and padded.
+* Labels: each task's label where its ``where`` expression holds, with a mask.
+
+The fitted state is saved as JSON plus one Parquet file per vocabulary: nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mtrec.errors import DataError, ModelError
+from mtrec.expr import parse_where
+from mtrec.schema import DenseFeature, InputLayout, Schema, SparseFeature
+
+__all__ = ["EncodedColumns", "Preprocessor"]
+
+_STATE_VERSION = 1
+
+
+@dataclass
+class EncodedColumns:
+    """Encoded columns as contiguous numpy arrays (see :class:`mtrec.batch.Batch`)."""
+
+    sparse: np.ndarray
+    dense: np.ndarray
+    sequences: list[np.ndarray]
+    seq_lengths: np.ndarray
+    labels: np.ndarray
+    label_mask: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, rows: np.ndarray) -> EncodedColumns:
+        """Rows at ``rows`` (an index array or boolean mask)."""
+        return EncodedColumns(
+            self.sparse[rows],
+            self.dense[rows],
+            [s[rows] for s in self.sequences],
+            self.seq_lengths[rows],
+            self.labels[rows],
+            self.label_mask[rows],
+        )
+
+    @staticmethod
+    def concat(parts: list[EncodedColumns]) -> EncodedColumns:
+        """Concatenates chunks row-wise."""
+        if len(parts) == 1:
+            return parts[0]
+        return EncodedColumns(
+            np.concatenate([p.sparse for p in parts]),
+            np.concatenate([p.dense for p in parts]),
+            [np.concatenate([p.sequences[i] for p in parts]) for i in range(len(parts[0].sequences))],
+            np.concatenate([p.seq_lengths for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.label_mask for p in parts]),
+        )
+
+
+def _is_id_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _plain(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One contiguous array, dictionary encoding removed."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.string())
+    return arr
+
+
+def _id_values(source: str, name: str, col: pa.ChunkedArray | pa.Array, *, is_list: bool) -> pa.Array:
+    arr = _plain(col)
+    if is_list:
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            raise DataError(f"{source}: column {name!r} has type {arr.type}, expected a list of ints or strings")
+        arr = _plain(pc.list_flatten(arr))
+    if pa.types.is_integer(arr.type):
+        return arr.cast(pa.int64())
+    if not _is_id_type(arr.type):
+        what = "a list of ints or strings" if is_list else "int or string IDs"
+        raise DataError(f"{source}: column {name!r} has type {arr.type}, expected {what}")
+    return arr
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    # A fixed integer mix so that hashed IDs are identical across processes, versions
+    # and machines (Python's and polars' hashes are not).
+    z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _hash_ids(arr: pa.Array, buckets: int) -> np.ndarray:
+    """Maps values to ``1..buckets`` (nulls to 0) with a stable hash."""
+    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_integer(arr.type):
+        ints = arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        mixed = _splitmix64(ints)
+    else:
+        encoded = pc.dictionary_encode(arr.fill_null(""))
+        uniques = encoded.dictionary.to_pylist()
+        digests = np.array(
+            [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") for u in uniques],
+            dtype=np.uint64,
+        )
+        mixed = digests[encoded.indices.to_numpy(zero_copy_only=False)]
+    out = (mixed % np.uint64(buckets)).astype(np.int64) + 1
+    out[~valid] = 0
+    return out
+
+
+class Preprocessor:
+    """Fitted encoding of a :class:`~mtrec.schema.Schema`.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from mtrec.schema import Schema, SparseFeature, Task
+        >>> schema = Schema(sparse=(SparseFeature("u"),), tasks=(Task("ctr", label="click"),))
+        >>> table = pa.table({"u": [7, 7, 9], "click": [1, 0, 1]})
+        >>> pre = Preprocessor.fit(schema, table)
+        >>> pre.transform(table).sparse[:, 0].tolist()
+        [1, 1, 2]
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        vocabs: dict[str, pa.Array],
+        dense_stats: dict[str, dict[str, float]],
+    ) -> None:
+        self.schema = schema
+        self.vocabs = vocabs
+        self.dense_stats = dense_stats
+
+    # ----------------------------------------------------------------- fitting
+    @classmethod
+    def fit(cls, schema: Schema, table: pa.Table, *, source: str = "training data") -> Preprocessor:
+        """Fits vocabularies and dense statistics on ``table`` (the training rows only)."""
+        if table.num_rows == 0:
+            raise DataError(f"{source}: no training rows to fit preprocessing on")
+        vocabs: dict[str, pa.Array] = {}
+        shared = {s.vocab_from: s for s in schema.sequence if s.vocab_from is not None}
+        for f in schema.sparse:
+            if f.hash_buckets is not None:
+                _id_values(source, f.name, table.column(f.name), is_list=False)
+                continue
+            parts = [_id_values(source, f.name, table.column(f.name), is_list=False)]
+            if f.name in shared:
+                seq = shared[f.name]
+                values = _id_values(source, seq.name, table.column(seq.name), is_list=True)
+                if values.type != parts[0].type:
+                    raise DataError(
+                        f"{source}: list column {seq.name!r} holds {values.type} but {f.name!r}, whose "
+                        f"vocabulary it shares, holds {parts[0].type}"
+                    )
+                parts.append(values)
+            vocabs[f.name] = cls._fit_vocab(parts, f.min_freq, f.max_vocab)
+        for s in schema.sequence:
+            if s.vocab_from is None:
+                values = _id_values(source, s.name, table.column(s.name), is_list=True)
+                vocabs[s.name] = cls._fit_vocab([values], s.min_freq, None)
+        dense_stats = {f.name: cls._fit_dense(source, f, table.column(f.name)) for f in schema.dense}
+        return cls(schema, vocabs, dense_stats)
+
+    @staticmethod
+    def _fit_vocab(parts: list[pa.Array], min_freq: int, max_vocab: int | None) -> pa.Array:
+        values = pl.concat([pl.Series("v", p) for p in parts]) if len(parts) > 1 else pl.Series("v", parts[0])
+        counts = values.drop_nulls().value_counts(name="n")
+        # Most frequent first; ties by value so the vocabulary does not depend on row order.
+        counts = counts.filter(pl.col("n") >= min_freq).sort(["n", "v"], descending=[True, False])
+        if max_vocab is not None:
+            counts = counts.head(max_vocab)
+        return counts.get_column("v").to_arrow()
+
+    @staticmethod
+    def _dense_values(source: str, f: DenseFeature, col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        arr = _plain(col)
+        if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)):
+            raise DataError(f"{source}: column {f.name!r} has type {arr.type}, expected a number")
+        return arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+    @classmethod
+    def _fit_dense(cls, source: str, f: DenseFeature, col: pa.ChunkedArray) -> dict[str, float]:
+        x = cls._dense_values(source, f, col)
+        finite = np.isfinite(x)
+        if f.clean and not finite.all():
+            raise DataError(
+                f"{source}: column {f.name!r} has {int((~finite).sum())} null/NaN/inf values but is declared clean"
+            )
+        good = x[finite]
+        fill = f.fill if f.fill is not None else (float(good.mean()) if good.size else 0.0)
+        filled = np.where(finite, x, fill)
+        if f.transform in ("log1p", "log1p_standardize"):
+            filled = np.log1p(np.clip(filled, 0.0, None))
+        mean, std = 0.0, 1.0
+        if f.transform in ("standardize", "log1p_standardize"):
+            mean = float(filled.mean())
+            std = float(filled.std())
+            if not np.isfinite(std) or std < 1e-12:
+                std = 1.0
+        return {"fill": float(fill), "mean": mean, "std": std}
+
+    # ----------------------------------------------------------------- layout
+    def layout(self) -> InputLayout:
+        """Embedding tables and encoded widths for building a model."""
+        schema = self.schema
+        table_sizes: list[int] = []
+        table_of: dict[str, int] = {}
+        for f in schema.sparse:
+            table_of[f.name] = len(table_sizes)
+            table_sizes.append(self.cardinality(f))
+        seq_tables = []
+        for s in schema.sequence:
+            if s.vocab_from is not None:
+                seq_tables.append(table_of[s.vocab_from])
+            else:
+                seq_tables.append(len(table_sizes))
+                table_sizes.append(len(self.vocabs[s.name]) + 1)
+        return InputLayout(
+            table_sizes=tuple(table_sizes),
+            sparse_tables=tuple(table_of[f.name] for f in schema.sparse),
+            sequence_tables=tuple(seq_tables),
+            sequence_max_len=tuple(s.max_len for s in schema.sequence),
+            sequence_pooling=tuple(s.pooling for s in schema.sequence),
+            num_dense=len(schema.dense),
+        )
+
+    def cardinality(self, f: SparseFeature) -> int:
+        """Rows of the feature's table, including the reserved index 0."""
+        if f.hash_buckets is not None:
+            return f.hash_buckets + 1
+        return len(self.vocabs[f.name]) + 1
+
+    # ----------------------------------------------------------------- encoding
+    def _lookup(self, source: str, name: str, values: pa.Array, vocab: pa.Array) -> np.ndarray:
+        if values.type != vocab.type:
+            try:
+                values = values.cast(vocab.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise DataError(
+                    f"{source}: column {name!r} has type {values.type} but the model was trained on {vocab.type}"
+                ) from None
+        idx = pc.index_in(values, value_set=vocab)
+        return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+
+    def _encode_sparse(self, source: str, f: SparseFeature, col: pa.ChunkedArray) -> np.ndarray:
+        values = _id_values(source, f.name, col, is_list=False)
+        if f.hash_buckets is not None:
+            return _hash_ids(values, f.hash_buckets)
+        return self._lookup(source, f.name, values, self.vocabs[f.name])
+
+    def _encode_dense(self, source: str, f: DenseFeature, col: pa.ChunkedArray) -> np.ndarray:
+        x = self._dense_values(source, f, col)
+        finite = np.isfinite(x)
+        if f.clean and not finite.all():
+            raise DataError(
+                f"{source}: column {f.name!r} has {int((~finite).sum())} null/NaN/inf values but is declared clean"
+            )
+        st = self.dense_stats[f.name]
+        x = np.where(finite, x, st["fill"])
+        if f.transform in ("log1p", "log1p_standardize"):
+            x = np.log1p(np.clip(x, 0.0, None))
+        if f.transform in ("standardize", "log1p_standardize"):
+            x = (x - st["mean"]) / st["std"]
+        return x.astype(np.float32)
+
+    def _encode_sequence(self, source: str, index: int, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        s = self.schema.sequence[index]
+        arr = _plain(col)
+        values = _id_values(source, s.name, arr, is_list=True)
+        vocab_name = s.vocab_from if s.vocab_from is not None else s.name
+        hashed = next((f for f in self.schema.sparse if f.name == vocab_name and f.hash_buckets is not None), None)
+        if hashed is not None:
+            codes = _hash_ids(values, hashed.hash_buckets)  # type: ignore[arg-type]
+        else:
+            codes = self._lookup(source, s.name, values, self.vocabs[vocab_name])
+        # offsets are absolute positions in the values buffer even for a sliced array,
+        # while list_flatten starts at the slice, hence the "- first".
+        offsets = arr.offsets.to_numpy().astype(np.int64)
+        first = offsets[0]
+        lengths = np.diff(offsets)
+        lengths[np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)] = 0
+        kept = np.minimum(lengths, s.max_len)
+        start = offsets[:-1] - first + (lengths - kept)  # keep the last max_len items
+        positions = np.arange(s.max_len, dtype=np.int64)
+        valid = positions[None, :] < kept[:, None]
+        gather = np.where(valid, start[:, None] + positions[None, :], 0)
+        out = codes[gather] if codes.size else np.zeros(gather.shape, dtype=np.int64)
+        out[~valid] = 0
+        return np.ascontiguousarray(out, dtype=np.int64), kept
+
+    def _encode_labels(self, source: str, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        n = table.num_rows
+        tasks = self.schema.tasks
+        labels = np.zeros((n, len(tasks)), dtype=np.float32)
+        mask = np.zeros((n, len(tasks)), dtype=bool)
+        for j, t in enumerate(tasks):
+            if t.where is not None:
+                expr = parse_where(t.where)
+                cols = {}
+                for c in expr.columns:
+                    if c not in table.column_names:
+                        raise DataError(f"{source}: column {c!r} used by tasks.{t.name}.where is missing")
+                    cols[c] = _plain(table.column(c)).to_numpy(zero_copy_only=False)
+                try:
+                    space = expr.evaluate(cols)
+                except TypeError:
+                    raise DataError(
+                        f"{source}: tasks.{t.name}.where {t.where!r} compares columns with constants of another type"
+                    ) from None
+            else:
+                space = np.ones(n, dtype=bool)
+            arr = _plain(table.column(t.label))
+            if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)):
+                raise DataError(
+                    f"{source}: label column {t.label!r} (task {t.name}) has type {arr.type}, expected numbers"
+                )
+            y = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+            ys = y[space]
+            if t.type == "binary":
+                bad = ~((ys == 0) | (ys == 1))
+                if bad.any():
+                    example = ys[bad][0]
+                    what = "null/NaN" if not np.isfinite(example) else repr(float(example))
+                    raise DataError(
+                        f"{source}: label column {t.label!r} (task {t.name}) has {int(bad.sum())} value(s) outside "
+                        f"{{0, 1}} in its sample space (e.g. {what})"
+                    )
+            else:
+                bad = ~np.isfinite(ys)
+                if bad.any():
+                    raise DataError(
+                        f"{source}: label column {t.label!r} (task {t.name}) has {int(bad.sum())} null/NaN/inf "
+                        f"value(s) in its sample space"
+                    )
+            labels[space, j] = ys
+            mask[:, j] = space
+        return labels, mask
+
+    def transform(self, table: pa.Table, *, source: str = "data", with_labels: bool = True) -> EncodedColumns:
+        """Encodes a table (features and, with ``with_labels``, labels and sample-space masks)."""
+        schema = self.schema
+        n = table.num_rows
+        missing = [c for c in schema.input_columns() if c not in table.column_names]
+        if with_labels:
+            missing += [c for c in schema.label_columns() if c not in table.column_names]
+        if missing:
+            raise DataError(f"{source}: missing column(s) {', '.join(map(repr, dict.fromkeys(missing)))}")
+        sparse = np.empty((n, len(schema.sparse)), dtype=np.int64)
+        for j, f in enumerate(schema.sparse):
+            sparse[:, j] = self._encode_sparse(source, f, table.column(f.name))
+        dense = np.empty((n, len(schema.dense)), dtype=np.float32)
+        for j, f in enumerate(schema.dense):
+            dense[:, j] = self._encode_dense(source, f, table.column(f.name))
+        sequences, lengths = [], np.zeros((n, len(schema.sequence)), dtype=np.int64)
+        for j, s in enumerate(schema.sequence):
+            ids, kept = self._encode_sequence(source, j, table.column(s.name))
+            sequences.append(ids)
+            lengths[:, j] = kept
+        if with_labels:
+            labels, mask = self._encode_labels(source, table)
+        else:
+            labels = np.zeros((n, len(schema.tasks)), dtype=np.float32)
+            mask = np.zeros((n, len(schema.tasks)), dtype=bool)
+        return EncodedColumns(sparse, dense, sequences, lengths, labels, mask)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, directory: Path) -> None:
+        """Writes ``state.json`` and ``vocab_<i>.parquet`` files into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for i, (name, vocab) in enumerate(self.vocabs.items()):
+            fname = f"vocab_{i}.parquet"
+            pq.write_table(pa.table({"value": vocab}), directory / fname)
+            files[name] = {"file": fname, "size": len(vocab), "type": str(vocab.type)}
+        state: dict[str, Any] = {"version": _STATE_VERSION, "vocabularies": files, "dense": self.dense_stats}
+        (directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, schema: Schema, directory: Path) -> Preprocessor:
+        """Reads the state written by :meth:`save`."""
+        try:
+            state = json.loads((directory / "state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{directory / 'state.json'}: cannot read preprocessing state ({exc})") from None
+        if state.get("version") != _STATE_VERSION:
+            raise ModelError(f"{directory / 'state.json'}: unsupported preprocessing state version")
+        vocabs = {}
+        for name, info in state["vocabularies"].items():
+            path = directory / info["file"]
+            try:
+                vocab = pq.read_table(path).column("value").combine_chunks()
+            except (OSError, pa.ArrowInvalid, KeyError) as exc:
+                raise ModelError(f"{path}: cannot read vocabulary of {name!r} ({exc})") from None
+            if len(vocab) != info["size"]:
+                raise ModelError(f"{path}: vocabulary of {name!r} has {len(vocab)} values, expected {info['size']}")
+            vocabs[name] = vocab
+        expected = {f.name for f in schema.sparse if f.hash_buckets is None}
+        expected |= {s.name for s in schema.sequence if s.vocab_from is None}
+        if set(vocabs) != expected or set(state["dense"]) != {f.name for f in schema.dense}:
+            raise ModelError(f"{directory}: preprocessing state does not match the model's config")
+        return cls(schema, vocabs, state["dense"])

@@ -1,0 +1,103 @@
+"""A small, safe expression language for task sample spaces (``where: "click == 1"``).
+
+Expressions are parsed with :mod:`ast` and only comparisons of a column with a constant,
+``and`` / ``or`` / ``not`` and parentheses are accepted: nothing is ever ``eval``-ed.
+
+Example:
+    >>> import numpy as np
+    >>> w = parse_where("click == 1 and dwell >= 30")
+    >>> w.columns
+    ('click', 'dwell')
+    >>> w.evaluate({"click": np.array([1, 1, 0]), "dwell": np.array([40.0, 2.0, 50.0])}).tolist()
+    [True, False, False]
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["WhereExpr", "parse_where"]
+
+_COMPARE: dict[type, Callable[[object, object], object]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
+
+
+@dataclass(frozen=True)
+class WhereExpr:
+    """A parsed ``where`` expression."""
+
+    text: str
+    tree: ast.expr
+    columns: tuple[str, ...]
+
+    def evaluate(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Evaluates to a boolean mask; nulls (NaN) compare as False."""
+        return np.asarray(_eval(self.tree, columns), dtype=bool)
+
+
+def parse_where(text: str) -> WhereExpr:
+    """Parses and checks an expression; raises ValueError with the reason."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise ValueError(f'cannot parse {text!r} (expected e.g. "click == 1")') from None
+    cols: list[str] = []
+    _check(tree, cols, text)
+    return WhereExpr(text, tree, tuple(dict.fromkeys(cols)))
+
+
+def _check(node: ast.expr, cols: list[str], text: str) -> None:
+    if isinstance(node, ast.BoolOp):
+        for v in node.values:
+            _check(v, cols, text)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        _check(node.operand, cols, text)
+    elif isinstance(node, ast.Compare):
+        if len(node.ops) != 1 or type(node.ops[0]) not in _COMPARE:
+            raise ValueError(f"in {text!r}: use one of == != < <= > >= per comparison")
+        left, right = node.left, node.comparators[0]
+        if isinstance(left, ast.Name) and isinstance(right, ast.Constant):
+            cols.append(left.id)
+        elif isinstance(right, ast.Name) and isinstance(left, ast.Constant):
+            cols.append(right.id)
+        else:
+            raise ValueError(f"in {text!r}: each comparison must be between a column and a constant")
+        const = right if isinstance(right, ast.Constant) else left
+        if not isinstance(const, ast.Constant) or not isinstance(const.value, (int, float, str, bool)):
+            raise ValueError(f"in {text!r}: constants must be numbers or strings")
+    elif isinstance(node, ast.Name):
+        cols.append(node.id)
+    else:
+        raise ValueError(f"in {text!r}: only comparisons, 'and', 'or', 'not' and parentheses are allowed")
+
+
+def _eval(node: ast.expr, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+    if isinstance(node, ast.BoolOp):
+        parts = [_eval(v, columns) for v in node.values]
+        combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
+        out = parts[0]
+        for p in parts[1:]:
+            out = combine(out, p)
+        return out
+    if isinstance(node, ast.UnaryOp):
+        return np.logical_not(_eval(node.operand, columns))
+    if isinstance(node, ast.Name):
+        return np.asarray(columns[node.id]).astype(bool)
+    assert isinstance(node, ast.Compare)
+    op = _COMPARE[type(node.ops[0])]
+    left, right = node.left, node.comparators[0]
+    lv = columns[left.id] if isinstance(left, ast.Name) else left.value  # type: ignore[attr-defined]
+    rv = columns[right.id] if isinstance(right, ast.Name) else right.value  # type: ignore[attr-defined]
+    with np.errstate(invalid="ignore"):
+        return np.asarray(op(lv, rv), dtype=bool)

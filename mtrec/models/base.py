@@ -1,0 +1,101 @@
+"""MultiTaskModel: feature embedding -> backbone -> one tower per task, logits by name."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrec.batch import Batch
+from mtrec.nn.embedding import FusedEmbedding, masked_pool
+from mtrec.nn.mlp import Tower
+from mtrec.schema import InputLayout
+
+__all__ = ["FeatureInput", "MultiTaskModel"]
+
+
+class FeatureInput(nn.Module):
+    """Turns a :class:`~mtrec.batch.Batch` into one ``(B, out_dim)`` float tensor.
+
+    Sparse features and list items are looked up together in one
+    :class:`~mtrec.nn.FusedEmbedding` call; lists are masked-pooled; dense features
+    are appended as they are.
+    """
+
+    def __init__(self, layout: InputLayout, embedding_dim: int) -> None:
+        super().__init__()
+        self.layout = layout
+        self.num_sparse = len(layout.sparse_tables)
+        column_tables = list(layout.sparse_tables)
+        for table, length in zip(layout.sequence_tables, layout.sequence_max_len, strict=True):
+            column_tables += [table] * length
+        self.embedding = (
+            FusedEmbedding(layout.table_sizes, embedding_dim, column_tables=tuple(column_tables))
+            if column_tables
+            else None
+        )
+        num_embedded = self.num_sparse + len(layout.sequence_tables)
+        self.out_dim = num_embedded * embedding_dim + layout.num_dense
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        parts = []
+        if self.embedding is not None:
+            ids = torch.cat([batch.sparse, *batch.sequences], dim=1) if batch.sequences else batch.sparse
+            emb = self.embedding(ids)  # (B, F + sum(L), D)
+            F = self.num_sparse
+            if F:
+                parts.append(emb[:, :F].flatten(1))
+            start = F
+            for i, (length, mode) in enumerate(
+                zip(self.layout.sequence_max_len, self.layout.sequence_pooling, strict=True)
+            ):
+                parts.append(masked_pool(emb[:, start : start + length], batch.seq_lengths[:, i], mode))
+                start += length
+        if self.layout.num_dense:
+            parts.append(batch.dense)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+class MultiTaskModel(nn.Module):
+    """Feature input, a backbone returning one representation per task, and towers.
+
+    Args:
+        layout: Encoded input shapes (from preprocessing).
+        task_names: Task names; towers and outputs are keyed by them.
+        embedding_dim: Embedding width.
+        backbone: Module mapping ``(B, in_dim) -> (B, T, H)``.
+        backbone_out: ``H``.
+        tower_hidden: Hidden widths of each task tower.
+        dropout: Tower dropout.
+
+    ``forward(batch)`` returns ``{task_name: (B,) logits}``.
+    """
+
+    def __init__(
+        self,
+        *,
+        features: FeatureInput,
+        task_names: tuple[str, ...],
+        backbone: nn.Module,
+        backbone_out: int,
+        tower_hidden: tuple[int, ...],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.task_names = tuple(task_names)
+        self.backbone = backbone
+        self.towers = nn.ModuleDict({t: Tower(backbone_out, tower_hidden, dropout=dropout) for t in task_names})
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        reps = self.backbone(self.features(batch))  # (B, T, H)
+        return {name: self.towers[name](reps[:, i]) for i, name in enumerate(self.task_names)}
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Parameters with sparse gradients (the fused embedding table)."""
+        emb = self.features.embedding
+        return [emb.weight] if emb is not None and emb.sparse else []
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter (MLPs, gates, towers)."""
+        sparse = {id(p) for p in self.embedding_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]

@@ -1,0 +1,52 @@
+"""Shared-Bottom: hard parameter sharing (Caruana, "Multitask Learning", Machine Learning 1997).
+
+One MLP shared by all tasks feeds every task tower.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrec.models.base import FeatureInput, MultiTaskModel
+from mtrec.models.registry import register_model
+from mtrec.nn.mlp import MLP
+from mtrec.schema import InputLayout
+
+__all__ = ["SharedBottom", "shared_bottom"]
+
+
+class SharedBottom(nn.Module):
+    """``(B, in_dim) -> (B, T, H)``: one MLP whose output every task reads."""
+
+    def __init__(self, in_dim: int, *, num_tasks: int, hidden: tuple[int, ...], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden, dropout=dropout)
+        self.num_tasks = num_tasks
+        self.out_dim = self.mlp.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x).unsqueeze(1).expand(-1, self.num_tasks, -1)
+
+
+@register_model("shared_bottom", "Shared-Bottom: one MLP shared by all task towers (hard sharing)")
+def shared_bottom(
+    layout: InputLayout,
+    task_names: tuple[str, ...],
+    *,
+    embedding_dim: int = 16,
+    bottom_hidden: tuple[int, ...] = (256, 128),
+    tower_hidden: tuple[int, ...] = (64,),
+    dropout: float = 0.0,
+) -> MultiTaskModel:
+    """Builds a Shared-Bottom multi-task model."""
+    features = FeatureInput(layout, embedding_dim)
+    backbone = SharedBottom(features.out_dim, num_tasks=len(task_names), hidden=bottom_hidden, dropout=dropout)
+    return MultiTaskModel(
+        features=features,
+        task_names=task_names,
+        backbone=backbone,
+        backbone_out=backbone.out_dim,
+        tower_hidden=tower_hidden,
+        dropout=dropout,
+    )

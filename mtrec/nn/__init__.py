@@ -1,0 +1,11 @@
+"""Building blocks that work on any tensor: no schemas, no files.
+
+A ranking pipeline can use these directly, for example an MMoE layer over its own
+feature encoder's output.
+"""
+
+from mtrec.nn.embedding import FusedEmbedding, masked_pool
+from mtrec.nn.experts import PLE, CGCLayer, ExpertGroup, Gate, MMoELayer
+from mtrec.nn.mlp import MLP, Tower
+
+__all__ = ["CGCLayer", "ExpertGroup", "FusedEmbedding", "Gate", "MLP", "MMoELayer", "PLE", "Tower", "masked_pool"]

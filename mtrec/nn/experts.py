@@ -1,0 +1,236 @@
+"""Experts, gates and the MMoE / CGC / PLE layers, on plain tensors.
+
+All experts of a layer are evaluated together as batched matrix products instead of a
+Python loop over ``nn.Module`` experts: one GEMM for the first layer when the experts
+share their input, then one ``baddbmm`` per further layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["CGCLayer", "ExpertGroup", "Gate", "MMoELayer", "PLE"]
+
+
+class ExpertGroup(nn.Module):
+    """``E`` independent ReLU MLPs of identical shape, evaluated as one batched op.
+
+    Args:
+        num_experts: ``E``.
+        in_dim: Input width.
+        hidden: Hidden widths of each expert; the last is the output width ``H``.
+        dropout: Dropout after each activation.
+
+    Shapes:
+        ``x (B, in_dim)`` (every expert reads it) or ``(E, B, in_dim)`` (expert ``e``
+        reads ``x[e]``) ``-> (B, E, H)``.
+
+    Example:
+        >>> ExpertGroup(3, 8, (16, 4))(torch.zeros(5, 8)).shape
+        torch.Size([5, 3, 4])
+    """
+
+    def __init__(self, num_experts: int, in_dim: int, hidden: tuple[int, ...], *, dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_experts < 1 or not hidden:
+            raise ValueError("an expert group needs num_experts >= 1 and at least one hidden layer")
+        self.num_experts = num_experts
+        self.out_dim = hidden[-1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        width = in_dim
+        for h in hidden:
+            bound = 1.0 / math.sqrt(width)
+            self.weights.append(nn.Parameter(torch.empty(num_experts, width, h).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_experts, 1, h).uniform_(-bound, bound)))
+            width = h
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        E = self.num_experts
+        w0, b0 = self.weights[0], self.biases[0]
+        if x.dim() == 2:
+            # Shared input: one (B, in) x (in, E*H) GEMM for all experts.
+            B = x.shape[0]
+            h = torch.addmm(b0.reshape(1, -1), x, w0.permute(1, 0, 2).reshape(x.shape[1], -1))
+            h = h.view(B, E, -1).transpose(0, 1)
+        else:
+            h = torch.baddbmm(b0, x, w0)
+        h = self.dropout(torch.relu(h))
+        for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
+            h = self.dropout(torch.relu(torch.baddbmm(b, h, w)))
+        return h.transpose(0, 1)
+
+
+class Gate(nn.Module):
+    """``G`` softmax gates over ``E`` experts computed by one linear layer.
+
+    Shapes:
+        ``(B, in_dim) -> (B, G, E)``, each row summing to 1.
+    """
+
+    def __init__(self, in_dim: int, num_experts: int, num_gates: int = 1) -> None:
+        super().__init__()
+        self.num_gates = num_gates
+        self.num_experts = num_experts
+        self.linear = nn.Linear(in_dim, num_gates * num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).view(-1, self.num_gates, self.num_experts).softmax(dim=-1)
+
+
+class MMoELayer(nn.Module):
+    """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018): shared experts, one gate per task.
+
+    Shapes:
+        ``(B, in_dim) -> (B, T, H)``; with ``return_gates`` also ``(B, T, E)``.
+
+    Example:
+        >>> layer = MMoELayer(8, num_tasks=2, num_experts=3, expert_hidden=(4,))
+        >>> layer(torch.zeros(5, 8)).shape
+        torch.Size([5, 2, 4])
+    """
+
+    def __init__(
+        self, in_dim: int, *, num_tasks: int, num_experts: int, expert_hidden: tuple[int, ...], dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.experts = ExpertGroup(num_experts, in_dim, expert_hidden, dropout=dropout)
+        self.gates = Gate(in_dim, num_experts, num_tasks)
+        self.out_dim = self.experts.out_dim
+
+    def forward(self, x: torch.Tensor, return_gates: bool = False):  # noqa: ANN201 - tensor or pair
+        gates = self.gates(x)
+        out = torch.bmm(gates, self.experts(x))
+        return (out, gates) if return_gates else out
+
+
+class CGCLayer(nn.Module):
+    """Customized Gate Control (Tang et al., RecSys 2020): shared plus task-specific experts.
+
+    Experts are ordered ``[shared (S) | task 0 (K) | task 1 (K) | ...]``. Task ``t``'s gate
+    mixes its own ``K`` experts and the ``S`` shared ones, so a task-specific expert only
+    ever reaches its own task; an optional shared gate mixes all experts to feed the
+    next level's shared experts.
+
+    Args:
+        in_dim: Input width.
+        num_tasks: ``T``.
+        num_shared: ``S`` shared experts.
+        num_specific: ``K`` experts per task.
+        expert_hidden: Hidden widths of every expert (output ``H``).
+        shared_gate: Also produce the shared output (all levels of PLE but the last).
+
+    Shapes:
+        ``x (B, in_dim)`` (all experts read the same input) or ``(T + 1, B, in_dim)``
+        (task ``t`` experts read ``x[t]``, shared experts ``x[T]``) ``->``
+        ``(B, T, H)`` task outputs and ``(B, H)`` shared output (or ``None``).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        *,
+        num_tasks: int,
+        num_shared: int,
+        num_specific: int,
+        expert_hidden: tuple[int, ...],
+        shared_gate: bool,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_shared < 0 or num_specific < 0 or num_shared + num_specific < 1:
+            raise ValueError("CGC needs at least one shared or task-specific expert per task")
+        T, S, K = num_tasks, num_shared, num_specific
+        self.num_tasks, self.num_shared, self.num_specific = T, S, K
+        self.experts = ExpertGroup(S + T * K, in_dim, expert_hidden, dropout=dropout)
+        self.out_dim = self.experts.out_dim
+        expert_input = [T] * S + [t for t in range(T) for _ in range(K)]
+        self.register_buffer("expert_input", torch.tensor(expert_input, dtype=torch.int64), persistent=False)
+        task_experts = [list(range(S + t * K, S + (t + 1) * K)) + list(range(S)) for t in range(T)]
+        self.register_buffer("task_experts", torch.tensor(task_experts, dtype=torch.int64), persistent=False)
+        # One weight block per task gate: (T, in_dim, K + S).
+        bound = 1.0 / math.sqrt(in_dim)
+        self.gate_weight = nn.Parameter(torch.empty(T, in_dim, K + S).uniform_(-bound, bound))
+        self.gate_bias = nn.Parameter(torch.empty(T, 1, K + S).uniform_(-bound, bound))
+        self.shared_gate = Gate(in_dim, S + T * K) if shared_gate else None
+
+    def forward(self, x: torch.Tensor, return_gates: bool = False):  # noqa: ANN201 - tuple
+        T = self.num_tasks
+        if x.dim() == 2:
+            expert_out = self.experts(x)
+            task_in = x.unsqueeze(0).expand(T, -1, -1)
+            shared_in = x
+        else:
+            expert_out = self.experts(x.index_select(0, self.expert_input))
+            task_in = x[:T]
+            shared_in = x[T]
+        gates = torch.baddbmm(self.gate_bias, task_in, self.gate_weight).softmax(dim=-1)  # (T, B, K+S)
+        chosen = expert_out[:, self.task_experts]  # (B, T, K+S, H)
+        task_out = torch.einsum("tbe,bteh->bth", gates, chosen)
+        shared_out = None
+        shared_gates = None
+        if self.shared_gate is not None:
+            shared_gates = self.shared_gate(shared_in)  # (B, 1, E)
+            shared_out = torch.bmm(shared_gates, expert_out).squeeze(1)
+        if return_gates:
+            return task_out, shared_out, gates.transpose(0, 1), shared_gates
+        return task_out, shared_out
+
+
+class PLE(nn.Module):
+    """Progressive Layered Extraction (Tang et al., RecSys 2020): ``num_levels`` stacked CGC
+    layers; every level but the last also has a shared gate feeding the next level's
+    shared experts.
+
+    Shapes:
+        ``(B, in_dim) -> (B, T, H)``.
+
+    Example:
+        >>> ple = PLE(8, num_tasks=2, num_levels=2, num_shared=1, num_specific=1, expert_hidden=(4,))
+        >>> ple(torch.zeros(3, 8)).shape
+        torch.Size([3, 2, 4])
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        *,
+        num_tasks: int,
+        num_levels: int,
+        num_shared: int,
+        num_specific: int,
+        expert_hidden: tuple[int, ...],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        levels = []
+        width = in_dim
+        for level in range(num_levels):
+            cgc = CGCLayer(
+                width,
+                num_tasks=num_tasks,
+                num_shared=num_shared,
+                num_specific=num_specific,
+                expert_hidden=expert_hidden,
+                shared_gate=level < num_levels - 1,
+                dropout=dropout,
+            )
+            levels.append(cgc)
+            width = cgc.out_dim
+        self.levels = nn.ModuleList(levels)
+        self.out_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for cgc in self.levels:
+            task_out, shared_out = cgc(h)
+            if shared_out is None:
+                return task_out
+            h = torch.cat([task_out.transpose(0, 1), shared_out.unsqueeze(0)], dim=0)
+        raise AssertionError("the last PLE level has no shared gate")

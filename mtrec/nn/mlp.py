@@ -1,0 +1,56 @@
+"""Multi-layer perceptrons and prediction towers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "Tower"]
+
+
+class MLP(nn.Sequential):
+    """Linear -> ReLU (-> Dropout) blocks.
+
+    Args:
+        in_dim: Input width.
+        hidden: Widths of the hidden layers; empty means identity.
+        dropout: Dropout after each activation.
+
+    Shapes:
+        ``(B, in_dim) -> (B, hidden[-1])`` (or ``(B, in_dim)`` when ``hidden`` is empty).
+
+    Example:
+        >>> MLP(8, (16, 4))(torch.zeros(2, 8)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (), *, dropout: float = 0.0) -> None:
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        super().__init__(*layers)
+        self.out_dim = width
+
+
+class Tower(nn.Module):
+    """A task tower: an MLP followed by one output unit, returning logits.
+
+    Shapes:
+        ``(B, in_dim) -> (B,)``
+
+    Example:
+        >>> Tower(8, (4,))(torch.zeros(3, 8)).shape
+        torch.Size([3])
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (64,), *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden, dropout=dropout)
+        self.out = nn.Linear(self.mlp.out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(x)).squeeze(-1)

@@ -1,0 +1,193 @@
+"""Feature and task specifications: what the model reads and what it predicts.
+
+These are frozen dataclasses that double as the ``features:`` and ``tasks:`` sections
+of a config (see :mod:`mtrec.config`). They describe columns by name; the fitted
+vocabularies and statistics live in :mod:`mtrec.data.preprocess`.
+
+Example:
+    >>> spec = Schema(
+    ...     sparse=(SparseFeature("user_id", min_freq=2), SparseFeature("item_id")),
+    ...     dense=(DenseFeature("price", transform="log1p"),),
+    ...     sequence=(SequenceFeature("hist_items", max_len=20, vocab_from="item_id"),),
+    ...     tasks=(Task("ctr", label="click"), Task("cvr", label="conversion", where="click == 1")),
+    ... )
+    >>> spec.task_names
+    ('ctr', 'cvr')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mtrec.errors import SchemaError
+from mtrec.expr import parse_where
+
+__all__ = ["DenseFeature", "InputLayout", "Schema", "SequenceFeature", "SparseFeature", "Task"]
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    """A categorical column (int or string values) looked up in an embedding table.
+
+    Args:
+        name: Column name.
+        min_freq: Values seen fewer times in the training data map to the reserved
+            index 0 (shared with nulls and values unseen at training time).
+        hash_buckets: When set, no vocabulary is fitted; values are hashed into this
+            many buckets (for ID spaces too large to enumerate).
+        max_vocab: Keep at most this many of the most frequent values.
+    """
+
+    name: str
+    min_freq: int = 1
+    hash_buckets: int | None = None
+    max_vocab: int | None = None
+
+
+@dataclass(frozen=True)
+class DenseFeature:
+    """A numeric column.
+
+    Args:
+        name: Column name.
+        transform: ``none``, ``standardize`` (z-score with training mean/std),
+            ``log1p`` (negative values clipped to 0 first) or ``log1p_standardize``.
+        fill: Value for nulls/NaN/inf; ``None`` means the training mean.
+        clean: Declares the column free of nulls/NaN/inf; if any appear the data is
+            rejected instead of filled.
+    """
+
+    name: str
+    transform: Literal["none", "standardize", "log1p", "log1p_standardize"] = "standardize"
+    fill: float | None = None
+    clean: bool = False
+
+
+@dataclass(frozen=True)
+class SequenceFeature:
+    """A variable-length list column pooled into one embedding.
+
+    Args:
+        name: Column name (a Parquet list column of ints or strings).
+        max_len: Items kept per row (the last ``max_len``, i.e. the most recent when
+            the list is in chronological order).
+        pooling: ``mean`` or ``sum`` over the non-padding items.
+        vocab_from: Name of a sparse feature whose vocabulary and embedding table this
+            list shares (for example ``item_id`` for a list of recent items).
+        min_freq: Only used when the list has its own vocabulary.
+    """
+
+    name: str
+    max_len: int = 50
+    pooling: Literal["mean", "sum"] = "mean"
+    vocab_from: str | None = None
+    min_freq: int = 1
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction target.
+
+    Args:
+        name: Task name; logits and metrics are keyed by it.
+        label: Label column.
+        type: ``binary`` (BCE with logits, labels in {0, 1}) or ``regression`` (MSE).
+        weight: Loss weight.
+        where: Sample space, a boolean expression over columns such as
+            ``"click == 1"``: the task is trained and evaluated only on those rows.
+    """
+
+    name: str
+    label: str
+    type: Literal["binary", "regression"] = "binary"
+    weight: float = 1.0
+    where: str | None = None
+
+
+@dataclass(frozen=True)
+class Schema:
+    """All features and tasks of one model; validates names and references."""
+
+    sparse: tuple[SparseFeature, ...] = ()
+    dense: tuple[DenseFeature, ...] = ()
+    sequence: tuple[SequenceFeature, ...] = ()
+    tasks: tuple[Task, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise SchemaError("tasks: at least one task is required")
+        if not (self.sparse or self.dense or self.sequence):
+            raise SchemaError("features: at least one sparse, dense or sequence feature is required")
+        seen: set[str] = set()
+        for kind, items in (("sparse", self.sparse), ("dense", self.dense), ("sequence", self.sequence)):
+            for f in items:
+                if f.name in seen:
+                    raise SchemaError(f"features.{kind}: column {f.name!r} is listed twice")
+                seen.add(f.name)
+        sparse_names = {f.name for f in self.sparse}
+        for f in self.sparse:
+            if f.min_freq < 1:
+                raise SchemaError(f"features.sparse.{f.name}.min_freq: expected >= 1, got {f.min_freq}")
+            if f.hash_buckets is not None and f.hash_buckets < 1:
+                raise SchemaError(f"features.sparse.{f.name}.hash_buckets: expected >= 1, got {f.hash_buckets}")
+        for s in self.sequence:
+            if s.max_len < 1:
+                raise SchemaError(f"features.sequence.{s.name}.max_len: expected >= 1, got {s.max_len}")
+            if s.vocab_from is not None and s.vocab_from not in sparse_names:
+                raise SchemaError(
+                    f"features.sequence.{s.name}.vocab_from: {s.vocab_from!r} is not a sparse feature "
+                    f"(expected one of {sorted(sparse_names)})"
+                )
+        task_names: set[str] = set()
+        for t in self.tasks:
+            if t.name in task_names:
+                raise SchemaError(f"tasks: task name {t.name!r} is used twice")
+            task_names.add(t.name)
+            if t.label in seen:
+                raise SchemaError(f"tasks.{t.name}.label: column {t.label!r} is also an input feature")
+            if t.where is not None:
+                try:
+                    parse_where(t.where)
+                except ValueError as exc:
+                    raise SchemaError(f"tasks.{t.name}.where: {exc}") from None
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """Task names in config order."""
+        return tuple(t.name for t in self.tasks)
+
+    def input_columns(self) -> list[str]:
+        """Feature columns read from the data."""
+        return [f.name for f in (*self.sparse, *self.dense, *self.sequence)]
+
+    def label_columns(self) -> list[str]:
+        """Label columns plus every column a ``where`` expression refers to."""
+        cols: list[str] = []
+        for t in self.tasks:
+            cols.append(t.label)
+            if t.where is not None:
+                cols.extend(parse_where(t.where).columns)
+        return list(dict.fromkeys(cols))
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """The shape of the encoded inputs, fitted by preprocessing and read by models.
+
+    Attributes:
+        table_sizes: Rows of each embedding table (index 0 of each is the reserved
+            unseen/null row).
+        sparse_tables: Table index of each sparse column, in ``Batch.sparse`` order.
+        sequence_tables: Table index of each list column.
+        sequence_max_len: Padded length of each list column.
+        sequence_pooling: ``mean`` or ``sum`` for each list column.
+        num_dense: Width of ``Batch.dense``.
+    """
+
+    table_sizes: tuple[int, ...]
+    sparse_tables: tuple[int, ...]
+    sequence_tables: tuple[int, ...]
+    sequence_max_len: tuple[int, ...]
+    sequence_pooling: tuple[str, ...]
+    num_dense: int

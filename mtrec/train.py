@@ -1,0 +1,356 @@
+"""Training: the loop, devices, early stopping, checkpoints, logs and progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtrec import __version__
+from mtrec.checkpoint import (
+    WEIGHTS,
+    atomic_write_text,
+    build_model,
+    finalize_dir,
+    prepare_output,
+    save_model_files,
+    save_weights,
+)
+from mtrec.config import Config
+from mtrec.data.batches import TensorColumns
+from mtrec.data.loading import load_training_data
+from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
+from mtrec.losses import multitask_loss
+
+__all__ = ["TrainResult", "make_optimizers", "resolve_device", "train"]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced."""
+
+    output: Path
+    best_epoch: int
+    best_metrics: dict[str, dict[str, Any]]
+    history: list[dict[str, Any]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from mtrec.errors import ConfigError
+
+        raise ConfigError(f"train.device: {name!r} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
+    """Adam (fused where supported) for dense weights, sparse Adam for embedding rows.
+
+    Sparse Adam updates only the rows a batch touched, so its cost follows the batch, not
+    the size of the tables (a dense Adam step over millions of embedding rows costs more
+    than the whole MLP on a CPU).
+    """
+    t = config.train
+    dense = model.dense_parameters()
+    try:
+        opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay)
+    optimizers: list[torch.optim.Optimizer] = [opt]
+    sparse = model.embedding_parameters()
+    if sparse:
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=t.embedding_lr or t.lr))
+    return optimizers
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _fmt_metrics(metrics: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for name, m in metrics.items():
+        if "auc" in m:
+            parts.append(f"{name} auc {m['auc']:.4f}" if m["auc"] is not None else f"{name} auc n/a")
+        elif "rmse" in m:
+            parts.append(f"{name} rmse {m['rmse']:.4f}")
+    return ", ".join(parts)
+
+
+class _Progress:
+    """A tqdm bar on a terminal, plain periodic lines otherwise."""
+
+    def __init__(self, total: int, epoch: int, epochs: int, every: int, stream: TextIO, enabled: bool) -> None:
+        self.total, self.epoch, self.epochs, self.every = total, epoch, epochs, every
+        self.stream = stream
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", file=stream, leave=False)
+        self.enabled = enabled
+
+    def update(self, step: int, rows: int, loss: float) -> None:
+        elapsed = time.perf_counter() - self.start
+        rate = rows / elapsed if elapsed > 0 else 0.0
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0 or step == self.total:
+                self.bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{rate:,.0f}")
+        elif self.enabled and (step % self.every == 0 or step == self.total):
+            eta = elapsed / step * (self.total - step)
+            print(
+                f"epoch {self.epoch}/{self.epochs} step {step}/{self.total} loss {loss:.4f} "
+                f"rows/s {rate:,.0f} eta {_fmt_seconds(eta)}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(
+    config: Config,
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    stream: TextIO | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Trains the model a config describes and writes its model directory.
+
+    Args:
+        config: A validated config (see :func:`mtrec.config.load_config`).
+        output: Model directory; default ``config.output`` or ``runs/<model name>``.
+        overwrite: Replace an existing directory (only once the new one is complete).
+        progress: Show progress and per-epoch lines on ``stream``.
+        stream: Where progress goes (default stderr).
+        on_epoch: Called with each epoch's record.
+    """
+    stream = stream or sys.stderr
+    out_dir = Path(output or config.output or f"runs/{config.model.name}")
+    # A failed run leaves DIR.incomplete (with its log) and never touches DIR itself.
+    staging = prepare_output(out_dir, overwrite=overwrite)
+    return _train(config, out_dir, staging, progress, stream, on_epoch)
+
+
+def _say(stream: TextIO, enabled: bool, text: str) -> None:
+    if enabled:
+        print(text, file=stream, flush=True)
+
+
+def _train(
+    config: Config,
+    out_dir: Path,
+    staging: Path,
+    progress: bool,
+    stream: TextIO,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    t = config.train
+    torch.set_num_threads(t.threads or os.cpu_count() or 1)
+    generator = _seed_everything(t.seed)
+    device = resolve_device(t.device)
+    schema = config.schema
+    tasks = schema.tasks
+    task_names = schema.task_names
+
+    t0 = time.perf_counter()
+    data = load_training_data(
+        schema, config.data.train, config.data.valid, valid_fraction=config.data.valid_fraction, seed=t.seed
+    )
+    load_s = time.perf_counter() - t0
+    layout = data.preprocessor.layout()
+    _say(
+        stream,
+        progress,
+        f"data: {data.train.num_rows:,} training rows, {data.valid.num_rows:,} validation rows "
+        f"(read and encoded in {load_s:.1f}s); embedding rows {sum(layout.table_sizes):,}",
+    )
+    for j, task in enumerate(tasks):
+        space = data.train.label_mask[:, j]
+        rate = float(data.train.labels[space, j].mean()) if space.any() else float("nan")
+        what = "positive rate" if task.type == "binary" else "mean label"
+        _say(
+            stream,
+            progress,
+            f"task {task.name}: {int(space.sum()):,} training rows in its sample space, {what} {rate:.4f}",
+        )
+
+    torch.manual_seed(t.seed)
+    model = build_model(config, layout).to(device)
+    optimizers = make_optimizers(model, config)
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(stream, progress, f"model: {config.model.name}, {n_params:,} parameters, device {device}")
+
+    meta = {
+        "mtrec_version": __version__,
+        "torch_version": torch.__version__,
+        "model": config.model.name,
+        "task_names": list(task_names),
+        "layout": dataclasses.asdict(layout),
+        "train_rows": data.train.num_rows,
+        "valid_rows": data.valid.num_rows,
+        "train_files": [str(p) for p in data.train_files],
+    }
+    save_model_files(staging, config, data.preprocessor, meta)
+    log_path = staging / "log.jsonl"
+    log_fh = log_path.open("a")
+
+    def log(record: dict[str, Any]) -> None:
+        log_fh.write(json.dumps(record) + "\n")
+        log_fh.flush()
+
+    train_cols = TensorColumns.from_encoded(data.train)
+    valid_cols = TensorColumns.from_encoded(data.valid)
+    use_cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (use_cuda and t.bf16) else None
+    dense_params = model.dense_parameters()
+
+    history: list[dict[str, Any]] = []
+    best_value: float | None = None
+    best_epoch = 0
+    best_metrics: dict[str, dict[str, Any]] = {}
+    bad_epochs = 0
+    higher_better = not (t.monitor == "loss" or t.monitor.endswith((".logloss", ".loss", ".rmse")))
+    log({"event": "start", "config_model": config.model.name, "train_rows": data.train.num_rows, "time": time.time()})
+    try:
+        for epoch in range(1, t.epochs + 1):
+            model.train()
+            steps = train_cols.num_batches(t.batch_size)
+            bar = _Progress(steps, epoch, t.epochs, t.log_every, stream, progress)
+            loss_sum = 0.0
+            rows = 0
+            e0 = time.perf_counter()
+            for step, batch in enumerate(
+                train_cols.iter_batches(t.batch_size, shuffle=True, generator=generator), start=1
+            ):
+                if use_cuda:
+                    batch = batch.pin_memory().to(device, non_blocking=True)
+                if autocast is not None:
+                    with autocast:
+                        logits = model(batch)
+                else:
+                    logits = model(batch)
+                loss, _ = multitask_loss(logits, batch.labels, batch.label_mask, tasks)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
+                for opt in optimizers:
+                    opt.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    from mtrec.errors import MtrecError
+
+                    raise MtrecError(
+                        f"training diverged at epoch {epoch} step {step} (loss {value}); "
+                        "lower train.lr or set train.grad_clip"
+                    )
+                loss_sum += value * len(batch)
+                rows += len(batch)
+                bar.update(step, rows, loss_sum / rows)
+                if step % t.log_every == 0:
+                    log({"event": "step", "epoch": epoch, "step": step, "loss": loss_sum / rows})
+            bar.close()
+            train_s = time.perf_counter() - e0
+            v0 = time.perf_counter()
+            logits = predict_logits(model, valid_cols, task_names, batch_size=t.eval_batch_size, device=device)
+            valid_loss = _masked_loss(logits, data.valid.labels, data.valid.label_mask, tasks)
+            metrics = compute_metrics(logits, data.valid.labels, data.valid.label_mask, tasks)
+            valid_s = time.perf_counter() - v0
+            value = summary_metric(metrics, t.monitor, valid_loss)
+            improved = value is not None and (
+                best_value is None or (value > best_value if higher_better else value < best_value)
+            )
+            record = {
+                "event": "epoch",
+                "epoch": epoch,
+                "train_loss": loss_sum / max(rows, 1),
+                "valid_loss": valid_loss,
+                "valid": metrics,
+                "monitor": t.monitor,
+                "monitor_value": value,
+                "improved": improved,
+                "train_seconds": train_s,
+                "valid_seconds": valid_s,
+                "rows_per_second": rows / train_s if train_s > 0 else None,
+            }
+            history.append(record)
+            log(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            mark = " *" if improved else ""
+            _say(
+                stream,
+                progress,
+                f"epoch {epoch}/{t.epochs}: train loss {record['train_loss']:.4f}, valid loss {valid_loss:.4f}, "
+                f"{_fmt_metrics(metrics)}, {rows / train_s:,.0f} rows/s, {train_s:.1f}s{mark}",
+            )
+            if improved:
+                best_value, best_epoch, best_metrics = value, epoch, metrics
+                bad_epochs = 0
+                save_weights(model, staging / WEIGHTS)
+            else:
+                bad_epochs += 1
+                if bad_epochs > t.patience:
+                    _say(stream, progress, f"early stop: {t.monitor} has not improved for {bad_epochs} epochs")
+                    break
+        if best_epoch == 0:
+            # The monitored metric was never defined (e.g. one class only): keep the last weights.
+            best_epoch, best_metrics = len(history), history[-1]["valid"]
+            save_weights(model, staging / WEIGHTS)
+        summary = {
+            "best_epoch": best_epoch,
+            "monitor": t.monitor,
+            "best": best_metrics,
+            "history": [{k: v for k, v in h.items() if k != "event"} for h in history],
+        }
+        atomic_write_text(staging / "metrics.json", json.dumps(summary, indent=2))
+        meta["best_epoch"] = best_epoch
+        atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
+        log({"event": "end", "best_epoch": best_epoch, "time": time.time()})
+    finally:
+        log_fh.close()
+    finalize_dir(staging, out_dir)
+    _say(stream, progress, f"best epoch {best_epoch}: {_fmt_metrics(best_metrics)}")
+    _say(stream, progress, f"model saved to {out_dir}")
+    return TrainResult(out_dir, best_epoch, best_metrics, history)
+
+
+def _masked_loss(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray, tasks: Any) -> float:
+    total, _ = multitask_loss(
+        {t.name: torch.from_numpy(logits[:, j]) for j, t in enumerate(tasks)},
+        torch.from_numpy(labels),
+        torch.from_numpy(mask),
+        tasks,
+    )
+    return float(total)
