@@ -90,7 +90,10 @@ class TrainConfig:
         weight_decay: L2 penalty on the dense parameters.
         grad_clip: Clip the norm of the dense parameters' gradient to this value.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        bf16: Use bfloat16 autocast on CUDA.
+        precision: ``fp32``; ``bf16`` (bfloat16 autocast for the matrix products, fp32
+            weights, losses and optimiser state); or ``auto``: ``bf16`` where the
+            hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX),
+            else ``fp32``. Prediction and evaluation always run in fp32.
         seed: Seeds parameter initialisation, the validation split and shuffling.
         monitor: Validation metric that selects the best epoch: ``mean_auc``,
             ``loss``, ``<task>.auc`` or ``<task>.logloss``.
@@ -107,7 +110,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     device: str = "auto"
-    bf16: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     monitor: str = "mean_auc"
     patience: int = 2

@@ -34,7 +34,7 @@ from mtrec.data.loading import load_training_data
 from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
 from mtrec.losses import multitask_loss
 
-__all__ = ["TrainResult", "make_optimizers", "resolve_device", "train"]
+__all__ = ["TrainResult", "make_optimizers", "native_bf16", "resolve_device", "resolve_precision", "train"]
 
 
 @dataclass
@@ -56,6 +56,24 @@ def resolve_device(name: str) -> torch.device:
 
         raise ConfigError(f"train.device: {name!r} requested but no CUDA device is available")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively (fast)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # Without AVX512-BF16 or AMX, bf16 matmuls are emulated and slower than fp32.
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training, or ``None`` for plain fp32."""
+    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
+        return None
+    return torch.bfloat16
 
 
 def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
@@ -208,7 +226,8 @@ def _train(
     model = build_model(config, layout).to(device)
     optimizers = make_optimizers(model, config)
     n_params = sum(p.numel() for p in model.parameters())
-    _say(stream, progress, f"model: {config.model.name}, {n_params:,} parameters, device {device}")
+    precision = "bf16 autocast" if resolve_precision(t.precision, device) is not None else "fp32"
+    _say(stream, progress, f"model: {config.model.name}, {n_params:,} parameters, device {device}, {precision}")
 
     meta = {
         "mtrec_version": __version__,
@@ -219,6 +238,7 @@ def _train(
         "train_rows": data.train.num_rows,
         "valid_rows": data.valid.num_rows,
         "train_files": [str(p) for p in data.train_files],
+        "precision": precision,
     }
     save_model_files(staging, config, data.preprocessor, meta)
     log_path = staging / "log.jsonl"
@@ -231,7 +251,8 @@ def _train(
     train_cols = TensorColumns.from_encoded(data.train)
     valid_cols = TensorColumns.from_encoded(data.valid)
     use_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (use_cuda and t.bf16) else None
+    amp_dtype = resolve_precision(t.precision, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
     dense_params = model.dense_parameters()
 
     history: list[dict[str, Any]] = []

@@ -1,0 +1,235 @@
+"""The real `mtrec` CLI in subprocesses: generate -> train -> evaluate, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL_MODEL = [
+    "train.epochs=2",
+    "train.batch_size=1024",
+    "model.expert_hidden=[64, 32]",
+    "model.tower_hidden=[16]",
+    "train.log_every=10",
+]
+
+
+def mtrec(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mtrec", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=600
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("mtrec: error:"), lines[0]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def clicks(work: Path) -> Path:
+    path = work / "clicks.parquet"
+    proc = mtrec("datasets", "synthetic", "--rows", "60000", "--seed", "3", "--output", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "best achievable AUC" in proc.stdout
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(work: Path, clicks: Path) -> Path:
+    out = work / "model"
+    sets = [f"--set={s}" for s in [f"data.train={clicks}", *SMALL_MODEL]]
+    proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", *sets, "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1/2" in proc.stderr and "rows/s" in proc.stderr and "eta" in proc.stderr
+    return out
+
+
+def test_train_writes_one_complete_model_directory(trained: Path):
+    names = {p.name for p in trained.iterdir()}
+    assert {"config.yaml", "meta.json", "model.safetensors", "preprocess", "metrics.json", "log.jsonl"} <= names
+    assert not trained.with_name("model.incomplete").exists()
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    assert config["model"]["num_experts"] == 4  # resolved defaults are saved
+    assert config["model"]["expert_hidden"] == [64, 32]
+    meta = json.loads((trained / "meta.json").read_text())
+    assert meta["model"] == "mmoe" and meta["best_epoch"] in (1, 2)
+    log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in log if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(0.0 < r["valid"]["ctr"]["auc"] < 1.0 for r in epochs)
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["best_epoch"] == meta["best_epoch"]
+    # CVR is evaluated on clicked rows only
+    assert metrics["best"]["cvr"]["count"] < 0.1 * metrics["best"]["ctr"]["count"]
+
+
+def test_evaluate_prints_table_writes_json_and_beats_chance(trained: Path, work: Path):
+    test_file = work / "test.parquet"
+    proc = mtrec(
+        "datasets", "synthetic", "--rows", "40000", "--seed", "3", "--sample-seed", "11", "--output", str(test_file)
+    )
+    assert proc.returncode == 0, proc.stderr
+    out_json = work / "eval.json"
+    proc = mtrec("evaluate", "--model", str(trained), "--data", str(test_file), "--output", str(out_json))
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0].split()
+    assert header[:5] == ["task", "rows", "positives", "auc", "logloss"]
+    result = json.loads(out_json.read_text())
+    tasks = result["tasks"]
+    assert result["rows"] == 40000
+    assert tasks["ctr"]["count"] == 40000
+    assert tasks["cvr"]["count"] == pq.read_table(test_file, columns=["click"]).column("click").to_numpy().sum()
+    assert tasks["ctr"]["auc"] > 0.56
+    assert tasks["cvr"]["auc"] > 0.6
+    assert tasks["satisfaction"]["auc"] > 0.56
+    for t in tasks.values():
+        assert 0.0 < t["logloss"] < 1.0
+
+
+def test_evaluate_default_output_goes_into_model_dir(trained: Path, clicks: Path):
+    proc = mtrec("evaluate", "--model", str(trained), "--data", str(clicks))
+    assert proc.returncode == 0, proc.stderr
+    written = trained / "evaluations" / "clicks.json"
+    assert written.exists()
+    assert json.loads(written.read_text())["rows"] == 60000
+
+
+def test_existing_output_is_not_overwritten(trained: Path, clicks: Path):
+    before = (trained / "model.safetensors").read_bytes()
+    sets = [f"--set={s}" for s in [f"data.train={clicks}", *SMALL_MODEL]]
+    proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", *sets, "--output", str(trained))
+    assert_one_line_error(proc, str(trained), "--overwrite")
+    assert (trained / "model.safetensors").read_bytes() == before
+
+
+def test_missing_column_names_file_and_column(work: Path, clicks: Path):
+    table = pq.read_table(clicks).drop_columns(["item_price", "city"])
+    bad = work / "missing.parquet"
+    pq.write_table(table, bad)
+    proc = mtrec(
+        "train", "--config", "configs/synthetic/mmoe.yaml", f"--set=data.train={bad}", "--output", str(work / "m1")
+    )
+    assert_one_line_error(proc, str(bad), "'city'", "'item_price'")
+    assert not (work / "m1").exists()
+
+
+def test_not_parquet_file(work: Path):
+    bad = work / "oops.parquet"
+    bad.write_text("user_id,click\n1,0\n")
+    proc = mtrec(
+        "train", "--config", "configs/synthetic/mmoe.yaml", f"--set=data.train={bad}", "--output", str(work / "m2")
+    )
+    assert_one_line_error(proc, str(bad), "not a readable Parquet file")
+
+
+def test_bad_binary_label(work: Path, clicks: Path):
+    table = pq.read_table(clicks)
+    click = table.column("click").to_numpy().copy()
+    click[5] = 2
+    bad = work / "label.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("click"), "click", pa.array(click)), bad)
+    proc = mtrec(
+        "train", "--config", "configs/synthetic/mmoe.yaml", f"--set=data.train={bad}", "--output", str(work / "m3")
+    )
+    assert_one_line_error(proc, str(bad), "'click'", "{0, 1}")
+
+
+def test_string_where_number_expected(work: Path, clicks: Path):
+    table = pq.read_table(clicks)
+    price = pa.array([str(v) for v in table.column("item_price").to_pylist()])
+    bad = work / "strprice.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("item_price"), "item_price", price), bad)
+    proc = mtrec(
+        "train", "--config", "configs/synthetic/mmoe.yaml", f"--set=data.train={bad}", "--output", str(work / "m4")
+    )
+    assert_one_line_error(proc, str(bad), "'item_price'", "expected a number")
+
+
+def test_nan_in_clean_dense_feature(work: Path, clicks: Path):
+    table = pq.read_table(clicks)
+    cfg = yaml.safe_load((ROOT / "configs/synthetic/mmoe.yaml").read_text())
+    for f in cfg["features"]["dense"]:
+        if f["name"] == "user_age":  # has ~2% nulls in the synthetic log
+            f["clean"] = True
+    cfg["data"]["train"] = str(clicks)
+    path = work / "clean.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = mtrec("train", "--config", str(path), "--output", str(work / "m5"))
+    assert_one_line_error(proc, str(clicks), "'user_age'", "declared clean")
+    assert table.column("user_age").null_count > 0
+
+
+def test_config_errors_name_the_key(work: Path):
+    cfg = yaml.safe_load((ROOT / "configs/synthetic/mmoe.yaml").read_text())
+    cfg["train"]["epoch"] = 3
+    path = work / "typo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert_one_line_error(mtrec("train", "--config", str(path)), str(path), "train.epoch", "unknown key")
+    proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", "--set", "train.epochs=three")
+    assert_one_line_error(proc, "train.epochs", "expected int")
+    proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", "--set", "model.num_expert=3")
+    assert_one_line_error(proc, "model.num_expert", "unknown parameter")
+    proc = mtrec("train", "--config", str(work / "nope.yaml"))
+    assert_one_line_error(proc, "nope.yaml")
+
+
+def test_bad_model_dir(work: Path, trained: Path, clicks: Path):
+    assert_one_line_error(mtrec("evaluate", "--model", str(work / "none"), "--data", str(clicks)), "no such model")
+    broken = work / "broken"
+    broken.mkdir()
+    for name in ("config.yaml", "meta.json"):
+        (broken / name).write_bytes((trained / name).read_bytes())
+    import shutil
+
+    shutil.copytree(trained / "preprocess", broken / "preprocess")
+    (broken / "model.safetensors").write_bytes((trained / "model.safetensors").read_bytes()[:100])
+    proc = mtrec("evaluate", "--model", str(broken), "--data", str(clicks))
+    assert_one_line_error(proc, "model.safetensors", "corrupt or truncated")
+
+
+def test_debug_shows_traceback(work: Path):
+    proc = mtrec("--debug", "train", "--config", str(work / "nope.yaml"))
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("cmd", [[], ["quickstart"], ["datasets", "synthetic"], ["train"], ["evaluate"]])
+def test_help_has_examples(cmd):
+    proc = mtrec(*cmd, "--help")
+    assert proc.returncode == 0
+    assert "example" in proc.stdout.lower()
+
+
+def test_models_lists_registry():
+    proc = mtrec("models")
+    assert proc.returncode == 0
+    assert {line.split()[0] for line in proc.stdout.splitlines()} == {"mmoe", "ple", "shared_bottom"}
+
+
+def test_quickstart_end_to_end(tmp_path: Path):
+    proc = mtrec("quickstart", "--rows", "20000", "--epochs", "1", "--workdir", str(tmp_path / "qs"))
+    assert proc.returncode == 0, proc.stderr
+    assert "validation metrics" in proc.stdout
+    assert (tmp_path / "qs" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "qs" / "clicks.parquet.truth.json").exists()
+    again = mtrec("quickstart", "--rows", "20000", "--epochs", "1", "--workdir", str(tmp_path / "qs"))
+    assert_one_line_error(again, "--overwrite")
