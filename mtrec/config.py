@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ from mtrec.errors import ConfigError, SchemaError
 from mtrec.schema import DenseFeature, Schema, SequenceFeature, SparseFeature, Task
 
 __all__ = [
+    "StrictLoader",
     "Config",
     "DataConfig",
     "FeaturesConfig",
@@ -41,6 +43,30 @@ __all__ = [
     "config_to_dict",
     "load_config",
 ]
+
+
+class StrictLoader(yaml.SafeLoader):
+    """Safe YAML that rejects duplicate keys and reads ``1e-4`` as a float (YAML 1.1 would not)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -148,8 +174,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -264,7 +292,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example train.epochs=3")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = _yaml_load(text) if text else None
     except yaml.YAMLError:
         value = text
     parts = key.split(".")
@@ -282,7 +310,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             if last:
                 node[part] = value
             else:
-                node = node.setdefault(part, {})
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+                node = child
         else:
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
 

@@ -40,6 +40,8 @@ class WhereExpr:
     text: str
     tree: ast.expr
     columns: tuple[str, ...]
+    constant_kinds: tuple[tuple[str, str], ...] = ()
+    """(column, "str" | "number") for every comparison, to check against column types."""
 
     def evaluate(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
         """Evaluates to a boolean mask; nulls (NaN) compare as False."""
@@ -53,17 +55,20 @@ def parse_where(text: str) -> WhereExpr:
     except SyntaxError:
         raise ValueError(f'cannot parse {text!r} (expected e.g. "click == 1")') from None
     cols: list[str] = []
-    _check(tree, cols, text)
-    return WhereExpr(text, tree, tuple(dict.fromkeys(cols)))
+    kinds: list[tuple[str, str]] = []
+    _check(tree, cols, text, kinds)
+    return WhereExpr(text, tree, tuple(dict.fromkeys(cols)), tuple(dict.fromkeys(kinds)))
 
 
-def _check(node: ast.expr, cols: list[str], text: str) -> None:
+def _check(node: ast.expr, cols: list[str], text: str, kinds: list[tuple[str, str]]) -> None:
     if isinstance(node, ast.BoolOp):
         for v in node.values:
-            _check(v, cols, text)
+            _check(v, cols, text, kinds)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        _check(node.operand, cols, text)
+        _check(node.operand, cols, text, kinds)
     elif isinstance(node, ast.Compare):
+        node.left = _fold_sign(node.left)
+        node.comparators = [_fold_sign(c) for c in node.comparators]
         if len(node.ops) != 1 or type(node.ops[0]) not in _COMPARE:
             raise ValueError(f"in {text!r}: use one of == != < <= > >= per comparison")
         left, right = node.left, node.comparators[0]
@@ -76,10 +81,26 @@ def _check(node: ast.expr, cols: list[str], text: str) -> None:
         const = right if isinstance(right, ast.Constant) else left
         if not isinstance(const, ast.Constant) or not isinstance(const.value, (int, float, str, bool)):
             raise ValueError(f"in {text!r}: constants must be numbers or strings")
+        name = left.id if isinstance(left, ast.Name) else right.id  # type: ignore[attr-defined]
+        kinds.append((name, "str" if isinstance(const.value, str) else "number"))
     elif isinstance(node, ast.Name):
         cols.append(node.id)
     else:
         raise ValueError(f"in {text!r}: only comparisons, 'and', 'or', 'not' and parentheses are allowed")
+
+
+def _fold_sign(node: ast.expr) -> ast.expr:
+    """``-1`` parses as a unary minus applied to ``1``; make it one constant."""
+    if (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, (ast.USub, ast.UAdd))
+        and isinstance(node.operand, ast.Constant)
+        and isinstance(node.operand.value, (int, float))
+        and not isinstance(node.operand.value, bool)
+    ):
+        value = node.operand.value
+        return ast.Constant(-value if isinstance(node.op, ast.USub) else value)
+    return node
 
 
 def _eval(node: ast.expr, columns: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -93,7 +114,10 @@ def _eval(node: ast.expr, columns: Mapping[str, np.ndarray]) -> np.ndarray:
     if isinstance(node, ast.UnaryOp):
         return np.logical_not(_eval(node.operand, columns))
     if isinstance(node, ast.Name):
-        return np.asarray(columns[node.id]).astype(bool)
+        x = np.asarray(columns[node.id])
+        if x.dtype.kind == "f":
+            return (x != 0) & ~np.isnan(x)
+        return np.asarray([bool(v) if v is not None else False for v in x]) if x.dtype == object else x.astype(bool)
     assert isinstance(node, ast.Compare)
     op = _COMPARE[type(node.ops[0])]
     left, right = node.left, node.comparators[0]

@@ -98,7 +98,8 @@ def _id_values(source: str, name: str, col: pa.ChunkedArray | pa.Array, *, is_li
             raise DataError(f"{source}: column {name!r} has type {arr.type}, expected a list of ints or strings")
         arr = _plain(pc.list_flatten(arr))
     if pa.types.is_integer(arr.type):
-        return arr.cast(pa.int64())
+        # uint64 IDs >= 2**63 keep their bit pattern: still distinct, still stable.
+        return arr.cast(pa.int64(), safe=arr.type != pa.uint64())
     if not _is_id_type(arr.type):
         what = "a list of ints or strings" if is_list else "int or string IDs"
         raise DataError(f"{source}: column {name!r} has type {arr.type}, expected {what}")
@@ -163,14 +164,16 @@ class Preprocessor:
         if table.num_rows == 0:
             raise DataError(f"{source}: no training rows to fit preprocessing on")
         vocabs: dict[str, pa.Array] = {}
-        shared = {s.vocab_from: s for s in schema.sequence if s.vocab_from is not None}
+        shared: dict[str, list[Any]] = {}
+        for seq in schema.sequence:
+            if seq.vocab_from is not None:
+                shared.setdefault(seq.vocab_from, []).append(seq)
         for f in schema.sparse:
             if f.hash_buckets is not None:
                 _id_values(source, f.name, table.column(f.name), is_list=False)
                 continue
             parts = [_id_values(source, f.name, table.column(f.name), is_list=False)]
-            if f.name in shared:
-                seq = shared[f.name]
+            for seq in shared.get(f.name, []):
                 values = _id_values(source, seq.name, table.column(seq.name), is_list=True)
                 if values.type != parts[0].type:
                     raise DataError(
@@ -291,17 +294,18 @@ class Preprocessor:
     def _encode_sequence(self, source: str, index: int, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         s = self.schema.sequence[index]
         arr = _plain(col)
-        values = _id_values(source, s.name, arr, is_list=True)
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            raise DataError(f"{source}: column {s.name!r} has type {arr.type}, expected a list of ints or strings")
+        offsets = arr.offsets.to_numpy().astype(np.int64)
+        first = int(offsets[0])
+        # Values by the offsets rather than list_flatten, which skips values under null slots.
+        values = _id_values(source, s.name, arr.values.slice(first, int(offsets[-1]) - first), is_list=False)
         vocab_name = s.vocab_from if s.vocab_from is not None else s.name
         hashed = next((f for f in self.schema.sparse if f.name == vocab_name and f.hash_buckets is not None), None)
         if hashed is not None:
             codes = _hash_ids(values, hashed.hash_buckets)  # type: ignore[arg-type]
         else:
             codes = self._lookup(source, s.name, values, self.vocabs[vocab_name])
-        # offsets are absolute positions in the values buffer even for a sliced array,
-        # while list_flatten starts at the slice, hence the "- first".
-        offsets = arr.offsets.to_numpy().astype(np.int64)
-        first = offsets[0]
         lengths = np.diff(offsets)
         lengths[np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)] = 0
         kept = np.minimum(lengths, s.max_len)
@@ -326,6 +330,15 @@ class Preprocessor:
                     if c not in table.column_names:
                         raise DataError(f"{source}: column {c!r} used by tasks.{t.name}.where is missing")
                     cols[c] = _plain(table.column(c)).to_numpy(zero_copy_only=False)
+                for c, kind in expr.constant_kinds:
+                    ctype = _plain(table.column(c)).type
+                    is_text = pa.types.is_string(ctype) or pa.types.is_large_string(ctype)
+                    is_num = pa.types.is_integer(ctype) or pa.types.is_floating(ctype) or pa.types.is_boolean(ctype)
+                    if (kind == "str" and not is_text) or (kind == "number" and not is_num):
+                        raise DataError(
+                            f"{source}: tasks.{t.name}.where {t.where!r} compares column {c!r} ({ctype}) "
+                            f"with a {'string' if kind == 'str' else 'number'}"
+                        )
                 try:
                     space = expr.evaluate(cols)
                 except TypeError:
@@ -407,20 +420,26 @@ class Preprocessor:
             state = json.loads((directory / "state.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelError(f"{directory / 'state.json'}: cannot read preprocessing state ({exc})") from None
-        if state.get("version") != _STATE_VERSION:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ModelError(f"{directory / 'state.json'}: unsupported preprocessing state version")
         vocabs = {}
-        for name, info in state["vocabularies"].items():
-            path = directory / info["file"]
+        try:
+            entries = [
+                (name, directory / info["file"], int(info["size"])) for name, info in state["vocabularies"].items()
+            ]
+            dense = {k: {s: float(v[s]) for s in ("fill", "mean", "std")} for k, v in state["dense"].items()}
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ModelError(f"{directory / 'state.json'}: malformed preprocessing state ({exc!r})") from None
+        for name, path, size in entries:
             try:
                 vocab = pq.read_table(path).column("value").combine_chunks()
             except (OSError, pa.ArrowInvalid, KeyError) as exc:
                 raise ModelError(f"{path}: cannot read vocabulary of {name!r} ({exc})") from None
-            if len(vocab) != info["size"]:
-                raise ModelError(f"{path}: vocabulary of {name!r} has {len(vocab)} values, expected {info['size']}")
+            if len(vocab) != size:
+                raise ModelError(f"{path}: vocabulary of {name!r} has {len(vocab)} values, expected {size}")
             vocabs[name] = vocab
         expected = {f.name for f in schema.sparse if f.hash_buckets is None}
         expected |= {s.name for s in schema.sequence if s.vocab_from is None}
-        if set(vocabs) != expected or set(state["dense"]) != {f.name for f in schema.dense}:
+        if set(vocabs) != expected or set(dense) != {f.name for f in schema.dense}:
             raise ModelError(f"{directory}: preprocessing state does not match the model's config")
-        return cls(schema, vocabs, state["dense"])
+        return cls(schema, vocabs, dense)

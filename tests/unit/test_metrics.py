@@ -81,9 +81,7 @@ def test_auc_integer_weights_equal_repetition() -> None:
     y = _labels(rng, 300, 0.3)
     s = np.round(rng.random(300), 1)
     w = rng.integers(1, 4, size=300)
-    assert auc(y, s, w) == pytest.approx(
-        auc(np.repeat(y, w), np.repeat(s, w)), abs=1e-12
-    )
+    assert auc(y, s, w) == pytest.approx(auc(np.repeat(y, w), np.repeat(s, w)), abs=1e-12)
 
 
 def test_auc_tiny_and_degenerate_cases() -> None:
@@ -211,9 +209,7 @@ def test_log_loss_from_logits_is_stable_for_large_logits() -> None:
     assert math.isfinite(value)
     # Two confident hits (~0 loss) and two confident misses (~100 each).
     assert value == pytest.approx(50.0, rel=1e-12)
-    assert log_loss_from_logits([1, 0], [100.0, -100.0]) == pytest.approx(
-        math.exp(-100.0), rel=1e-6
-    )
+    assert log_loss_from_logits([1, 0], [100.0, -100.0]) == pytest.approx(math.exp(-100.0), rel=1e-6)
 
 
 def test_log_loss_from_logits_rejects_infinite_logits() -> None:
@@ -233,12 +229,8 @@ def test_rmse_mae_match_sklearn(weighted: bool) -> None:
     y = rng.normal(size=n) * 10
     p = y + rng.normal(size=n)
     w = rng.random(n) if weighted else None
-    assert rmse(y, p, sample_weight=w) == pytest.approx(
-        skm.mean_squared_error(y, p, sample_weight=w) ** 0.5, abs=1e-9
-    )
-    assert mae(y, p, sample_weight=w) == pytest.approx(
-        skm.mean_absolute_error(y, p, sample_weight=w), abs=1e-9
-    )
+    assert rmse(y, p, sample_weight=w) == pytest.approx(skm.mean_squared_error(y, p, sample_weight=w) ** 0.5, abs=1e-9)
+    assert mae(y, p, sample_weight=w) == pytest.approx(skm.mean_absolute_error(y, p, sample_weight=w), abs=1e-9)
 
 
 def test_regression_metrics_reject_bad_input() -> None:
@@ -360,9 +352,7 @@ def test_torch_tensors_accepted() -> None:
     )
     p_np = p.detach().numpy().astype(np.float64)
     assert log_loss(y, p) == pytest.approx(log_loss(y_np, p_np), abs=1e-9)
-    assert log_loss_from_logits(y, z) == pytest.approx(
-        log_loss_from_logits(y_np, z_np), abs=1e-12
-    )
+    assert log_loss_from_logits(y, z) == pytest.approx(log_loss_from_logits(y_np, z_np), abs=1e-12)
     assert rmse(y.float(), p) == pytest.approx(rmse(y_np, p_np), abs=1e-9)
     assert positive_rate(y.bool()) == pytest.approx(y_np.mean())
 
