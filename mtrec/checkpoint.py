@@ -45,6 +45,7 @@ __all__ = [
     "prepare_output",
     "save_model_files",
     "save_weights",
+    "staging_dir",
 ]
 
 WEIGHTS = "model.safetensors"
@@ -52,6 +53,10 @@ WEIGHTS = "model.safetensors"
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file in the same folder."""
+    if path.is_dir():
+        raise MtrecError(f"{path}: is a folder, expected a file name")
+    if not path.parent.is_dir():
+        raise MtrecError(f"{path.parent}: no such folder")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
@@ -88,15 +93,32 @@ def build_model(config: Config, layout: InputLayout) -> nn.Module:
 
 def prepare_output(output: Path, *, overwrite: bool) -> Path:
     """Checks ``output`` may be written and returns a fresh staging folder beside it."""
+    output = output.resolve()
     if output.exists() and not overwrite:
         raise MtrecError(f"{output}: already exists (pass --overwrite to replace it)")
     if output.exists() and not output.is_dir():
         raise MtrecError(f"{output}: exists and is not a folder")
-    staging = output.with_name(output.name + ".incomplete")
+    if output.exists() and any(output.iterdir()) and not is_model_dir(output):
+        # --overwrite replaces models, never an arbitrary folder (data, home, ...).
+        raise MtrecError(f"{output}: is not an mtrec model directory; refusing to replace it")
+    if not output.parent.is_dir():
+        raise MtrecError(f"{output.parent}: no such folder")
+    staging = staging_dir(output)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging
+
+
+def staging_dir(output: Path) -> Path:
+    """Where a model directory is built before it is complete."""
+    output = output.resolve()
+    return output.with_name(output.name + ".incomplete")
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a model directory written by mtrec."""
+    return (path / "meta.json").is_file() and (path / "config.yaml").is_file()
 
 
 def save_model_files(staging: Path, config: Config, preprocessor: Preprocessor, meta: dict[str, Any]) -> None:
@@ -108,6 +130,7 @@ def save_model_files(staging: Path, config: Config, preprocessor: Preprocessor, 
 
 def finalize_dir(staging: Path, output: Path) -> None:
     """Moves a complete staging folder to ``output``, replacing an old one only now."""
+    output = output.resolve()
     if output.exists():
         old = output.with_name(output.name + ".old")
         if old.exists():

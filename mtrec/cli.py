@@ -171,6 +171,8 @@ def format_metrics(tasks: dict[str, dict[str, Any]]) -> str:
 def _cmd_synthetic(args: argparse.Namespace) -> int:
     from mtrec.data.synthetic import write_click_log
 
+    if args.output.is_dir():
+        raise MtrecError(f"{args.output}: is a folder, expected a Parquet file name")
     if args.output.exists() and not args.overwrite:
         raise MtrecError(f"{args.output}: already exists (pass --overwrite to replace it)")
     if args.rows < 1:
@@ -197,6 +199,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mtrec.checkpoint import atomic_write_text
     from mtrec.evaluate import evaluate_model_dir
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise MtrecError(f"--batch-size: expected a positive number, got {args.batch_size}")
+    if args.output is not None and args.output.is_dir():
+        raise MtrecError(f"{args.output}: is a folder, expected a JSON file name")
     result = evaluate_model_dir(args.model, args.data, batch_size=args.batch_size)
     print(format_metrics(result["tasks"]))
     out = args.output

@@ -235,19 +235,25 @@ def _check_train(cfg: Config) -> None:
             raise ConfigError(f"train.{key}: expected a positive number, got {value}")
     if t.patience < 0:
         raise ConfigError(f"train.patience: expected >= 0, got {t.patience}")
+    at_least = {"log_every": (t.log_every, 1), "threads": (t.threads, 1)}
+    for key, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise ConfigError(f"train.{key}: expected >= {low}, got {value}")
+    for key, value in {"grad_clip": t.grad_clip, "embedding_lr": t.embedding_lr}.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"train.{key}: expected a positive number or null, got {value}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: expected >= 0, got {t.weight_decay}")
     if not 0.0 < cfg.data.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction: expected a number in (0, 1), got {cfg.data.valid_fraction}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
-    names = set(cfg.schema.task_names)
-    monitor = t.monitor
-    if monitor not in ("mean_auc", "loss"):
-        task, _, metric = monitor.partition(".")
-        if task not in names or metric not in ("auc", "logloss", "loss", "rmse"):
-            raise ConfigError(
-                f"train.monitor: expected mean_auc, loss or <task>.auc|logloss|rmse with a task in "
-                f"{sorted(names)}, got {monitor!r}"
-            )
+    metrics_of = {"binary": ("auc", "logloss"), "regression": ("rmse", "mae")}
+    choices = ["mean_auc", "loss"] + [f"{task.name}.{m}" for task in cfg.tasks for m in metrics_of[task.type]]
+    if t.monitor not in choices:
+        raise ConfigError(f"train.monitor: expected one of {', '.join(choices)}, got {t.monitor!r}")
+    if t.monitor == "mean_auc" and not any(task.type == "binary" for task in cfg.tasks):
+        raise ConfigError("train.monitor: mean_auc needs a binary task; use loss or <task>.rmse")
     if cfg.model.embedding_dim < 1:
         raise ConfigError(f"model.embedding_dim: expected >= 1, got {cfg.model.embedding_dim}")
 

@@ -28,6 +28,8 @@ def predict_logits(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Logits for every row, ``(N, T)`` float32 in ``task_names`` order, input row order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     out = np.empty((columns.num_rows, len(task_names)), dtype=np.float32)
@@ -41,6 +43,12 @@ def predict_logits(
             start = stop
     finally:
         model.train(was_training)
+    if start != columns.num_rows:
+        raise AssertionError(f"predicted {start} of {columns.num_rows} rows")
+    if not np.isfinite(out).all():
+        from mtrec.errors import DataError
+
+        raise DataError("the model produced non-finite predictions (check the inputs for extreme values)")
     return out
 
 

@@ -17,11 +17,14 @@ Example:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mtrec.errors import SchemaError
 from mtrec.expr import parse_where
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 __all__ = ["DenseFeature", "InputLayout", "Schema", "SequenceFeature", "SparseFeature", "Task"]
 
@@ -129,6 +132,8 @@ class Schema:
         for f in self.sparse:
             if f.min_freq < 1:
                 raise SchemaError(f"features.sparse.{f.name}.min_freq: expected >= 1, got {f.min_freq}")
+            if f.max_vocab is not None and f.max_vocab < 1:
+                raise SchemaError(f"features.sparse.{f.name}.max_vocab: expected >= 1, got {f.max_vocab}")
             if f.hash_buckets is not None and f.hash_buckets < 1:
                 raise SchemaError(f"features.sparse.{f.name}.hash_buckets: expected >= 1, got {f.hash_buckets}")
         for s in self.sequence:
@@ -141,6 +146,10 @@ class Schema:
                 )
         task_names: set[str] = set()
         for t in self.tasks:
+            if not _NAME.fullmatch(t.name):
+                raise SchemaError(f"tasks.{t.name}: a task name may hold letters, digits, '_' and '-' only")
+            if t.weight < 0:
+                raise SchemaError(f"tasks.{t.name}.weight: expected >= 0, got {t.weight}")
             if t.name in task_names:
                 raise SchemaError(f"tasks: task name {t.name!r} is used twice")
             task_names.add(t.name)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from mtrec.checkpoint import (
 from mtrec.config import Config
 from mtrec.data.batches import TensorColumns
 from mtrec.data.loading import load_training_data
+from mtrec.errors import ConfigError, MtrecError
 from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
 from mtrec.losses import multitask_loss
 
@@ -52,8 +54,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from mtrec.errors import ConfigError
-
         raise ConfigError(f"train.device: {name!r} requested but no CUDA device is available")
     return torch.device(name)
 
@@ -176,7 +176,12 @@ def train(
     out_dir = Path(output or config.output or f"runs/{config.model.name}")
     # A failed run leaves DIR.incomplete (with its log) and never touches DIR itself.
     staging = prepare_output(out_dir, overwrite=overwrite)
-    return _train(config, out_dir, staging, progress, stream, on_epoch)
+    try:
+        return _train(config, out_dir, staging, progress, stream, on_epoch)
+    except MtrecError:
+        # Bad input: nothing worth keeping. (A crash keeps DIR.incomplete and its log.)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _say(stream: TextIO, enabled: bool, text: str) -> None:
@@ -223,7 +228,10 @@ def _train(
         )
 
     torch.manual_seed(t.seed)
-    model = build_model(config, layout).to(device)
+    try:
+        model = build_model(config, layout).to(device)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
     optimizers = make_optimizers(model, config)
     n_params = sum(p.numel() for p in model.parameters())
     precision = "bf16 autocast" if resolve_precision(t.precision, device) is not None else "fp32"
@@ -290,8 +298,6 @@ def _train(
                     opt.step()
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    from mtrec.errors import MtrecError
-
                     raise MtrecError(
                         f"training diverged at epoch {epoch} step {step} (loss {value}); "
                         "lower train.lr or set train.grad_clip"

@@ -289,7 +289,14 @@ class Preprocessor:
             x = np.log1p(np.clip(x, 0.0, None))
         if f.transform in ("standardize", "log1p_standardize"):
             x = (x - st["mean"]) / st["std"]
-        return x.astype(np.float32)
+        with np.errstate(over="ignore"):
+            out = x.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise DataError(
+                f"{source}: column {f.name!r} has values too large for float32 after its {f.transform} transform "
+                f"(use transform: log1p or log1p_standardize)"
+            )
+        return out
 
     def _encode_sequence(self, source: str, index: int, col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         s = self.schema.sequence[index]

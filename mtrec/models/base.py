@@ -84,11 +84,15 @@ class MultiTaskModel(nn.Module):
         self.features = features
         self.task_names = tuple(task_names)
         self.backbone = backbone
-        self.towers = nn.ModuleDict({t: Tower(backbone_out, tower_hidden, dropout=dropout) for t in task_names})
+        # Towers by position (in task_names order): task names are user text and need not be
+        # valid module attribute names.
+        self.towers = nn.ModuleList(Tower(backbone_out, tower_hidden, dropout=dropout) for _ in task_names)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         reps = self.backbone(self.features(batch))  # (B, T, H)
-        return {name: self.towers[name](reps[:, i]) for i, name in enumerate(self.task_names)}
+        return {
+            name: tower(reps[:, i]) for i, (name, tower) in enumerate(zip(self.task_names, self.towers, strict=True))
+        }
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Parameters with sparse gradients (the fused embedding table)."""

@@ -130,6 +130,7 @@ def test_missing_column_names_file_and_column(work: Path, clicks: Path):
     )
     assert_one_line_error(proc, str(bad), "'city'", "'item_price'")
     assert not (work / "m1").exists()
+    assert not (work / "m1.incomplete").exists()
 
 
 def test_not_parquet_file(work: Path):
@@ -204,6 +205,13 @@ def test_bad_model_dir(work: Path, trained: Path, clicks: Path):
     (broken / "model.safetensors").write_bytes((trained / "model.safetensors").read_bytes()[:100])
     proc = mtrec("evaluate", "--model", str(broken), "--data", str(clicks))
     assert_one_line_error(proc, "model.safetensors", "corrupt or truncated")
+
+
+def test_evaluate_rejects_bad_batch_size_and_folder_output(trained: Path, clicks: Path, work: Path):
+    proc = mtrec("evaluate", "--model", str(trained), "--data", str(clicks), "--batch-size", "-5")
+    assert_one_line_error(proc, "--batch-size")
+    proc = mtrec("evaluate", "--model", str(trained), "--data", str(clicks), "--output", str(work))
+    assert_one_line_error(proc, "is a folder")
 
 
 def test_debug_shows_traceback(work: Path):

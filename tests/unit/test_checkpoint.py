@@ -1,0 +1,89 @@
+"""Model directory safety: what --overwrite may replace, atomic writes, validation of settings."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mtrec.checkpoint import atomic_write_text, finalize_dir, prepare_output
+from mtrec.config import config_from_dict
+from mtrec.data.preprocess import Preprocessor
+from mtrec.errors import ConfigError, DataError, MtrecError
+from mtrec.schema import DenseFeature, Schema, Task
+
+BASE = {
+    "data": {"train": "x.parquet"},
+    "features": {"sparse": [{"name": "u"}]},
+    "tasks": [{"name": "ctr", "label": "click"}, {"name": "dwell", "label": "d", "type": "regression"}],
+}
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_model(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("important")
+    with pytest.raises(MtrecError, match="not an mtrec model directory"):
+        prepare_output(precious, overwrite=True)
+    assert (precious / "thesis.txt").read_text() == "important"
+    assert not (tmp_path / "precious.incomplete").exists()
+
+
+def test_overwrite_replaces_a_model_only_when_the_new_one_is_complete(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    for name in ("meta.json", "config.yaml"):
+        (out / name).write_text("old")
+    staging = prepare_output(out, overwrite=True)
+    assert (out / "meta.json").read_text() == "old"  # untouched while training
+    (staging / "meta.json").write_text("new")
+    (staging / "config.yaml").write_text("new")
+    finalize_dir(staging, out)
+    assert (out / "meta.json").read_text() == "new"
+    assert not staging.exists() and not (tmp_path / "model.old").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(MtrecError, match="--overwrite"):
+        prepare_output(tmp_path / "m", overwrite=False)
+
+
+def test_atomic_write_refuses_folders_and_leaves_no_temp_files(tmp_path):
+    with pytest.raises(MtrecError, match="is a folder"):
+        atomic_write_text(tmp_path, "x")
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.grad_clip=-1", "train.grad_clip"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.threads=0", "train.threads"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.embedding_lr=0", "train.embedding_lr"),
+        ("train.monitor=ctr.loss", "train.monitor"),
+        ("train.monitor=ctr.rmse", "train.monitor"),
+        ("train.monitor=dwell.auc", "train.monitor"),
+        ("tasks.ctr.name=a.b", "task name"),
+        ("tasks.ctr.weight=-1", "tasks.ctr.weight"),
+        ("features.sparse.u.max_vocab=0", "max_vocab"),
+    ],
+)
+def test_invalid_settings_are_config_errors(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        config_from_dict(BASE, overrides=[override])
+
+
+def test_valid_monitors_per_task_type():
+    for monitor in ("ctr.auc", "ctr.logloss", "dwell.rmse", "dwell.mae", "loss", "mean_auc"):
+        assert config_from_dict(BASE, overrides=[f"train.monitor={monitor}"]).train.monitor == monitor
+
+
+def test_dense_value_beyond_float32_is_a_data_error():
+    schema = Schema(dense=(DenseFeature("price", transform="standardize"),), tasks=(Task("ctr", label="click"),))
+    ok = pa.table({"price": np.arange(10, dtype=np.float64), "click": [0, 1] * 5})
+    pre = Preprocessor.fit(schema, ok)
+    bad = pa.table({"price": [1.0, 1e300], "click": [0, 1]})
+    with pytest.raises(DataError, match="'price'.*too large for float32"):
+        pre.transform(bad, source="big.parquet")
