@@ -44,8 +44,19 @@ class WhereExpr:
     """(column, "str" | "number") for every comparison, to check against column types."""
 
     def evaluate(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Evaluates to a boolean mask; nulls (NaN) compare as False."""
-        return np.asarray(_eval(self.tree, columns), dtype=bool)
+        """Evaluates to a boolean mask.
+
+        A row where any column the expression uses is null (None or NaN) is outside the
+        sample space, whatever the operators (``!=`` and ``not`` included).
+        """
+        mask = np.asarray(_eval(self.tree, columns), dtype=bool)
+        for name in self.columns:
+            x = np.asarray(columns[name])
+            if x.dtype.kind == "f":
+                mask &= ~np.isnan(x)
+            elif x.dtype == object:
+                mask &= np.array([v is not None and v == v for v in x], dtype=bool)
+        return mask
 
 
 def parse_where(text: str) -> WhereExpr:

@@ -87,3 +87,13 @@ def test_dense_value_beyond_float32_is_a_data_error():
     bad = pa.table({"price": [1.0, 1e300], "click": [0, 1]})
     with pytest.raises(DataError, match="'price'.*too large for float32"):
         pre.transform(bad, source="big.parquet")
+
+
+def test_where_rows_with_null_columns_are_outside_the_sample_space():
+    from mtrec.expr import parse_where
+
+    click = np.array([1.0, 0.0, np.nan, 1.0])
+    s = np.array(["a", None, "b", "a"], dtype=object)
+    assert parse_where("click != 1").evaluate({"click": click}).tolist() == [False, True, False, False]
+    assert parse_where("not click == 1").evaluate({"click": click}).tolist() == [False, True, False, False]
+    assert parse_where("s != 'a'").evaluate({"s": s}).tolist() == [False, False, True, False]
