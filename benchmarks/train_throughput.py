@@ -57,6 +57,7 @@ def _config(data: str, threads: int, epochs: int, precision: str = "auto"):
                 "epochs": epochs,
                 "batch_size": 2048,
                 "lr": 1e-3,
+                "embedding_lr": 1e-3,
                 "threads": threads,
                 "seed": 0,
                 "device": "cpu",

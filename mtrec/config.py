@@ -112,7 +112,11 @@ class TrainConfig:
         epochs: Maximum number of passes over the training data.
         batch_size: Rows per optimisation step.
         lr: Adam learning rate of the dense (MLP) parameters.
-        embedding_lr: Learning rate of the embedding rows (sparse Adam); default ``lr``.
+        embedding_lr: Learning rate of the embedding rows (sparse Adam on the rows a
+            batch touches); ``null`` means ``lr``. Each row is updated only when its
+            value appears in a batch, so it wants a larger rate than the dense weights:
+            on the synthetic benchmark 0.01 gains ~0.02-0.03 validation AUC per task
+            over 0.001 after one epoch.
         weight_decay: L2 penalty on the dense parameters.
         grad_clip: Clip the norm of the dense parameters' gradient to this value.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -132,7 +136,7 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 2048
     lr: float = 1e-3
-    embedding_lr: float | None = None
+    embedding_lr: float | None = 0.01
     weight_decay: float = 0.0
     grad_clip: float | None = None
     device: str = "auto"

@@ -162,22 +162,27 @@ class CGCLayer(nn.Module):
         T = self.num_tasks
         if x.dim() == 2:
             expert_out = self.experts(x)
-            task_in = x.unsqueeze(0).expand(T, -1, -1)
+            # All task gates in one GEMM: (B, in) x (in, T * (K + S)).
+            w = self.gate_weight.permute(1, 0, 2).reshape(x.shape[1], -1)
+            gates = torch.addmm(self.gate_bias.reshape(1, -1), x, w).view(x.shape[0], T, -1)
             shared_in = x
         else:
             expert_out = self.experts(x.index_select(0, self.expert_input))
-            task_in = x[:T]
+            gates = torch.baddbmm(self.gate_bias, x[:T], self.gate_weight).transpose(0, 1)
             shared_in = x[T]
-        gates = torch.baddbmm(self.gate_bias, task_in, self.gate_weight).softmax(dim=-1)  # (T, B, K+S)
-        chosen = expert_out[:, self.task_experts]  # (B, T, K+S, H)
-        task_out = torch.einsum("tbe,bteh->bth", gates, chosen)
+        gates = gates.softmax(dim=-1)  # (B, T, K + S)
+        # Mixing as K + S broadcast multiply-adds: an einsum here lowers to B*T tiny
+        # matrix products, which measured ~2x slower on CPU.
+        task_out = gates[..., 0:1] * expert_out[:, self.task_experts[:, 0]]
+        for k in range(1, self.task_experts.shape[1]):
+            task_out = task_out + gates[..., k : k + 1] * expert_out[:, self.task_experts[:, k]]
         shared_out = None
         shared_gates = None
         if self.shared_gate is not None:
             shared_gates = self.shared_gate(shared_in)  # (B, 1, E)
             shared_out = torch.bmm(shared_gates, expert_out).squeeze(1)
         if return_gates:
-            return task_out, shared_out, gates.transpose(0, 1), shared_gates
+            return task_out, shared_out, gates, shared_gates
         return task_out, shared_out
 
 
