@@ -59,15 +59,16 @@ class MultiTaskModel(nn.Module):
     """Feature input, a backbone returning one representation per task, and towers.
 
     Args:
-        layout: Encoded input shapes (from preprocessing).
+        features: The batch-to-tensor input layer.
         task_names: Task names; towers and outputs are keyed by them.
-        embedding_dim: Embedding width.
-        backbone: Module mapping ``(B, in_dim) -> (B, T, H)``.
+        backbone: Module mapping ``(B, in_dim) -> (B, T, H)``. It may define
+            ``last_shared_parameters()`` (for GradNorm) and ``gates(x)`` (diagnostics).
         backbone_out: ``H``.
         tower_hidden: Hidden widths of each task tower.
+        output_dims: Outputs per task (1 for binary/regression, N for N classes).
         dropout: Tower dropout.
 
-    ``forward(batch)`` returns ``{task_name: (B,) logits}``.
+    ``forward(batch)`` returns ``{task_name: (B,) logits}`` (``(B, N)`` for N classes).
     """
 
     def __init__(
@@ -78,21 +79,36 @@ class MultiTaskModel(nn.Module):
         backbone: nn.Module,
         backbone_out: int,
         tower_hidden: tuple[int, ...],
+        output_dims: tuple[int, ...] | None = None,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.features = features
         self.task_names = tuple(task_names)
         self.backbone = backbone
+        dims = output_dims or (1,) * len(task_names)
         # Towers by position (in task_names order): task names are user text and need not be
         # valid module attribute names.
-        self.towers = nn.ModuleList(Tower(backbone_out, tower_hidden, dropout=dropout) for _ in task_names)
+        self.towers = nn.ModuleList(Tower(backbone_out, tower_hidden, out_dim=d, dropout=dropout) for d in dims)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         reps = self.backbone(self.features(batch))  # (B, T, H)
         return {
             name: tower(reps[:, i]) for i, (name, tower) in enumerate(zip(self.task_names, self.towers, strict=True))
         }
+
+    def auxiliary_loss(self, logits: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor | None:
+        """An architecture's own extra loss term (e.g. AITM's calibration); none by default."""
+        return None
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Dense parameters shared by several tasks (the backbone), never embeddings."""
+        return list(self.backbone.parameters())
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The last shared layer, where GradNorm measures per-task gradient norms."""
+        fn = getattr(self.backbone, "last_shared_parameters", None)
+        return list(fn()) if fn is not None else []
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Parameters with sparse gradients (the fused embedding table)."""

@@ -20,6 +20,7 @@ def mmoe(
     task_names: tuple[str, ...],
     *,
     embedding_dim: int = 16,
+    output_dims: tuple[int, ...] | None = None,
     num_experts: int = 4,
     expert_hidden: tuple[int, ...] = (256, 128),
     tower_hidden: tuple[int, ...] = (64,),
@@ -40,5 +41,6 @@ def mmoe(
         backbone=backbone,
         backbone_out=backbone.out_dim,
         tower_hidden=tower_hidden,
+        output_dims=output_dims,
         dropout=dropout,
     )

@@ -21,6 +21,7 @@ def ple(
     task_names: tuple[str, ...],
     *,
     embedding_dim: int = 16,
+    output_dims: tuple[int, ...] | None = None,
     num_levels: int = 2,
     num_shared_experts: int = 2,
     num_task_experts: int = 1,
@@ -45,5 +46,6 @@ def ple(
         backbone=backbone,
         backbone_out=backbone.out_dim,
         tower_hidden=tower_hidden,
+        output_dims=output_dims,
         dropout=dropout,
     )

@@ -12,11 +12,16 @@ from mtrec.schema import InputLayout
 __all__ = ["create_model", "list_models", "model_parameters", "register_model"]
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
-_FIXED = ("layout", "task_names", "embedding_dim")
+_FIXED = ("layout", "task_names", "embedding_dim", "output_dims")
 
 
 def register_model(name: str, description: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Registers a builder ``fn(layout, task_names, *, embedding_dim, ...) -> nn.Module``."""
+    """Registers a builder ``fn(layout, task_names, *, embedding_dim, output_dims, ...) -> nn.Module``.
+
+    ``output_dims`` gives each task's number of outputs (``None``: one each); the other
+    keyword parameters, with their annotations and defaults, become the architecture's
+    config keys under ``model:``.
+    """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
@@ -46,7 +51,13 @@ def model_parameters(name: str) -> dict[str, tuple[Any, Any]]:
 
 
 def create_model(
-    name: str, layout: InputLayout, task_names: tuple[str, ...], *, embedding_dim: int = 16, **params: Any
+    name: str,
+    layout: InputLayout,
+    task_names: tuple[str, ...],
+    *,
+    embedding_dim: int = 16,
+    output_dims: tuple[int, ...] | None = None,
+    **params: Any,
 ) -> nn.Module:
     """Builds a registered model.
 
@@ -57,4 +68,4 @@ def create_model(
         >>> sorted(model.task_names)
         ['ctr', 'cvr']
     """
-    return _builder(name)(layout, task_names, embedding_dim=embedding_dim, **params)
+    return _builder(name)(layout, task_names, embedding_dim=embedding_dim, output_dims=output_dims, **params)

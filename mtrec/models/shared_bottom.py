@@ -25,6 +25,11 @@ class SharedBottom(nn.Module):
         self.num_tasks = num_tasks
         self.out_dim = self.mlp.out_dim
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The last linear layer of the shared MLP."""
+        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        return list(linears[-1].parameters()) if linears else []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x).unsqueeze(1).expand(-1, self.num_tasks, -1)
 
@@ -35,6 +40,7 @@ def shared_bottom(
     task_names: tuple[str, ...],
     *,
     embedding_dim: int = 16,
+    output_dims: tuple[int, ...] | None = None,
     bottom_hidden: tuple[int, ...] = (256, 128),
     tower_hidden: tuple[int, ...] = (64,),
     dropout: float = 0.0,
@@ -48,5 +54,6 @@ def shared_bottom(
         backbone=backbone,
         backbone_out=backbone.out_dim,
         tower_hidden=tower_hidden,
+        output_dims=output_dims,
         dropout=dropout,
     )

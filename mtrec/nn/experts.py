@@ -102,6 +102,10 @@ class MMoELayer(nn.Module):
         self.gates = Gate(in_dim, num_experts, num_tasks)
         self.out_dim = self.experts.out_dim
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The experts' output layer (shared by every task)."""
+        return [self.experts.weights[-1], self.experts.biases[-1]]
+
     def forward(self, x: torch.Tensor, return_gates: bool = False):  # noqa: ANN201 - tensor or pair
         gates = self.gates(x)
         out = torch.bmm(gates, self.experts(x))
@@ -230,6 +234,11 @@ class PLE(nn.Module):
             width = cgc.out_dim
         self.levels = nn.ModuleList(levels)
         self.out_dim = width
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The output layer of the last level's experts."""
+        experts = self.levels[-1].experts
+        return [experts.weights[-1], experts.biases[-1]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x

@@ -37,20 +37,24 @@ class MLP(nn.Sequential):
 
 
 class Tower(nn.Module):
-    """A task tower: an MLP followed by one output unit, returning logits.
+    """A task tower: an MLP followed by a linear output, returning logits.
 
     Shapes:
-        ``(B, in_dim) -> (B,)``
+        ``(B, in_dim) -> (B,)`` with ``out_dim=1``, else ``(B, out_dim)`` (e.g. class logits).
 
     Example:
         >>> Tower(8, (4,))(torch.zeros(3, 8)).shape
         torch.Size([3])
+        >>> Tower(8, (4,), out_dim=5)(torch.zeros(3, 8)).shape
+        torch.Size([3, 5])
     """
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (64,), *, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (64,), *, out_dim: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.mlp = MLP(in_dim, hidden, dropout=dropout)
-        self.out = nn.Linear(self.mlp.out_dim, 1)
+        self.out = nn.Linear(self.mlp.out_dim, out_dim)
+        self.out_dim = out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(x)).squeeze(-1)
+        out = self.out(self.mlp(x))
+        return out.squeeze(-1) if self.out_dim == 1 else out
