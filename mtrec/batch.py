@@ -20,6 +20,7 @@ class Batch:
         seq_lengths: ``(B, S)`` int64 number of valid items per list feature.
         labels: ``(B, T)`` float32 labels (0 outside a task's sample space).
         label_mask: ``(B, T)`` bool, True where the row is in the task's sample space.
+        sample_weight: ``(B, T)`` float32 per-row loss/metric weights, or ``None`` (all 1).
     """
 
     sparse: torch.Tensor
@@ -28,6 +29,7 @@ class Batch:
     seq_lengths: torch.Tensor
     labels: torch.Tensor
     label_mask: torch.Tensor
+    sample_weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -45,6 +47,7 @@ class Batch:
             move(self.seq_lengths),
             move(self.labels),
             move(self.label_mask),
+            None if self.sample_weight is None else move(self.sample_weight),
         )
 
     def pin_memory(self) -> Batch:
@@ -56,4 +59,5 @@ class Batch:
             self.seq_lengths.pin_memory(),
             self.labels.pin_memory(),
             self.label_mask.pin_memory(),
+            None if self.sample_weight is None else self.sample_weight.pin_memory(),
         )

@@ -34,6 +34,7 @@ from mtrec.config import Config, config_from_dict, config_to_dict
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import ConfigError, ModelError, MtrecError
 from mtrec.models import create_model
+from mtrec.models.esmm import EsmmModel
 from mtrec.schema import InputLayout
 
 __all__ = [
@@ -81,14 +82,19 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 def build_model(config: Config, layout: InputLayout) -> nn.Module:
-    """The architecture a config names, for a fitted input layout."""
-    return create_model(
+    """The architecture a config names, for a fitted input layout (wrapped by ESMM if asked)."""
+    schema = config.schema
+    model = create_model(
         config.model.name,
         layout,
-        config.schema.task_names,
+        schema.task_names,
         embedding_dim=config.model.embedding_dim,
+        output_dims=tuple(t.output_dim for t in schema.tasks),
         **config.model.params,
     )
+    if schema.esmm is not None:
+        model = EsmmModel(model, ctr=schema.esmm.ctr, cvr=schema.esmm.cvr, name=schema.esmm.name)
+    return model
 
 
 def prepare_output(output: Path, *, overwrite: bool) -> Path:

@@ -150,18 +150,19 @@ def format_metrics(tasks: dict[str, dict[str, Any]]) -> str:
             return "n/a"
         return f"{v:,}" if isinstance(v, int) else f"{v:.{digits}f}"
 
-    rows = [["task", "rows", "positives", "auc", "logloss", "rmse", "mean_pred", "mean_label"]]
+    rows = [["task", "rows", "positives", "auc", "logloss", "rmse", "accuracy", "mean_pred", "mean_label"]]
     for name, m in tasks.items():
         rows.append(
             [
                 name,
                 num(m.get("count")),
                 num(m.get("positives")) if "positives" in m else "-",
-                num(m.get("auc")) if "logloss" in m else "-",
+                num(m.get("auc")) if "positives" in m else "-",
                 num(m.get("logloss")) if "logloss" in m else "-",
                 num(m.get("rmse")) if "rmse" in m else "-",
-                num(m.get("mean_pred")),
-                num(m.get("mean_label")),
+                num(m.get("accuracy")) if "accuracy" in m else "-",
+                num(m.get("mean_pred")) if "mean_pred" in m else "-",
+                num(m.get("mean_label")) if "mean_label" in m else "-",
             ]
         )
     notes = [f"{name}: {m['note']}" for name, m in tasks.items() if m.get("note")]

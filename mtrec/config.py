@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from mtrec.errors import ConfigError, SchemaError
-from mtrec.schema import DenseFeature, Schema, SequenceFeature, SparseFeature, Task
+from mtrec.schema import DenseFeature, Esmm, Schema, SequenceFeature, SparseFeature, Task
 
 __all__ = [
     "StrictLoader",
@@ -158,6 +158,7 @@ class Config:
     tasks: tuple[Task, ...] = ()
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    esmm: Esmm | None = None
     output: str | None = None
 
     @property
@@ -168,6 +169,7 @@ class Config:
             dense=self.features.dense,
             sequence=self.features.sequence,
             tasks=self.tasks,
+            esmm=self.esmm,
         )
 
 
@@ -252,11 +254,12 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(f"data.valid_fraction: expected a number in (0, 1), got {cfg.data.valid_fraction}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
-    metrics_of = {"binary": ("auc", "logloss"), "regression": ("rmse", "mae")}
-    choices = ["mean_auc", "loss"] + [f"{task.name}.{m}" for task in cfg.tasks for m in metrics_of[task.type]]
+    metrics_of = {"binary": ("auc", "logloss"), "regression": ("rmse", "mae"), "multiclass": ("accuracy", "logloss")}
+    tasks = cfg.schema.output_tasks
+    choices = ["mean_auc", "loss"] + [f"{task.name}.{m}" for task in tasks for m in metrics_of[task.type]]
     if t.monitor not in choices:
         raise ConfigError(f"train.monitor: expected one of {', '.join(choices)}, got {t.monitor!r}")
-    if t.monitor == "mean_auc" and not any(task.type == "binary" for task in cfg.tasks):
+    if t.monitor == "mean_auc" and not any(task.type == "binary" for task in tasks):
         raise ConfigError("train.monitor: mean_auc needs a binary task; use loss or <task>.rmse")
     if cfg.model.embedding_dim < 1:
         raise ConfigError(f"model.embedding_dim: expected >= 1, got {cfg.model.embedding_dim}")

@@ -1,7 +1,8 @@
 """Per-task losses restricted to each task's sample space.
 
-A task's loss is the mean over the rows of the batch inside its sample space (for CVR:
-the clicked rows); rows outside contribute nothing, not even to the denominator.
+A task's loss is the (sample-weighted) mean over the rows of the batch inside its
+sample space (for CVR: the clicked rows); rows outside contribute nothing, not even to
+the denominator.
 """
 
 from __future__ import annotations
@@ -11,7 +12,50 @@ from torch.nn import functional as F
 
 from mtrec.schema import Task
 
-__all__ = ["multitask_loss"]
+__all__ = ["multitask_loss", "task_losses"]
+
+
+def _per_row(task: Task, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if task.type == "binary":
+        return F.binary_cross_entropy_with_logits(z, y, reduction="none")
+    if task.type == "multiclass":
+        # Labels outside the sample space are 0, a valid class, so the loss is defined there
+        # and then masked out.
+        return F.cross_entropy(z, y.long(), reduction="none")
+    if task.loss == "huber":
+        return F.huber_loss(z, y, reduction="none", delta=task.huber_delta)
+    return (z - y).square()
+
+
+def task_losses(
+    logits: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    label_mask: torch.Tensor,
+    tasks: tuple[Task, ...],
+    sample_weight: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Unweighted per-task losses, each the mean over the task's sample space.
+
+    Args:
+        logits: ``{task: (B,)}`` (``(B, N)`` for a multiclass task).
+        labels: ``(B, T)`` labels in task order (class indices for multiclass).
+        label_mask: ``(B, T)`` True where a row belongs to the task's sample space.
+        tasks: Task specs in the column order of ``labels``.
+        sample_weight: Optional ``(B, T)`` row weights.
+
+    Returns:
+        ``{task: scalar}``; a task with no row of its sample space in the batch gives 0.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for j, task in enumerate(tasks):
+        z = logits[task.name].float()
+        m = label_mask[:, j]
+        w = m.to(z.dtype) if sample_weight is None else torch.where(m, sample_weight[:, j], 0.0)
+        per_row = _per_row(task, z, labels[:, j])
+        # where() rather than a product so that a non-finite value outside the sample
+        # space cannot leak into the loss as nan * 0.
+        out[task.name] = torch.where(m, per_row * w, 0.0).sum() / w.sum().clamp(min=1e-12)
+    return out
 
 
 def multitask_loss(
@@ -19,18 +63,12 @@ def multitask_loss(
     labels: torch.Tensor,
     label_mask: torch.Tensor,
     tasks: tuple[Task, ...],
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of masked per-task losses.
-
-    Args:
-        logits: ``{task: (B,)}`` model outputs.
-        labels: ``(B, T)`` labels in task order.
-        label_mask: ``(B, T)`` True where a row belongs to the task's sample space.
-        tasks: Task specs in the column order of ``labels``.
+    """Sum of the per-task losses times each task's ``weight``.
 
     Returns:
-        The total loss and ``{task: loss}`` (detached). A task with no row of its sample
-        space in the batch contributes 0.
+        The total loss and ``{task: loss}`` (detached).
 
     Example:
         >>> from mtrec.schema import Task
@@ -42,19 +80,8 @@ def multitask_loss(
         >>> round(parts["cvr"].item(), 4)  # the unclicked row's huge logit is ignored
         0.6931
     """
+    losses = task_losses(logits, labels, label_mask, tasks, sample_weight)
     total = labels.new_zeros(())
-    parts: dict[str, torch.Tensor] = {}
-    for j, task in enumerate(tasks):
-        z = logits[task.name].float()
-        y = labels[:, j]
-        m = label_mask[:, j]
-        if task.type == "binary":
-            per_row = F.binary_cross_entropy_with_logits(z, y, reduction="none")
-        else:
-            per_row = (z - y).square()
-        # where() rather than a product so that a non-finite value outside the sample
-        # space cannot leak into the loss as nan * 0.
-        loss = torch.where(m, per_row, 0.0).sum() / m.sum().clamp(min=1)
-        parts[task.name] = loss.detach()
-        total = total + task.weight * loss
-    return total, parts
+    for task in tasks:
+        total = total + task.weight * losses[task.name]
+    return total, {k: v.detach() for k, v in losses.items()}

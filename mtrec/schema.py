@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from mtrec.errors import SchemaError
@@ -26,7 +26,7 @@ from mtrec.expr import parse_where
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
-__all__ = ["DenseFeature", "InputLayout", "Schema", "SequenceFeature", "SparseFeature", "Task"]
+__all__ = ["DenseFeature", "Esmm", "InputLayout", "Schema", "SequenceFeature", "SparseFeature", "Task"]
 
 
 @dataclass(frozen=True)
@@ -95,17 +95,56 @@ class Task:
     Args:
         name: Task name; logits and metrics are keyed by it.
         label: Label column.
-        type: ``binary`` (BCE with logits, labels in {0, 1}) or ``regression`` (MSE).
+        type: ``binary`` (labels in {0, 1}), ``regression`` (real labels) or
+            ``multiclass`` (integer labels in ``[0, num_classes)``).
         weight: Loss weight.
         where: Sample space, a boolean expression over columns such as
             ``"click == 1"``: the task is trained and evaluated only on those rows.
+        loss: ``auto`` (BCE with logits for binary, MSE for regression, cross-entropy for
+            multiclass), or ``huber`` for a regression task.
+        huber_delta: Where the Huber loss turns from quadratic to linear.
+        num_classes: Number of classes of a multiclass task.
+        label_transform: ``log1p`` trains a regression task on ``log1p(label)`` (labels
+            must be >= 0); predictions are mapped back with ``expm1``.
+        sample_weight: Column of non-negative per-row weights for loss and metrics.
     """
 
     name: str
     label: str
-    type: Literal["binary", "regression"] = "binary"
+    type: Literal["binary", "regression", "multiclass"] = "binary"
     weight: float = 1.0
     where: str | None = None
+    loss: Literal["auto", "huber"] = "auto"
+    huber_delta: float = 1.0
+    num_classes: int | None = None
+    label_transform: Literal["none", "log1p"] = "none"
+    sample_weight: str | None = None
+
+    @property
+    def output_dim(self) -> int:
+        """Logits the task's tower produces."""
+        return self.num_classes if self.type == "multiclass" and self.num_classes else 1
+
+
+@dataclass(frozen=True)
+class Esmm:
+    """Entire Space Multi-task Model (Ma et al., SIGIR 2018) over any backbone.
+
+    ``pCTCVR = pCTR * pCVR``: the model is trained with the CTR loss and a CTCVR loss on
+    every impression (label ``ctr label * cvr label``); the CVR tower gets no loss of its
+    own and learns through the product, so it is defined on the entire space.
+
+    Args:
+        ctr: Name of the binary click task (no ``where``: it covers every impression).
+        cvr: Name of the binary conversion task (usually ``where: "click == 1"``).
+        name: Name of the derived CTCVR task in predictions and metrics.
+        weight: Loss weight of the CTCVR task.
+    """
+
+    ctr: str
+    cvr: str
+    name: str = "ctcvr"
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +155,7 @@ class Schema:
     dense: tuple[DenseFeature, ...] = ()
     sequence: tuple[SequenceFeature, ...] = ()
     tasks: tuple[Task, ...] = field(default=())
+    esmm: Esmm | None = None
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -160,24 +200,77 @@ class Schema:
                     parse_where(t.where)
                 except ValueError as exc:
                     raise SchemaError(f"tasks.{t.name}.where: {exc}") from None
+            _check_task(t)
+        if self.esmm is not None:
+            self._check_esmm(self.esmm)
+
+    def _check_esmm(self, e: Esmm) -> None:
+        by_name = {t.name: t for t in self.tasks}
+        for key in ("ctr", "cvr"):
+            name = getattr(e, key)
+            task = by_name.get(name)
+            if task is None:
+                raise SchemaError(
+                    f"esmm.{key}: ESMM needs a {'click' if key == 'ctr' else 'conversion'} task; "
+                    f"{name!r} is not a task (tasks: {', '.join(by_name)})"
+                )
+            if task.type != "binary":
+                raise SchemaError(f"esmm.{key}: task {name!r} must be binary, it is {task.type}")
+        if by_name[e.ctr].where is not None:
+            raise SchemaError(f"esmm.ctr: the click task {e.ctr!r} must cover every impression (no where:)")
+        if e.ctr == e.cvr:
+            raise SchemaError("esmm: ctr and cvr must be different tasks")
+        if e.name in by_name or not _NAME.fullmatch(e.name):
+            raise SchemaError(f"esmm.name: {e.name!r} must be a new task name (letters, digits, '_', '-')")
 
     @property
     def task_names(self) -> tuple[str, ...]:
-        """Task names in config order."""
+        """Names of the tasks with a tower, in config order."""
         return tuple(t.name for t in self.tasks)
+
+    @property
+    def output_tasks(self) -> tuple[Task, ...]:
+        """Every task the model predicts and that is trained and evaluated: the configured
+        tasks, plus the derived CTCVR task under ESMM (where the CVR task's loss weight is
+        0: it learns only through the product)."""
+        e = self.esmm
+        if e is None:
+            return self.tasks
+        ctr = next(t for t in self.tasks if t.name == e.ctr)
+        cvr = next(t for t in self.tasks if t.name == e.cvr)
+        tasks = tuple(replace(t, weight=0.0) if t.name == e.cvr else t for t in self.tasks)
+        ctcvr = Task(e.name, label=f"{ctr.label}*{cvr.label}", type="binary", weight=e.weight)
+        return (*tasks, ctcvr)
 
     def input_columns(self) -> list[str]:
         """Feature columns read from the data."""
         return [f.name for f in (*self.sparse, *self.dense, *self.sequence)]
 
     def label_columns(self) -> list[str]:
-        """Label columns plus every column a ``where`` expression refers to."""
+        """Label and sample-weight columns plus every column a ``where`` expression uses."""
         cols: list[str] = []
         for t in self.tasks:
             cols.append(t.label)
+            if t.sample_weight is not None:
+                cols.append(t.sample_weight)
             if t.where is not None:
                 cols.extend(parse_where(t.where).columns)
         return list(dict.fromkeys(cols))
+
+
+def _check_task(t: Task) -> None:
+    where = f"tasks.{t.name}"
+    if t.type == "multiclass":
+        if t.num_classes is None or t.num_classes < 2:
+            raise SchemaError(f"{where}.num_classes: a multiclass task needs num_classes >= 2")
+    elif t.num_classes is not None:
+        raise SchemaError(f"{where}.num_classes: only for multiclass tasks")
+    if t.loss == "huber" and t.type != "regression":
+        raise SchemaError(f"{where}.loss: huber is for regression tasks")
+    if t.huber_delta <= 0:
+        raise SchemaError(f"{where}.huber_delta: expected a positive number, got {t.huber_delta}")
+    if t.label_transform != "none" and t.type != "regression":
+        raise SchemaError(f"{where}.label_transform: only for regression tasks")
 
 
 @dataclass(frozen=True)

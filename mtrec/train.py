@@ -115,6 +115,8 @@ def _fmt_metrics(metrics: dict[str, dict[str, Any]]) -> str:
             parts.append(f"{name} auc {m['auc']:.4f}" if m["auc"] is not None else f"{name} auc n/a")
         elif "rmse" in m:
             parts.append(f"{name} rmse {m['rmse']:.4f}")
+        elif "accuracy" in m:
+            parts.append(f"{name} acc {m['accuracy']:.4f}")
     return ", ".join(parts)
 
 
@@ -202,8 +204,8 @@ def _train(
     generator = _seed_everything(t.seed)
     device = resolve_device(t.device)
     schema = config.schema
-    tasks = schema.tasks
-    task_names = schema.task_names
+    tasks = schema.output_tasks
+    task_names = tuple(t.name for t in tasks)
 
     t0 = time.perf_counter()
     data = load_training_data(
@@ -227,6 +229,10 @@ def _train(
             f"task {task.name}: {int(space.sum()):,} training rows in its sample space, {what} {rate:.4f}",
         )
 
+    correlations = label_correlations(data.train.labels, data.train.label_mask, tasks)
+    if len(correlations) > 1:
+        _say(stream, progress, _fmt_correlations(correlations))
+
     torch.manual_seed(t.seed)
     try:
         model = build_model(config, layout).to(device)
@@ -247,6 +253,7 @@ def _train(
         "valid_rows": data.valid.num_rows,
         "train_files": [str(p) for p in data.train_files],
         "precision": precision,
+        "label_correlations": correlations,
     }
     save_model_files(staging, config, data.preprocessor, meta)
     log_path = staging / "log.jsonl"
@@ -268,7 +275,7 @@ def _train(
     best_epoch = 0
     best_metrics: dict[str, dict[str, Any]] = {}
     bad_epochs = 0
-    higher_better = not (t.monitor == "loss" or t.monitor.endswith((".logloss", ".loss", ".rmse")))
+    higher_better = t.monitor == "mean_auc" or t.monitor.endswith((".auc", ".accuracy"))
     log({"event": "start", "config_model": config.model.name, "train_rows": data.train.num_rows, "time": time.time()})
     try:
         for epoch in range(1, t.epochs + 1):
@@ -288,7 +295,10 @@ def _train(
                         logits = model(batch)
                 else:
                     logits = model(batch)
-                loss, _ = multitask_loss(logits, batch.labels, batch.label_mask, tasks)
+                loss, _ = multitask_loss(logits, batch.labels, batch.label_mask, tasks, batch.sample_weight)
+                aux = model.auxiliary_loss(logits, batch)
+                if aux is not None:
+                    loss = loss + aux
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -311,8 +321,9 @@ def _train(
             train_s = time.perf_counter() - e0
             v0 = time.perf_counter()
             logits = predict_logits(model, valid_cols, task_names, batch_size=t.eval_batch_size, device=device)
-            valid_loss = _masked_loss(logits, data.valid.labels, data.valid.label_mask, tasks)
-            metrics = compute_metrics(logits, data.valid.labels, data.valid.label_mask, tasks)
+            v = data.valid
+            valid_loss = _masked_loss(logits, v.labels, v.label_mask, tasks, v.sample_weight)
+            metrics = compute_metrics(logits, v.labels, v.label_mask, tasks, v.sample_weight)
             valid_s = time.perf_counter() - v0
             value = summary_metric(metrics, t.monitor, valid_loss)
             improved = value is not None and (
@@ -373,11 +384,45 @@ def _train(
     return TrainResult(out_dir, best_epoch, best_metrics, history)
 
 
-def _masked_loss(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray, tasks: Any) -> float:
+def _masked_loss(
+    logits: dict[str, np.ndarray], labels: np.ndarray, mask: np.ndarray, tasks: Any, weights: np.ndarray | None
+) -> float:
     total, _ = multitask_loss(
-        {t.name: torch.from_numpy(logits[:, j]) for j, t in enumerate(tasks)},
+        {name: torch.from_numpy(z) for name, z in logits.items()},
         torch.from_numpy(labels),
         torch.from_numpy(mask),
         tasks,
+        None if weights is None else torch.from_numpy(weights),
     )
     return float(total)
+
+
+def label_correlations(labels: np.ndarray, mask: np.ndarray, tasks: Any) -> dict[str, dict[str, float | None]]:
+    """Pearson correlation of every pair of labels over the rows both tasks cover.
+
+    It tells whether tasks are related enough to share (MMoE's advantage grows as they
+    become less related). Multiclass labels are skipped; ``None`` where undefined.
+    """
+    names = [t.name for t in tasks if t.type != "multiclass"]
+    cols = [j for j, t in enumerate(tasks) if t.type != "multiclass"]
+    out: dict[str, dict[str, float | None]] = {}
+    for a, ja in zip(names, cols, strict=True):
+        out[a] = {}
+        for b, jb in zip(names, cols, strict=True):
+            both = mask[:, ja] & mask[:, jb]
+            x, y = labels[both, ja].astype(np.float64), labels[both, jb].astype(np.float64)
+            if both.sum() < 2 or x.std() == 0 or y.std() == 0:
+                out[a][b] = None
+            else:
+                out[a][b] = float(np.corrcoef(x, y)[0, 1])
+    return out
+
+
+def _fmt_correlations(corr: dict[str, dict[str, float | None]]) -> str:
+    names = list(corr)
+    width = max(len(n) for n in names)
+    lines = ["label correlation (rows both tasks cover):", " " * (width + 2) + "  ".join(f"{n:>8s}" for n in names)]
+    for a in names:
+        cells = "  ".join("     n/a" if corr[a][b] is None else f"{corr[a][b]:8.3f}" for b in names)
+        lines.append(f"  {a:<{width}s}{cells}")
+    return "\n".join(lines)

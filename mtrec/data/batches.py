@@ -43,6 +43,7 @@ class TensorColumns:
                 torch.from_numpy(enc.seq_lengths),
                 torch.from_numpy(enc.labels),
                 torch.from_numpy(enc.label_mask),
+                None if enc.sample_weight is None else torch.from_numpy(enc.sample_weight),
             )
         )
 
@@ -64,6 +65,7 @@ class TensorColumns:
             a.seq_lengths.index_select(0, index),
             a.labels.index_select(0, index),
             a.label_mask.index_select(0, index),
+            None if a.sample_weight is None else a.sample_weight.index_select(0, index),
         )
 
     def slice(self, start: int, stop: int) -> Batch:
@@ -76,6 +78,7 @@ class TensorColumns:
             a.seq_lengths[start:stop],
             a.labels[start:stop],
             a.label_mask[start:stop],
+            None if a.sample_weight is None else a.sample_weight[start:stop],
         )
 
     def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:

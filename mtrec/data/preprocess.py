@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from mtrec.errors import DataError, ModelError
 from mtrec.expr import parse_where
-from mtrec.schema import DenseFeature, InputLayout, Schema, SparseFeature
+from mtrec.schema import DenseFeature, InputLayout, Schema, SparseFeature, Task
 
 __all__ = ["EncodedColumns", "Preprocessor"]
 
@@ -46,6 +46,7 @@ class EncodedColumns:
     seq_lengths: np.ndarray
     labels: np.ndarray
     label_mask: np.ndarray
+    sample_weight: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -60,6 +61,7 @@ class EncodedColumns:
             self.seq_lengths[rows],
             self.labels[rows],
             self.label_mask[rows],
+            None if self.sample_weight is None else self.sample_weight[rows],
         )
 
     @staticmethod
@@ -74,6 +76,7 @@ class EncodedColumns:
             np.concatenate([p.seq_lengths for p in parts]),
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.label_mask for p in parts]),
+            None if parts[0].sample_weight is None else np.concatenate([p.sample_weight for p in parts]),
         )
 
 
@@ -324,62 +327,97 @@ class Preprocessor:
         out[~valid] = 0
         return np.ascontiguousarray(out, dtype=np.int64), kept
 
-    def _encode_labels(self, source: str, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def _sample_space(self, source: str, t: Task, table: pa.Table) -> np.ndarray:
         n = table.num_rows
-        tasks = self.schema.tasks
+        if t.where is None:
+            return np.ones(n, dtype=bool)
+        expr = parse_where(t.where)
+        cols = {}
+        for c in expr.columns:
+            if c not in table.column_names:
+                raise DataError(f"{source}: column {c!r} used by tasks.{t.name}.where is missing")
+            cols[c] = _plain(table.column(c)).to_numpy(zero_copy_only=False)
+        for c, kind in expr.constant_kinds:
+            ctype = _plain(table.column(c)).type
+            is_text = pa.types.is_string(ctype) or pa.types.is_large_string(ctype)
+            is_num = pa.types.is_integer(ctype) or pa.types.is_floating(ctype) or pa.types.is_boolean(ctype)
+            if (kind == "str" and not is_text) or (kind == "number" and not is_num):
+                raise DataError(
+                    f"{source}: tasks.{t.name}.where {t.where!r} compares column {c!r} ({ctype}) "
+                    f"with a {'string' if kind == 'str' else 'number'}"
+                )
+        try:
+            return expr.evaluate(cols)
+        except TypeError:
+            raise DataError(
+                f"{source}: tasks.{t.name}.where {t.where!r} compares columns with constants of another type"
+            ) from None
+
+    @staticmethod
+    def _numeric(source: str, table: pa.Table, column: str, what: str) -> np.ndarray:
+        arr = _plain(table.column(column))
+        if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)):
+            raise DataError(f"{source}: {what} has type {arr.type}, expected numbers")
+        return arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+    def _task_label(self, source: str, t: Task, ys: np.ndarray) -> np.ndarray:
+        """Checks the labels of a task's sample space and applies its label transform."""
+        where = f"label column {t.label!r} (task {t.name})"
+        if t.type == "binary":
+            bad = ~((ys == 0) | (ys == 1))
+            expected = "{0, 1}"
+        elif t.type == "multiclass":
+            bad = ~((ys >= 0) & (ys < (t.num_classes or 0)) & (ys == np.round(ys)))
+            expected = f"the classes [0, {t.num_classes})"
+        else:
+            nonfinite = ~np.isfinite(ys)
+            if nonfinite.any():
+                raise DataError(
+                    f"{source}: {where} has {int(nonfinite.sum())} null/NaN/inf value(s) in its sample space"
+                )
+            bad = (ys < 0) if t.label_transform == "log1p" else np.zeros(ys.shape, dtype=bool)
+            expected = "numbers >= 0 (label_transform: log1p)"
+        if np.any(bad):
+            example = ys[bad][0]
+            shown = "null/NaN" if not np.isfinite(example) else repr(float(example))
+            raise DataError(
+                f"{source}: {where} has {int(np.sum(bad))} value(s) outside {expected} in its sample space "
+                f"(e.g. {shown})"
+            )
+        return np.log1p(ys) if t.label_transform == "log1p" else ys
+
+    def _encode_labels(self, source: str, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        n = table.num_rows
+        schema = self.schema
+        tasks = schema.output_tasks
         labels = np.zeros((n, len(tasks)), dtype=np.float32)
         mask = np.zeros((n, len(tasks)), dtype=bool)
-        for j, t in enumerate(tasks):
-            if t.where is not None:
-                expr = parse_where(t.where)
-                cols = {}
-                for c in expr.columns:
-                    if c not in table.column_names:
-                        raise DataError(f"{source}: column {c!r} used by tasks.{t.name}.where is missing")
-                    cols[c] = _plain(table.column(c)).to_numpy(zero_copy_only=False)
-                for c, kind in expr.constant_kinds:
-                    ctype = _plain(table.column(c)).type
-                    is_text = pa.types.is_string(ctype) or pa.types.is_large_string(ctype)
-                    is_num = pa.types.is_integer(ctype) or pa.types.is_floating(ctype) or pa.types.is_boolean(ctype)
-                    if (kind == "str" and not is_text) or (kind == "number" and not is_num):
-                        raise DataError(
-                            f"{source}: tasks.{t.name}.where {t.where!r} compares column {c!r} ({ctype}) "
-                            f"with a {'string' if kind == 'str' else 'number'}"
-                        )
-                try:
-                    space = expr.evaluate(cols)
-                except TypeError:
-                    raise DataError(
-                        f"{source}: tasks.{t.name}.where {t.where!r} compares columns with constants of another type"
-                    ) from None
-            else:
-                space = np.ones(n, dtype=bool)
-            arr = _plain(table.column(t.label))
-            if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)):
-                raise DataError(
-                    f"{source}: label column {t.label!r} (task {t.name}) has type {arr.type}, expected numbers"
-                )
-            y = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
-            ys = y[space]
-            if t.type == "binary":
-                bad = ~((ys == 0) | (ys == 1))
-                if bad.any():
-                    example = ys[bad][0]
-                    what = "null/NaN" if not np.isfinite(example) else repr(float(example))
-                    raise DataError(
-                        f"{source}: label column {t.label!r} (task {t.name}) has {int(bad.sum())} value(s) outside "
-                        f"{{0, 1}} in its sample space (e.g. {what})"
-                    )
-            else:
-                bad = ~np.isfinite(ys)
-                if bad.any():
-                    raise DataError(
-                        f"{source}: label column {t.label!r} (task {t.name}) has {int(bad.sum())} null/NaN/inf "
-                        f"value(s) in its sample space"
-                    )
-            labels[space, j] = ys
+        weights = np.ones((n, len(tasks)), dtype=np.float32) if any(t.sample_weight for t in tasks) else None
+        for j, t in enumerate(schema.tasks):
+            space = self._sample_space(source, t, table)
+            y = self._numeric(source, table, t.label, f"label column {t.label!r} (task {t.name})")
+            labels[space, j] = self._task_label(source, t, y[space])
             mask[:, j] = space
-        return labels, mask
+            if t.sample_weight is not None and weights is not None:
+                what = f"sample_weight column {t.sample_weight!r} (task {t.name})"
+                w = self._numeric(source, table, t.sample_weight, what)[space]
+                bad = ~np.isfinite(w) | (w < 0)
+                if bad.any():
+                    raise DataError(
+                        f"{source}: sample_weight column {t.sample_weight!r} (task {t.name}) has {int(bad.sum())} "
+                        f"null, negative or non-finite value(s) in the task's sample space"
+                    )
+                weights[space, j] = w
+        if schema.esmm is not None:
+            # CTCVR on every impression: clicked and converted. The CVR column is already 0
+            # outside its sample space.
+            names = schema.task_names
+            ctr, cvr = names.index(schema.esmm.ctr), names.index(schema.esmm.cvr)
+            labels[:, -1] = labels[:, ctr] * labels[:, cvr]
+            mask[:, -1] = mask[:, ctr]
+            if weights is not None:
+                weights[:, -1] = weights[:, ctr]
+        return labels, mask, weights
 
     def transform(self, table: pa.Table, *, source: str = "data", with_labels: bool = True) -> EncodedColumns:
         """Encodes a table (features and, with ``with_labels``, labels and sample-space masks)."""
@@ -401,12 +439,13 @@ class Preprocessor:
             ids, kept = self._encode_sequence(source, j, table.column(s.name))
             sequences.append(ids)
             lengths[:, j] = kept
+        weights = None
         if with_labels:
-            labels, mask = self._encode_labels(source, table)
+            labels, mask, weights = self._encode_labels(source, table)
         else:
-            labels = np.zeros((n, len(schema.tasks)), dtype=np.float32)
-            mask = np.zeros((n, len(schema.tasks)), dtype=bool)
-        return EncodedColumns(sparse, dense, sequences, lengths, labels, mask)
+            labels = np.zeros((n, len(schema.output_tasks)), dtype=np.float32)
+            mask = np.zeros((n, len(schema.output_tasks)), dtype=bool)
+        return EncodedColumns(sparse, dense, sequences, lengths, labels, mask, weights)
 
     # ----------------------------------------------------------------- persistence
     def save(self, directory: Path) -> None:

@@ -173,9 +173,9 @@ def test_missing_required_key_is_named() -> None:
             "expected 'none' or 'standardize' or 'log1p' or 'log1p_standardize'",
         ),
         (
-            with_change("tasks.0", {"name": "ctr", "label": "click", "type": "multiclass"}),
+            with_change("tasks.0", {"name": "ctr", "label": "click", "type": "ordinal"}),
             "tasks.ctr.type",
-            "expected 'binary' or 'regression'",
+            "expected 'binary' or 'regression' or 'multiclass'",
         ),
         (
             with_change("tasks.0", {"name": "ctr", "label": "click", "weight": "high"}),

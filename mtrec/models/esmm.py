@@ -1,0 +1,74 @@
+"""ESMM: Ma et al., "Entire Space Multi-Task Model: An Effective Approach for Estimating
+Post-Click Conversion Rate", SIGIR 2018 — as a wrapper over any multi-task model.
+
+The wrapped model's CTR and CVR towers give ``pCTR`` and ``pCVR``; the wrapper adds the
+task ``pCTCVR = pCTR * pCVR``, returned like every other output as a logit so that the
+losses and metrics need no special case. Trained with the CTR and CTCVR losses on every
+impression, the CVR tower learns through the product and is defined on the entire space.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mtrec.batch import Batch
+
+__all__ = ["EsmmModel", "product_logit"]
+
+
+def product_logit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``logit(sigmoid(a) * sigmoid(b))`` computed in log space.
+
+    Example:
+        >>> a, b = torch.tensor([0.3]), torch.tensor([-1.2])
+        >>> p = torch.sigmoid(a) * torch.sigmoid(b)
+        >>> torch.allclose(product_logit(a, b), torch.log(p / (1 - p)))
+        True
+    """
+    log_p = (F.logsigmoid(a.float()) + F.logsigmoid(b.float())).clamp(max=-1e-7)
+    # log(1 - p) from log p without cancellation: log(-expm1(x)) near 0, log1p(-exp(x)) below.
+    log_q = torch.where(log_p > -0.6931, torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+    return log_p - log_q
+
+
+class EsmmModel(nn.Module):
+    """Adds ``ctcvr`` to a multi-task model's outputs.
+
+    Args:
+        inner: A model returning logits for (at least) ``ctr`` and ``cvr``.
+        ctr: Name of the click task.
+        cvr: Name of the conversion task.
+        name: Name of the product task.
+    """
+
+    def __init__(self, inner: nn.Module, *, ctr: str, cvr: str, name: str = "ctcvr") -> None:
+        super().__init__()
+        self.inner = inner
+        self.ctr, self.cvr, self.name = ctr, cvr, name
+        self.task_names = (*inner.task_names, name)
+
+    @property
+    def features(self) -> nn.Module:
+        return self.inner.features
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = self.inner(batch)
+        logits[self.name] = product_logit(logits[self.ctr], logits[self.cvr])
+        return logits
+
+    def auxiliary_loss(self, logits: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor | None:
+        return self.inner.auxiliary_loss(logits, batch)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return self.inner.shared_parameters()
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return self.inner.last_shared_parameters()
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return self.inner.embedding_parameters()
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        return self.inner.dense_parameters()
