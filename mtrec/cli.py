@@ -206,6 +206,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise MtrecError(f"{args.output}: is a folder, expected a JSON file name")
     result = evaluate_model_dir(args.model, args.data, batch_size=args.batch_size)
     print(format_metrics(result["tasks"]))
+    if "gates" in result:
+        from mtrec.diagnostics import format_gates
+
+        print()
+        print(format_gates(result["gates"]))
     out = args.output
     if out is None:
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(args.data).rstrip("/")).stem) or "data"

@@ -145,9 +145,15 @@ def evaluate_model_dir(model_dir: str | Path, data: str, *, batch_size: int | No
         tuple(t.name for t in tasks),
         batch_size=batch_size or loaded.config.train.eval_batch_size,
     )
-    return {
+    from mtrec.diagnostics import gate_diagnostics
+
+    result = {
         "model": str(model_dir),
         "data": str(data),
         "rows": enc.num_rows,
         "tasks": compute_metrics(logits, enc.labels, enc.label_mask, tasks, enc.sample_weight),
     }
+    gates = gate_diagnostics(loaded.model, columns, batch_size=batch_size or loaded.config.train.eval_batch_size)
+    if gates is not None:
+        result["gates"] = gates
+    return result

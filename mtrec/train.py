@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from mtrec import __version__
@@ -32,6 +33,7 @@ from mtrec.checkpoint import (
 from mtrec.config import Config
 from mtrec.data.batches import TensorColumns
 from mtrec.data.loading import load_training_data
+from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.errors import ConfigError, MtrecError
 from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
 from mtrec.losses import multitask_loss
@@ -366,6 +368,12 @@ def _train(
             # The monitored metric was never defined (e.g. one class only): keep the last weights.
             best_epoch, best_metrics = len(history), history[-1]["valid"]
             save_weights(model, staging / WEIGHTS)
+        # Diagnostics of the model that is saved: the best epoch's weights.
+        model.load_state_dict(load_file(str(staging / WEIGHTS), device=str(device)))
+        gates = gate_diagnostics(model, valid_cols, batch_size=t.eval_batch_size)
+        if gates is not None:
+            atomic_write_text(staging / "diagnostics.json", json.dumps({"gates": gates}, indent=2))
+            _say(stream, progress, format_gates(gates))
         summary = {
             "best_epoch": best_epoch,
             "monitor": t.monitor,

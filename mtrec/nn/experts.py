@@ -111,6 +111,15 @@ class MMoELayer(nn.Module):
         out = torch.bmm(gates, self.experts(x))
         return (out, gates) if return_gates else out
 
+    def gate_report(
+        self, x: torch.Tensor, task_names: tuple[str, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[int]]]:
+        """For diagnostics: gates ``(B, T, E)``, expert outputs ``(B, E, H)``, expert labels,
+        and for each task the experts its gate covers."""
+        E = self.experts.num_experts
+        gates = self.gates(x)
+        return gates, self.experts(x), [f"expert {e}" for e in range(E)], [list(range(E))] * gates.shape[1]
+
 
 class CGCLayer(nn.Module):
     """Customized Gate Control (Tang et al., RecSys 2020): shared plus task-specific experts.
@@ -239,6 +248,25 @@ class PLE(nn.Module):
         """The output layer of the last level's experts."""
         experts = self.levels[-1].experts
         return [experts.weights[-1], experts.biases[-1]]
+
+    def gate_report(
+        self, x: torch.Tensor, task_names: tuple[str, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[int]]]:
+        """For diagnostics, of the last level: task gates ``(B, T, K + S)``, expert outputs
+        ``(B, E, H)``, expert labels, and for each task the experts its gate covers."""
+        h = x
+        for cgc in self.levels[:-1]:
+            task_out, shared_out = cgc(h)
+            h = torch.cat([task_out.transpose(0, 1), shared_out.unsqueeze(0)], dim=0)
+        last = self.levels[-1]
+        _, _, gates, _ = last(h, return_gates=True)
+        experts = last.experts(h if h.dim() == 2 else h.index_select(0, last.expert_input))
+        S, K = last.num_shared, last.num_specific
+        names = task_names or tuple(f"task {t}" for t in range(last.num_tasks))
+        labels = [f"shared {i}" for i in range(S)] + [
+            f"{names[t]} {k}" for t in range(last.num_tasks) for k in range(K)
+        ]
+        return gates, experts, labels, last.task_experts.tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
