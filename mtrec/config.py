@@ -131,6 +131,9 @@ class TrainConfig:
         threads: Torch CPU threads (default: all cores).
         eval_batch_size: Rows per batch when predicting.
         log_every: Steps between progress lines when output is not a terminal.
+        loss_weighting: How task losses are balanced: ``{name: fixed}`` (the tasks'
+            weights), ``uncertainty``, ``gradnorm`` (``alpha``, ``lr``), ``dwa``
+            (``temperature``) or ``pcgrad`` (``seed``); see :mod:`mtrec.weighting`.
     """
 
     epochs: int = 3
@@ -147,6 +150,7 @@ class TrainConfig:
     threads: int | None = None
     eval_batch_size: int = 16384
     log_every: int = 50
+    loss_weighting: Mapping[str, Any] = field(default_factory=lambda: {"name": "fixed"})
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,8 @@ def config_from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
     model_raw = raw.pop("model", {}) or {}
     cfg = _coerce(raw, Config, "")
     model = _model_config(model_raw)
-    cfg = dataclasses.replace(cfg, model=model)
+    weighting = _weighting_config(cfg.train.loss_weighting)
+    cfg = dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, loss_weighting=weighting))
     try:
         cfg.schema  # noqa: B018 - validates names and references
     except SchemaError as exc:
@@ -290,6 +295,27 @@ def _model_config(raw: Any) -> ModelConfig:
     for key, (_, default) in spec.items():
         params.setdefault(key, default)
     return ModelConfig(name=name, embedding_dim=dim, params=params)
+
+
+def _weighting_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    from mtrec.weighting import WEIGHTINGS
+
+    raw = dict(raw)
+    name = raw.pop("name", "fixed")
+    if name not in WEIGHTINGS:
+        raise ConfigError(f"train.loss_weighting.name: expected one of {', '.join(WEIGHTINGS)}, got {name!r}")
+    spec = parameter_spec(WEIGHTINGS[name].__init__, skip=("task_names", "base_weights"))
+    params: dict[str, Any] = {"name": name}
+    for key, value in raw.items():
+        if key not in spec:
+            raise ConfigError(
+                f"train.loss_weighting.{key}: unknown parameter for {name!r} (expected one of "
+                f"{', '.join(['name', *spec])})"
+            )
+        params[key] = _coerce(value, spec[key][0], f"train.loss_weighting.{key}")
+    for key, (_, default) in spec.items():
+        params.setdefault(key, default)
+    return params
 
 
 def _deepcopy(x: Any) -> Any:

@@ -36,7 +36,8 @@ from mtrec.data.loading import load_training_data
 from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.errors import ConfigError, MtrecError
 from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
-from mtrec.losses import multitask_loss
+from mtrec.losses import multitask_loss, task_losses
+from mtrec.weighting import create_weighting
 
 __all__ = ["TrainResult", "make_optimizers", "native_bf16", "resolve_device", "resolve_precision", "train"]
 
@@ -240,7 +241,15 @@ def _train(
         model = build_model(config, layout).to(device)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
+    weighting_cfg = dict(t.loss_weighting)
+    weighting = create_weighting(
+        weighting_cfg.pop("name"), task_names, tuple(task.weight for task in tasks), **weighting_cfg
+    ).to(device)
     optimizers = make_optimizers(model, config)
+    if weighting.extra_parameters():
+        # Own group without weight decay: decay would pull the log-variances towards 0.
+        optimizers[0].add_param_group({"params": weighting.extra_parameters(), "weight_decay": 0.0})
+    shared_params, last_shared = model.shared_parameters(), model.last_shared_parameters()
     n_params = sum(p.numel() for p in model.parameters())
     precision = "bf16 autocast" if resolve_precision(t.precision, device) is not None else "fp32"
     _say(stream, progress, f"model: {config.model.name}, {n_params:,} parameters, device {device}, {precision}")
@@ -286,6 +295,7 @@ def _train(
             bar = _Progress(steps, epoch, t.epochs, t.log_every, stream, progress)
             loss_sum = 0.0
             rows = 0
+            epoch_task_loss = dict.fromkeys(task_names, 0.0)
             e0 = time.perf_counter()
             for step, batch in enumerate(
                 train_cols.iter_batches(t.batch_size, shuffle=True, generator=generator), start=1
@@ -297,13 +307,13 @@ def _train(
                         logits = model(batch)
                 else:
                     logits = model(batch)
-                loss, _ = multitask_loss(logits, batch.labels, batch.label_mask, tasks, batch.sample_weight)
+                parts = task_losses(logits, batch.labels, batch.label_mask, tasks, batch.sample_weight)
                 aux = model.auxiliary_loss(logits, batch)
-                if aux is not None:
-                    loss = loss + aux
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = weighting.backward(parts, shared=shared_params, last_shared=last_shared, extra=aux)
+                for name, part in parts.items():
+                    epoch_task_loss[name] += float(part.detach()) * len(batch)
                 if t.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
                 for opt in optimizers:
@@ -321,6 +331,7 @@ def _train(
                     log({"event": "step", "epoch": epoch, "step": step, "loss": loss_sum / rows})
             bar.close()
             train_s = time.perf_counter() - e0
+            weighting.epoch_end({name: value / max(rows, 1) for name, value in epoch_task_loss.items()})
             v0 = time.perf_counter()
             logits = predict_logits(model, valid_cols, task_names, batch_size=t.eval_batch_size, device=device)
             v = data.valid
@@ -335,6 +346,8 @@ def _train(
                 "event": "epoch",
                 "epoch": epoch,
                 "train_loss": loss_sum / max(rows, 1),
+                "train_task_loss": {name: value / max(rows, 1) for name, value in epoch_task_loss.items()},
+                "task_weights": weighting.weights(),
                 "valid_loss": valid_loss,
                 "valid": metrics,
                 "monitor": t.monitor,

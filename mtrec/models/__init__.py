@@ -3,7 +3,16 @@
 Importing this package registers every architecture.
 """
 
-from mtrec.models import mmoe, ple, shared_bottom  # noqa: F401 - registration side effect
+from mtrec.models import (  # noqa: F401 - registration side effect
+    aitm,
+    cgc,
+    cross_stitch,
+    mmoe,
+    omoe,
+    ple,
+    shared_bottom,
+    single_task,
+)
 from mtrec.models.base import FeatureInput, MultiTaskModel
 from mtrec.models.registry import create_model, list_models, register_model
 

@@ -230,7 +230,40 @@ def test_help_has_examples(cmd):
 def test_models_lists_registry():
     proc = mtrec("models")
     assert proc.returncode == 0
-    assert {line.split()[0] for line in proc.stdout.splitlines()} == {"mmoe", "ple", "shared_bottom"}
+    listed = {line.split()[0] for line in proc.stdout.splitlines()}
+    expected = {"single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "aitm", "cross_stitch"}
+    assert listed == expected
+    assert all(len(line.split()) > 3 for line in proc.stdout.splitlines())  # each with a description
+
+
+def test_esmm_with_pcgrad_trains_and_evaluates_ctcvr_and_gates(work: Path, clicks: Path):
+    out = work / "esmm"
+    sets = [f"data.train={clicks}", *SMALL_MODEL, "train.epochs=1", "train.loss_weighting={name: pcgrad}"]
+    proc = mtrec(
+        "train", "--config", "configs/synthetic/esmm_ple.yaml", *[f"--set={s}" for s in sets], "--output", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "label correlation" in proc.stderr and "gate utilisation" in proc.stderr
+    assert (out / "diagnostics.json").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epoch = next(r for r in log if r["event"] == "epoch")
+    assert set(epoch["valid"]) == {"ctr", "cvr", "satisfaction", "ctcvr"}
+    assert epoch["valid"]["ctcvr"]["count"] == epoch["valid"]["ctr"]["count"]
+    proc = mtrec("evaluate", "--model", str(out), "--data", str(clicks), "--output", str(work / "esmm.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "ctcvr" in proc.stdout and "gate utilisation" in proc.stdout
+    result = json.loads((work / "esmm.json").read_text())
+    assert result["tasks"]["ctcvr"]["auc"] > 0.55
+    assert set(result["gates"]["tasks"]) == {"ctr", "cvr", "satisfaction"}
+
+
+def test_modelling_config_errors(work: Path):
+    proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", "--set", "train.loss_weighting={name: magic}")
+    assert_one_line_error(proc, "train.loss_weighting.name")
+    proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", "--set", "tasks.cvr.where=click ==")
+    assert_one_line_error(proc, "tasks.cvr.where", "cannot parse")
+    proc = mtrec("train", "--config", "configs/synthetic/esmm_ple.yaml", "--set", "esmm.ctr=clicks")
+    assert_one_line_error(proc, "esmm.ctr")
 
 
 def test_quickstart_end_to_end(tmp_path: Path):

@@ -1,0 +1,526 @@
+"""Loss-balancing strategies, composed with the model rather than inherited by it.
+
+A strategy owns the whole backward pass of a training step: it receives the per-task
+losses (scalar, still attached to the graph) and leaves in every parameter's ``.grad``
+what the optimisers should apply. Strategies that only rescale losses (``fixed``,
+``uncertainty``, ``dwa``) need one ordinary backward; the gradient-based ones
+(``gradnorm``, ``pcgrad``) additionally take per-task gradients of the *shared dense*
+parameters they are given, never of the embedding tables (see DESIGN.md).
+
+Every strategy expects the gradients to be zeroed (or ``None``) before
+:meth:`LossWeighting.backward`, exactly as a plain ``loss.backward()`` would.
+
+A task whose loss is exactly ``0`` in a batch (no row of its sample space) is treated as
+absent from that batch: it contributes no gradient, is skipped by the gradient surgery and
+by GradNorm's balancing, and does not move its uncertainty log-variance.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> shared, heads = nn.Linear(3, 4), nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
+    >>> h = shared(torch.randn(8, 3))
+    >>> losses = {"ctr": heads[0](h).square().mean(), "cvr": heads[1](h).abs().mean()}
+    >>> weighting = create_weighting("pcgrad", ("ctr", "cvr"), (1.0, 1.0), seed=0)
+    >>> total = weighting.backward(losses, shared=list(shared.parameters()), last_shared=[])
+    >>> shared.weight.grad.shape
+    torch.Size([4, 3])
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DWA",
+    "WEIGHTINGS",
+    "FixedWeighting",
+    "GradNorm",
+    "LossWeighting",
+    "PCGrad",
+    "UncertaintyWeighting",
+    "create_weighting",
+]
+
+
+class LossWeighting(nn.Module):
+    """Base class: task names and the config's fixed per-task weights.
+
+    Args:
+        task_names: Task names, in the order the weights refer to.
+        base_weights: The config's per-task weights ``w_t`` (one per task, finite, >= 0).
+
+    Subclasses override :meth:`_combine` (a loss-rescaling strategy) or :meth:`backward`.
+    """
+
+    def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...]) -> None:
+        super().__init__()
+        task_names = tuple(task_names)
+        base_weights = tuple(float(w) for w in base_weights)
+        if not task_names:
+            raise ValueError("loss weighting needs at least one task")
+        if len(set(task_names)) != len(task_names):
+            raise ValueError(f"duplicate task names in {task_names}")
+        if len(base_weights) != len(task_names):
+            raise ValueError(f"{len(base_weights)} base weights given for {len(task_names)} tasks")
+        if any(not math.isfinite(w) or w < 0 for w in base_weights):
+            raise ValueError(f"base weights must be finite and >= 0, got {base_weights}")
+        self.task_names = task_names
+        self.base_weights = base_weights
+
+    @property
+    def num_tasks(self) -> int:
+        """``T``, the number of tasks."""
+        return len(self.task_names)
+
+    def _stack(self, losses: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The losses in task order, checked to be exactly the expected scalar tasks."""
+        if set(losses) != set(self.task_names):
+            raise ValueError(f"losses are for tasks {sorted(losses)}, expected {sorted(self.task_names)}")
+        out = []
+        for name in self.task_names:
+            loss = losses[name]
+            if loss.dim() != 0:
+                raise ValueError(f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)}")
+            out.append(loss)
+        return out
+
+    def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The objective to backpropagate, from the losses in task order (extra excluded)."""
+        return sum((w * loss for w, loss in zip(self.base_weights, losses, strict=True)), losses[0].new_zeros(()))
+
+    def backward(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        *,
+        shared: Sequence[nn.Parameter],
+        last_shared: Sequence[nn.Parameter],
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Computes every parameter's gradient and returns the objective, detached.
+
+        Args:
+            losses: ``{task: scalar loss}`` for every task, attached to the graph (a task with
+                no row in the batch may be a constant ``0``).
+            shared: Dense parameters shared by the tasks (the backbone), never embeddings.
+            last_shared: The last shared layer (used by GradNorm).
+            extra: An additional scalar term (e.g. an architecture's auxiliary loss), added
+                with weight 1 and never rebalanced.
+
+        Returns:
+            The scalar objective whose gradient was taken (for logging), detached.
+        """
+        total = self._combine(self._stack(losses))
+        if extra is not None:
+            total = total + extra
+        _backward_if_needed(total)
+        return total.detach()
+
+    def epoch_end(self, epoch_losses: Mapping[str, float]) -> None:
+        """Receives the epoch's mean training loss per task (used by DWA)."""
+
+    def weights(self) -> dict[str, float]:
+        """The current effective per-task weights, for logs."""
+        return dict(zip(self.task_names, self.base_weights, strict=True))
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Learnable parameters the trainer's optimiser must update; ``[]`` if none."""
+        return []
+
+
+def _backward_if_needed(total: torch.Tensor) -> None:
+    # A batch where every loss is a constant (no task has a row) has nothing to
+    # differentiate; backward() would raise, and leaving the gradients unset is right.
+    if total.requires_grad:
+        total.backward()
+
+
+def _present(loss: torch.Tensor) -> torch.Tensor:
+    """1.0 where a task has a loss this batch, 0.0 where it is exactly 0 (no row); no sync."""
+    return (loss.detach() != 0).to(loss.dtype)
+
+
+class FixedWeighting(LossWeighting):
+    """``total = sum_t w_t * L_t (+ extra)``: the config's weights, unchanged."""
+
+
+class UncertaintyWeighting(LossWeighting):
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
+
+    Each task has a learnable log-variance ``s_t = log sigma_t^2`` (initialised to 0) and
+
+        total = sum_t  m_t * ( exp(-s_t) * w_t * L_t  +  s_t / 2 )
+
+    which is the paper's classification form ``L / sigma^2 + log sigma`` (its eq. 10
+    approximation) applied to every task. It is chosen because the tasks here are mostly
+    binary (CTR, CVR) and because at ``s = 0`` it equals ``fixed`` exactly. The paper's
+    Gaussian-regression form ``L / (2 sigma^2) + log sigma`` differs only by a constant
+    factor 1/2 on the loss term; to reproduce it for a regression task, halve that task's
+    base weight. ``w_t`` is the config's weight; ``m_t`` is 0 for a task whose loss is
+    exactly 0 in the batch (no row of its sample space), else 1 - without it the
+    regulariser alone would drive ``s_t`` down on every batch that lacks the task.
+
+    Gradients: ``d total / d s_t = m_t * (1/2 - w_t * exp(-s_t) * L_t)``, so at
+    equilibrium ``s_t = log(2 * w_t * L_t)``; the effective weight ``w_t * exp(-s_t)``
+    (see :meth:`weights`) falls as the task's loss grows. The ``s_t`` are returned by
+    :meth:`extra_parameters`: add them to the dense optimiser, ideally in a group without
+    weight decay (decay would pull ``s_t`` to 0).
+    """
+
+    def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...]) -> None:
+        super().__init__(task_names, base_weights)
+        self.log_vars = nn.Parameter(torch.zeros(self.num_tasks))
+
+    def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        dtype = self.log_vars.dtype
+        stacked = torch.stack([loss.to(dtype) for loss in losses])
+        w = torch.tensor(self.base_weights, dtype=dtype, device=self.log_vars.device)
+        s = self.log_vars
+        return (_present(stacked) * (torch.exp(-s) * w * stacked + 0.5 * s)).sum()
+
+    def weights(self) -> dict[str, float]:
+        eff = torch.exp(-self.log_vars.detach()).cpu().tolist()
+        return {n: w * e for n, w, e in zip(self.task_names, self.base_weights, eff, strict=True)}
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return [self.log_vars]
+
+
+class DWA(LossWeighting):
+    """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019).
+
+    With ``L_t(e)`` the mean training loss of task t in epoch e (from :meth:`epoch_end`),
+    the weights used during epoch ``e`` are
+
+        lambda_t(e) = T * softmax_t( r_t(e - 1) / temperature ),  r_t(e - 1) = L_t(e - 1) / L_t(e - 2)
+
+    and ``lambda_t = 1`` for the first two epochs (before two epochs of history exist).
+    The objective is ``sum_t w_t * lambda_t * L_t (+ extra)``, ``w_t`` the config's weights,
+    so the ``lambda`` sum to ``T`` (the effective weights do when all ``w_t = 1``). A ratio
+    whose denominator is 0 or not finite (a task with no row in a whole epoch) counts as 1.
+
+    Args:
+        task_names: Task names.
+        base_weights: The config's per-task weights.
+        temperature: Softmax temperature; larger is closer to uniform weights.
+    """
+
+    def __init__(
+        self, task_names: tuple[str, ...], base_weights: tuple[float, ...], *, temperature: float = 2.0
+    ) -> None:
+        super().__init__(task_names, base_weights)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"dwa: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self._history: list[tuple[float, ...]] = []
+        self._lambdas: tuple[float, ...] = (1.0,) * self.num_tasks
+
+    def epoch_end(self, epoch_losses: Mapping[str, float]) -> None:
+        if set(epoch_losses) != set(self.task_names):
+            raise ValueError(f"epoch losses are for tasks {sorted(epoch_losses)}, expected {sorted(self.task_names)}")
+        self._history.append(tuple(float(epoch_losses[n]) for n in self.task_names))
+        if len(self._history) < 2:
+            return
+        prev2, prev1 = self._history[-2], self._history[-1]
+        ratios = [
+            b / a if a > 0 and math.isfinite(a) and math.isfinite(b) else 1.0 for a, b in zip(prev2, prev1, strict=True)
+        ]
+        # Softmax with the max subtracted, so large ratios cannot overflow exp().
+        z = [r / self.temperature for r in ratios]
+        top = max(z)
+        e = [math.exp(v - top) for v in z]
+        self._lambdas = tuple(self.num_tasks * v / sum(e) for v in e)
+
+    def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        weights = [w * lam for w, lam in zip(self.base_weights, self._lambdas, strict=True)]
+        return sum((w * loss for w, loss in zip(weights, losses, strict=True)), losses[0].new_zeros(()))
+
+    def weights(self) -> dict[str, float]:
+        return {n: w * lam for n, w, lam in zip(self.task_names, self.base_weights, self._lambdas, strict=True)}
+
+
+def _dense_grads(
+    loss: torch.Tensor, params: Sequence[nn.Parameter], *, what: str, retain_graph: bool = True
+) -> list[torch.Tensor]:
+    """``d loss / d params`` as dense tensors (zeros where unused), keeping the graph alive."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
+    out = []
+    for p, g in zip(params, grads, strict=True):
+        if g is not None and g.is_sparse:
+            raise ValueError(f"{what} must be dense parameters; embedding tables are never shared parameters")
+        out.append(torch.zeros_like(p) if g is None else g)
+    return out
+
+
+class GradNorm(LossWeighting):
+    """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018).
+
+    Learnable task weights ``w_t`` start at the config's weights normalised to sum ``T``.
+    At each step, for the tasks present in the batch (loss not exactly 0; the others get
+    ``G_t = 0`` and are left out of the balancing):
+
+        G_t      = || d (w_t L_t) / d W ||_2         W = the ``last_shared`` parameters
+        r_t      = (L_t / L_t(0)) / mean_s (L_s / L_s(0))
+        target_t = mean_s(G_s) * r_t ** alpha        (a constant: no gradient flows into it)
+        L_grad   = sum_t | G_t - target_t |
+
+    ``L_t(0)`` is the task's loss at the first step where it is present. The model's
+    parameters get the gradient of ``sum_t w_t L_t (+ extra)`` with ``w`` held constant;
+    ``w`` gets the gradient of ``L_grad`` only and is stepped by an Adam optimiser owned by
+    this module (so the trainer needs no extra parameter group, its grad clipping never
+    touches ``w``, and the renormalisation can follow the step at once). After the step
+    ``w`` is clamped to >= 1e-4 (Adam may overshoot past 0) and rescaled so ``sum w = T``.
+
+    Since ``G_t = w_t * ||d L_t / d W||`` is linear in ``w_t``, the norm
+    ``||d L_t / d W||`` is computed without ``create_graph`` and ``d L_grad / d w`` is taken
+    through that product: the same gradient as differentiating through the graph of the
+    gradient, without the double backward. The per-task gradients are taken on
+    ``last_shared`` only, never on the embeddings, so they stop at that layer.
+
+    With an empty ``last_shared`` (e.g. a model without a shared layer) GradNorm has
+    nothing to measure: it warns once and behaves exactly like ``fixed``.
+
+    Args:
+        task_names: Task names.
+        base_weights: The config's per-task weights (the initial ``w``, normalised).
+        alpha: Asymmetry: how strongly tasks that train slower are pushed.
+        lr: Learning rate of the Adam optimiser that updates ``w``.
+    """
+
+    _MIN_WEIGHT = 1e-4
+
+    def __init__(
+        self,
+        task_names: tuple[str, ...],
+        base_weights: tuple[float, ...],
+        *,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+    ) -> None:
+        super().__init__(task_names, base_weights)
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"gradnorm: alpha must be >= 0, got {alpha}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"gradnorm: lr must be > 0, got {lr}")
+        if sum(self.base_weights) <= 0:
+            raise ValueError("gradnorm: the base weights must not all be 0")
+        self.alpha = float(alpha)
+        self.lr = float(lr)
+        init = torch.tensor(self.base_weights, dtype=torch.float32)
+        self.task_weights = nn.Parameter(init * self.num_tasks / init.sum())
+        # 0 = not recorded yet (a recorded L_t(0) is > 0 by construction).
+        self.register_buffer("initial_losses", torch.zeros(self.num_tasks))
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._warned = False
+
+    def backward(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        *,
+        shared: Sequence[nn.Parameter],
+        last_shared: Sequence[nn.Parameter],
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        stacked = self._stack(losses)
+        last = [p for p in last_shared if p.requires_grad]
+        if not last:
+            if not self._warned:
+                warnings.warn("gradnorm: the model has no last shared layer; using fixed weights", stacklevel=2)
+                self._warned = True
+            return super().backward(losses, shared=shared, last_shared=last_shared, extra=extra)
+
+        # Per-task gradient norms on the last shared layer; the graph is kept for the
+        # model's backward below.
+        norms = []
+        for loss in stacked:
+            grads = _dense_grads(loss, last, what="gradnorm: last_shared")
+            norms.append(torch.stack([g.float().square().sum() for g in grads]).sum().sqrt())
+        w = self.task_weights
+        values = torch.stack([loss.detach().float() for loss in stacked]).to(w.device)
+        norms_t = torch.stack(norms).to(w.device)
+
+        # The model's gradient: sum_t w_t L_t with w constant.
+        w_const = w.detach()
+        total = sum((w_const[i].to(loss.dtype) * loss for i, loss in enumerate(stacked)), stacked[0].new_zeros(()))
+        if extra is not None:
+            total = total + extra
+        _backward_if_needed(total)
+
+        self._update_weights(values, norms_t)
+        return total.detach()
+
+    @torch.no_grad()
+    def _record_initial(self, values: torch.Tensor, present: torch.Tensor) -> None:
+        new = present & (self.initial_losses == 0)
+        self.initial_losses.copy_(torch.where(new, values, self.initial_losses))
+
+    def _update_weights(self, values: torch.Tensor, norms: torch.Tensor) -> None:
+        """One Adam step of ``w`` on ``L_grad``, then clamp and renormalise to sum ``T``."""
+        w = self.task_weights
+        present = (values != 0) & torch.isfinite(values)
+        self._record_initial(values, present)
+        # Present tasks only: an absent task's ratio and norm are undefined, not 0.
+        active = present & (self.initial_losses > 0)
+        mask = active.float()
+        count = mask.sum().clamp(min=1)
+        ratios = torch.where(active, values / self.initial_losses.clamp(min=1e-30), 0.0)
+        rel = ratios / (ratios * mask).sum().div(count).clamp(min=1e-30)
+        G = w * norms  # differentiable in w only
+        target = ((G.detach() * mask).sum() / count) * rel.pow(self.alpha)
+        loss_grad = ((G - target).abs() * mask).sum()
+        if self._optimizer is None:
+            # Created lazily so that it holds w on the device the module was moved to.
+            self._optimizer = torch.optim.Adam([w], lr=self.lr, foreach=False)
+        (grad,) = torch.autograd.grad(loss_grad, [w])
+        w.grad = grad
+        self._optimizer.step()
+        w.grad = None
+        with torch.no_grad():
+            w.clamp_(min=self._MIN_WEIGHT)
+            w.mul_(self.num_tasks / w.sum())
+
+    def weights(self) -> dict[str, float]:
+        return dict(zip(self.task_names, self.task_weights.detach().cpu().tolist(), strict=True))
+
+
+class PCGrad(LossWeighting):
+    """Projecting conflicting gradients (Yu et al., "Gradient Surgery for Multi-Task
+    Learning", NeurIPS 2020), on the shared dense parameters.
+
+    With ``g_t = d (w_t L_t) / d shared`` (all shared parameters flattened into one
+    vector), each task t in turn starts from ``g_t' = g_t`` and, for every other task s in
+    a random order (drawn per task from a generator seeded by ``seed``), if
+    ``g_t' . g_s < 0``:
+
+        g_t' <- g_t' - (g_t' . g_s) / ||g_s||^2 * g_s        (g_s the ORIGINAL gradient)
+
+    A task with a zero gradient (absent from the batch) is never projected onto. The shared
+    parameters get ``sum_t g_t'`` plus the unprojected gradient of ``extra``. Every other
+    parameter (towers, embeddings, anything not in ``shared``) gets the plain gradient of
+    ``sum_t w_t L_t + extra``.
+
+    Cost: ``T`` extra backward passes from the losses to the shared parameters (through the
+    towers and the backbone only; the embeddings are not reached) plus the usual full
+    backward, which also produces the sparse embedding gradient. The surgery itself works
+    on the ``(T, T)`` Gram matrix of the task gradients: each ``g_t'`` is tracked as
+    coefficients over the original ``g_s``, so only one ``(T, P) x (P, T)`` product and one
+    ``(T,) x (T, P)`` product touch the ``P`` shared weights.
+
+    Args:
+        task_names: Task names.
+        base_weights: The config's per-task weights.
+        seed: Seed of the generator for the projection order.
+    """
+
+    def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...], *, seed: int = 0) -> None:
+        super().__init__(task_names, base_weights)
+        self.seed = int(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def surgery_coefficients(self, gram: torch.Tensor) -> torch.Tensor:
+        """``(T,)`` coefficients ``a`` with ``sum_t g_t' = sum_s a_s g_s``, from the Gram matrix.
+
+        Args:
+            gram: ``(T, T)`` matrix of dot products ``g_t . g_s`` of the original gradients.
+        """
+        T = gram.shape[0]
+        G = gram.detach().to(torch.float64).cpu()
+        coef = torch.eye(T, dtype=torch.float64)
+        for t in range(T):
+            for s in torch.randperm(T, generator=self._generator).tolist():
+                if s == t or G[s, s] <= 0:
+                    continue
+                dot = coef[t] @ G[:, s]  # g_t' . g_s
+                if dot < 0:
+                    coef[t, s] -= dot / G[s, s]
+        return coef.sum(dim=0)
+
+    def backward(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        *,
+        shared: Sequence[nn.Parameter],
+        last_shared: Sequence[nn.Parameter],
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        stacked = self._stack(losses)
+        params = [p for p in shared if p.requires_grad]
+        weighted = [w * loss for w, loss in zip(self.base_weights, stacked, strict=True)]
+        flat = None
+        if params and self.num_tasks > 1:
+            # Per-task gradients first, while the graph is alive; the full backward frees it.
+            per_task = [_dense_grads(loss, params, what="pcgrad: shared") for loss in weighted]
+            flat = torch.stack([torch.cat([g.reshape(-1) for g in grads]) for grads in per_task])
+            del per_task  # the flat copy is all that is needed; free the per-parameter tensors
+        total = sum(weighted, stacked[0].new_zeros(()))
+        if extra is not None:
+            total = total + extra
+        _backward_if_needed(total)
+        if flat is None:
+            return total.detach()
+
+        coef = self.surgery_coefficients(flat @ flat.T)
+        if bool((coef == 1).all()):
+            return total.detach()  # no conflict: the plain gradient is already in place
+        # The full backward left sum_t g_t (+ extra's gradient) in .grad; adding
+        # sum_t g_t' - sum_t g_t swaps the task part for the surgery and keeps extra's.
+        delta = (coef - 1).to(device=flat.device, dtype=flat.dtype) @ flat
+        offset = 0
+        for p in params:
+            n = p.numel()
+            d = delta[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+            if p.grad is None:
+                p.grad = d.clone()
+            else:
+                p.grad.add_(d)
+        return total.detach()
+
+
+WEIGHTINGS: dict[str, type[LossWeighting]] = {
+    "fixed": FixedWeighting,
+    "uncertainty": UncertaintyWeighting,
+    "gradnorm": GradNorm,
+    "dwa": DWA,
+    "pcgrad": PCGrad,
+}
+
+_FIXED_ARGS = ("self", "task_names", "base_weights")
+
+
+def create_weighting(
+    name: str, task_names: tuple[str, ...], base_weights: tuple[float, ...], **params: Any
+) -> LossWeighting:
+    """Builds a loss-weighting strategy by name.
+
+    Args:
+        name: One of :data:`WEIGHTINGS` (``fixed``, ``uncertainty``, ``gradnorm``, ``dwa``,
+            ``pcgrad``).
+        task_names: Task names.
+        base_weights: The config's per-task weights.
+        **params: The strategy's keyword parameters (e.g. ``alpha`` for ``gradnorm``).
+
+    Raises:
+        ValueError: An unknown name or parameter, or an invalid value.
+
+    Example:
+        >>> create_weighting("dwa", ("ctr", "cvr"), (1.0, 1.0), temperature=2.0).weights()
+        {'ctr': 1.0, 'cvr': 1.0}
+    """
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {name!r} (expected one of {', '.join(sorted(WEIGHTINGS))})")
+    cls = WEIGHTINGS[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in _FIXED_ARGS]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        allowed = ", ".join(accepted) if accepted else "none"
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for loss weighting {name!r} (accepted: {allowed})")
+    return cls(tuple(task_names), tuple(base_weights), **params)

@@ -1,0 +1,264 @@
+"""What each added architecture promises: who depends on whom, routing, the AITM calibrator."""
+
+import math
+
+import pytest
+import torch
+
+from mtrec.models import create_model, list_models
+from mtrec.nn.aitm import AdaptiveInformationTransfer, AITMLayer, expectation_calibration
+from mtrec.nn.cross_stitch import CrossStitch, CrossStitchNetwork
+from mtrec.nn.experts import PLE, Gate
+from tests.unit.test_models import LAYOUT, TASKS, _batch
+
+NEW = ("single_task", "omoe", "cgc", "cross_stitch", "aitm")
+
+
+def _grad(out: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(out.sum(), params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def _model(name: str, **params):
+    torch.manual_seed(0)
+    return create_model(name, LAYOUT, TASKS, embedding_dim=4, **params)
+
+
+def test_every_new_model_is_listed_with_a_description():
+    models = list_models()
+    for name in NEW:
+        assert name in models
+        assert models[name].strip()
+
+
+@pytest.mark.parametrize("name", ["single_task", "omoe", "cgc", "cross_stitch"])
+def test_multiclass_output_dims(name):
+    model = _model(name, output_dims=(1, 5, 1))
+    logits = model(_batch(8))
+    assert logits["ctr"].shape == (8,)
+    assert logits["cvr"].shape == (8, 5)
+    assert logits["sat"].shape == (8,)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_last_shared_layer_gets_gradient_from_every_task(name):
+    model = _model(name)
+    params = model.last_shared_parameters()
+    if name == "single_task":
+        assert params == []
+        assert model.shared_parameters() == []
+        return
+    assert params
+    shared = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) in shared for p in params)
+    logits = model(_batch())
+    for t in TASKS:
+        assert any(g.abs().sum() > 0 for g in _grad(logits[t], params)), f"{name}: {t} misses the last shared layer"
+
+
+@pytest.mark.parametrize("name", ["single_task", "omoe", "cross_stitch", "aitm"])
+def test_single_task_configs_build_and_share_nothing(name):
+    torch.manual_seed(0)
+    model = create_model(name, LAYOUT, ("ctr",), embedding_dim=4)
+    assert model(_batch(4))["ctr"].shape == (4,)
+    assert model.last_shared_parameters() == []
+
+
+# --- single_task -----------------------------------------------------------------------
+
+
+def test_single_task_networks_are_independent():
+    model = _model("single_task")
+    weights = list(model.backbone.networks.weights) + list(model.backbone.networks.biases)
+    logits = model(_batch())
+    for t, name in enumerate(TASKS):
+        grads = _grad(logits[name], weights)
+        for s in range(len(TASKS)):
+            norm = sum(g[s].abs().sum() for g in grads)
+            assert (norm > 0) == (s == t), f"task {t} vs network {s}"
+        # other tasks' towers are not reached either
+        for s, tower in enumerate(model.towers):
+            norm = sum(g.abs().sum() for g in _grad(logits[name], list(tower.parameters())))
+            assert (norm > 0) == (s == t)
+
+
+# --- omoe ------------------------------------------------------------------------------
+
+
+def test_omoe_one_gate_and_identical_task_representations():
+    model = _model("omoe")
+    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    assert len(gates) == 1 and gates[0].num_gates == 1
+    x = model.features(_batch())
+    reps, g = model.backbone(x, return_gates=True)
+    assert reps.shape == (16, 3, model.backbone.out_dim)
+    for t in range(1, 3):
+        assert torch.equal(reps[:, t], reps[:, 0])
+        assert torch.equal(g[:, t], g[:, 0])
+    torch.testing.assert_close(g.sum(-1), torch.ones(16, 3))
+    # the representation is the gate-weighted sum of the experts
+    expected = (g[:, :1].transpose(1, 2) * model.backbone.experts(x)).sum(1)
+    torch.testing.assert_close(reps[:, 0], expected)
+
+
+# --- cgc -------------------------------------------------------------------------------
+
+
+def test_cgc_equals_one_level_ple():
+    cgc, ple = _model("cgc"), _model("ple", num_levels=1)
+    assert isinstance(cgc.backbone, PLE) and len(cgc.backbone.levels) == 1
+    assert cgc.backbone.levels[0].shared_gate is None
+    batch = _batch()
+    a, b = cgc(batch), ple(batch)
+    for t in TASKS:
+        torch.testing.assert_close(a[t], b[t], rtol=0, atol=0)
+
+
+def test_cgc_task_experts_reach_only_their_task():
+    model = _model("cgc", num_shared_experts=2, num_task_experts=2)
+    S, K = 2, 2
+    w = model.backbone.levels[0].experts.weights[0]
+    logits = model(_batch())
+    for t, name in enumerate(TASKS):
+        (g,) = _grad(logits[name], [w])
+        per_expert = g.abs().sum(dim=(1, 2))
+        assert (per_expert[:S] > 0).all()  # shared experts reach every task
+        for s in range(len(TASKS)):
+            own = per_expert[S + s * K : S + (s + 1) * K]
+            assert ((own > 0) if s == t else (own == 0)).all()
+
+
+# --- cross_stitch ----------------------------------------------------------------------
+
+
+def test_cross_stitch_init_rows_are_convex():
+    unit = CrossStitch(3, self_weight=0.8)
+    expected = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    torch.testing.assert_close(unit.alpha.data, expected)
+    with pytest.raises(ValueError):
+        CrossStitch(1)
+    with pytest.raises(ValueError):
+        CrossStitch(2, self_weight=1.5)
+
+
+def test_cross_stitch_network_matches_columns_mixed_per_layer():
+    torch.manual_seed(0)
+    net = CrossStitchNetwork(5, num_tasks=2, hidden=(7, 3))
+    with torch.no_grad():
+        for unit in net.stitches:
+            unit.alpha.copy_(torch.randn(2, 2))
+    x = torch.randn(4, 5)
+    h = [x, x]
+    for i in range(2):
+        h = [torch.relu(h[t] @ net.weights[i][t] + net.biases[i][t]) for t in range(2)]
+        a = net.stitches[i].alpha
+        h = [a[t, 0] * h[0] + a[t, 1] * h[1] for t in range(2)]
+    torch.testing.assert_close(net(x), torch.stack(h, dim=1))
+
+
+def _cross_gradients(model) -> torch.Tensor:
+    """``(T, T)``: how much task ``t``'s output moves column ``s``'s weights."""
+    cols = model.backbone
+    params = list(cols.weights) + list(cols.biases)
+    logits = model(_batch())
+    out = torch.zeros(3, 3)
+    for t, name in enumerate(TASKS):
+        grads = _grad(logits[name], params)
+        out[t] = torch.stack([g.abs().flatten(1).sum(1) for g in grads]).sum(0)
+    return out
+
+
+def test_cross_stitch_identity_decouples_and_off_diagonal_couples():
+    model = _model("cross_stitch")
+    assert model.last_shared_parameters() == [model.backbone.stitches[-1].alpha]
+    # default init: every task reaches every column
+    assert (_cross_gradients(model) > 0).all()
+    with torch.no_grad():
+        for unit in model.backbone.stitches:
+            unit.alpha.copy_(torch.eye(3))
+    assert torch.equal(_cross_gradients(model) > 0, torch.eye(3, dtype=torch.bool))
+
+
+# --- aitm ------------------------------------------------------------------------------
+
+
+def test_aitm_calibration_is_zero_unless_a_later_step_is_more_likely():
+    model = _model("aitm")
+    batch = _batch(2)
+    down = {"ctr": torch.tensor([2.0, 0.0]), "cvr": torch.tensor([1.0, 0.0]), "sat": torch.tensor([-3.0, -1.0])}
+    assert model.auxiliary_loss(down, batch).item() == 0.0
+    # row 0: only cvr > ctr; row 1: both steps go up (the paper sums the steps, then averages rows)
+    up = {"ctr": torch.tensor([0.0, -1.0]), "cvr": torch.tensor([1.0, 0.0]), "sat": torch.tensor([0.5, 1.0])}
+    s1, s_1 = torch.sigmoid(torch.tensor(1.0)).item(), torch.sigmoid(torch.tensor(-1.0)).item()
+    expected = 0.6 * ((s1 - 0.5) + (0.5 - s_1) + (s1 - 0.5)) / 2
+    loss = model.auxiliary_loss(up, batch)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() > 0
+    # gradient descent on it pushes the later step down and the earlier one up
+    z = {k: v.clone().requires_grad_() for k, v in up.items()}
+    model.auxiliary_loss(z, batch).backward()
+    assert z["ctr"].grad[0] < 0 < z["cvr"].grad[0]
+    assert z["sat"].grad[0] == 0
+    assert _model("aitm", calibration_weight=0.0).auxiliary_loss(up, batch) is None
+
+
+def test_aitm_expectation_calibration_function():
+    assert expectation_calibration(torch.tensor([[3.0, 1.0, 0.0]])).item() == 0.0
+    y = torch.sigmoid(torch.tensor([0.0, 1.0]))
+    assert expectation_calibration(torch.tensor([[0.0, 1.0]])).item() == pytest.approx((y[1] - y[0]).item())
+
+
+def test_aitm_chain_dependencies():
+    model = _model("aitm")
+    layer = model.backbone
+    logits = model(_batch())
+
+    params = list(layer.parameters())
+    grads = {t: dict(zip(map(id, params), _grad(logits[t], params), strict=True)) for t in TASKS}
+
+    def reach(task: str, module) -> float:
+        return float(sum(grads[task][id(p)].abs().sum() for p in module.parameters()))
+
+    # task 0 reads only its own tower, never a later task's tower, transfer or attention
+    assert reach("ctr", layer.towers[0]) > 0
+    assert reach("ctr", layer.towers[1]) == 0 and reach("ctr", layer.towers[2]) == 0
+    assert reach("ctr", layer.transfers) == 0 and reach("ctr", layer.attentions) == 0
+    # task 1 depends on task 0 through the transferred information p_0
+    assert reach("cvr", layer.towers[0]) > 0 and reach("cvr", layer.transfers[0]) > 0
+    assert reach("cvr", layer.towers[1]) > 0 and reach("cvr", layer.attentions[0]) > 0
+    assert reach("cvr", layer.towers[2]) == 0 and reach("cvr", layer.transfers[1]) == 0
+    # the last task reaches the whole chain
+    assert all(reach("sat", m) > 0 for m in (*layer.towers, *layer.transfers, *layer.attentions))
+
+
+def test_ait_matches_the_paper_equations():
+    torch.manual_seed(0)
+    ait = AdaptiveInformationTransfer(6)
+    p, q = torch.randn(4, 6), torch.randn(4, 6)
+    z, w = ait(p, q, return_weights=True)
+    W, b = ait.proj.weight, ait.proj.bias
+    h1, h2, h3 = ((lambda u, i=i: u @ W[6 * i : 6 * (i + 1)].T + b[6 * i : 6 * (i + 1)]) for i in range(3))
+    scores = torch.stack([(h2(u) * h3(u)).sum(-1) / math.sqrt(6) for u in (p, q)], dim=1)
+    weights = scores.softmax(dim=1)
+    torch.testing.assert_close(w, weights)
+    torch.testing.assert_close(z, weights[:, :1] * h1(p) + weights[:, 1:] * h1(q))
+    torch.testing.assert_close(w.sum(-1), torch.ones(4))
+
+
+def test_aitm_layer_chain_matches_manual_unrolling():
+    torch.manual_seed(0)
+    layer = AITMLayer(5, num_tasks=3, tower_hidden=(8, 4), info_hidden=3)
+    x = torch.randn(6, 5)
+    out, weights = layer(x, return_weights=True)
+    assert out.shape == (6, 3, 4) and weights.shape == (6, 2, 2)
+    z0 = layer.towers[0](x)
+    z1 = layer.attentions[0](layer.transfers[0](z0), layer.towers[1](x))
+    z2 = layer.attentions[1](layer.transfers[1](z1), layer.towers[2](x))
+    torch.testing.assert_close(out, torch.stack([z0, z1, z2], dim=1))
+
+
+def test_aitm_rejects_multiclass_outputs():
+    with pytest.raises(ValueError, match="binary"):
+        create_model("aitm", LAYOUT, TASKS, embedding_dim=4, output_dims=(1, 3, 1))
+    model = create_model("aitm", LAYOUT, TASKS, embedding_dim=4, output_dims=(1, 1, 1))
+    assert all(v.shape == (5,) for v in model(_batch(5)).values())
