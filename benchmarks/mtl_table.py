@@ -188,6 +188,13 @@ def markdown(out: dict[str, Any]) -> str:
             f"| ESMM-PLE | {_fmt(e['esmm_ple']['cvr_auc_clicked'])} | {_fmt(e['esmm_ple']['ctcvr_auc_all'])} |"
         )
         lines.append(f"| PLE (pCTR x pCVR) | {_fmt(e['ple']['cvr_auc_clicked'])} | {_fmt(e['ple']['ctcvr_auc_all'])} |")
+    lines += [
+        "",
+        "Notes: one seed per row (differences below ~0.005 AUC are within seed noise); s/epoch is training",
+        "time only, on a shared 2-core machine. DWA changes the weights from the third epoch on, so with",
+        "2 epochs it equals `fixed`. Gradient-based weighting (GradNorm, PCGrad) pays extra backward",
+        "passes through the shared layers each step.",
+    ]
     return "\n".join(lines) + "\n"
 
 
