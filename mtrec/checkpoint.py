@@ -107,8 +107,9 @@ def prepare_output(output: Path, *, overwrite: bool) -> Path:
     if output.exists() and any(output.iterdir()) and not is_model_dir(output):
         # --overwrite replaces models, never an arbitrary folder (data, home, ...).
         raise MtrecError(f"{output}: is not an mtrec model directory; refusing to replace it")
-    if not output.parent.is_dir():
-        raise MtrecError(f"{output.parent}: no such folder")
+    for parent in output.parents:
+        if parent.exists() and not parent.is_dir():
+            raise MtrecError(f"{parent}: is a file, so {output} cannot be a folder")
     staging = staging_dir(output)
     if staging.exists():
         shutil.rmtree(staging)

@@ -41,6 +41,14 @@ def test_overwrite_replaces_a_model_only_when_the_new_one_is_complete(tmp_path):
     assert not staging.exists() and not (tmp_path / "model.old").exists()
 
 
+def test_output_parents_are_created_but_not_through_a_file(tmp_path):
+    staging = prepare_output(tmp_path / "runs" / "new" / "model", overwrite=False)
+    assert staging.is_dir() and staging.name == "model.incomplete"
+    (tmp_path / "data.parquet").write_text("x")
+    with pytest.raises(MtrecError, match="is a file"):
+        prepare_output(tmp_path / "data.parquet" / "model", overwrite=False)
+
+
 def test_existing_output_needs_overwrite(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(MtrecError, match="--overwrite"):
