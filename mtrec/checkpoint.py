@@ -52,6 +52,15 @@ __all__ = [
 WEIGHTS = "model.safetensors"
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file in the same folder."""
     if path.is_dir():
@@ -60,6 +69,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise MtrecError(f"{path.parent}: no such folder")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; outputs are ordinary files
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -72,6 +82,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
     """Saves the state dict as safetensors, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         save_file(tensors, tmp)

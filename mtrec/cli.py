@@ -50,6 +50,12 @@ examples:
   mtrec train --config cfg.yaml --set tasks.cvr.weight=2 --set data.train=data/day1.parquet
 --set takes dotted keys; list items are addressed by index or by their name.
 """,
+    "compare": """\
+example:
+  mtrec compare runs/single_task runs/mmoe runs/ple --data data/synthetic/test.parquet --group-by user_id
+Lift is the AUC difference to the baseline (and relative, in %); "worse" marks a task where
+a model is below the baseline (negative transfer).
+""",
     "evaluate": """\
 example:
   mtrec evaluate --model runs/mmoe --data data/synthetic/test.parquet --output metrics.json
@@ -127,6 +133,27 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="Parquet file, folder or glob with the label columns")
     e.add_argument("--output", type=Path, default=None, help="JSON file (default MODEL/evaluations/<data name>.json)")
     e.add_argument("--batch-size", type=int, default=None, help="rows per prediction batch")
+    e.add_argument("--group-by", default=None, metavar="COLUMN", help="also report group AUC, e.g. user_id")
+    e.add_argument(
+        "--gauc-weighting", choices=["impressions", "clicks"], default="impressions", help="GAUC group weights"
+    )
+    e.add_argument("--report", type=Path, default=None, metavar="DIR", help="write an HTML report into DIR")
+
+    c = sub.add_parser(
+        "compare",
+        help="evaluate several models on the same data, with lift over a baseline",
+        description="Evaluate several models on the same labelled data: one table of per-task metrics, each "
+        "model's lift over a baseline, and tasks where a multi-task model does worse (negative transfer).",
+        epilog=EXAMPLES["compare"],
+        formatter_class=fmt,
+    )
+    c.add_argument("models", nargs="+", type=Path, metavar="DIR", help="model directories")
+    c.add_argument("--data", required=True, help="Parquet file, folder or glob with the label columns")
+    c.add_argument(
+        "--baseline", type=Path, default=None, help="baseline model (default: a single_task model, else the first)"
+    )
+    c.add_argument("--group-by", default=None, metavar="COLUMN", help="also compare group AUC")
+    c.add_argument("--output", type=Path, default=None, help="also write the comparison as JSON")
 
     sub.add_parser("models", help="list the registered architectures", description="List the architectures.")
     return p
@@ -165,7 +192,17 @@ def format_metrics(tasks: dict[str, dict[str, Any]]) -> str:
                 num(m.get("mean_label")) if "mean_label" in m else "-",
             ]
         )
+    if any("gauc" in m for m in tasks.values()):
+        rows[0].insert(4, "gauc")
+        for row, m in zip(rows[1:], tasks.values(), strict=True):
+            row.insert(4, num(m["gauc"]["gauc"]) if "gauc" in m and m["gauc"]["gauc"] == m["gauc"]["gauc"] else "-")
     notes = [f"{name}: {m['note']}" for name, m in tasks.items() if m.get("note")]
+    notes += [
+        f"{name}: gauc over {m['gauc']['groups_used']:,} groups ({m['gauc']['groups_skipped_one_class']:,} "
+        "with one class skipped)"
+        for name, m in tasks.items()
+        if "gauc" in m
+    ]
     return _table(rows) + ("\n" + "\n".join(notes) if notes else "")
 
 
@@ -204,7 +241,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise MtrecError(f"--batch-size: expected a positive number, got {args.batch_size}")
     if args.output is not None and args.output.is_dir():
         raise MtrecError(f"{args.output}: is a folder, expected a JSON file name")
-    result = evaluate_model_dir(args.model, args.data, batch_size=args.batch_size)
+    if args.report is not None and args.report.exists() and not args.report.is_dir():
+        raise MtrecError(f"{args.report}: exists and is not a folder")
+    result = evaluate_model_dir(
+        args.model,
+        args.data,
+        batch_size=args.batch_size,
+        group_by=args.group_by,
+        gauc_weighting=args.gauc_weighting,
+        keep_predictions=args.report is not None,
+    )
+    predictions = result.pop("predictions", None)
     print(format_metrics(result["tasks"]))
     if "gates" in result:
         from mtrec.diagnostics import format_gates
@@ -218,6 +265,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2))
     print(f"metrics written to {out}")
+    if args.report is not None and predictions is not None:
+        from mtrec.report import write_report
+
+        page = write_report(args.report, result, predictions, args.model)
+        print(f"report written to {page}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mtrec.checkpoint import atomic_write_text
+    from mtrec.compare import compare_models, format_comparison
+
+    comparison = compare_models(args.models, args.data, baseline=args.baseline, group_by=args.group_by)
+    print(format_comparison(comparison))
+    if args.output is not None:
+        atomic_write_text(args.output, json.dumps(comparison, indent=2))
+        print(f"comparison written to {args.output}")
     return 0
 
 
@@ -266,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _cmd_train,
         "evaluate": _cmd_evaluate,
         "models": _cmd_models,
+        "compare": _cmd_compare,
     }
     try:
         return handlers[args.command](args)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from mtrec.data.batches import TensorColumns
-from mtrec.data.loading import encode_files
 from mtrec.metrics import auc, log_loss_from_logits, mae, rmse
 from mtrec.schema import Task
 
@@ -131,29 +130,90 @@ def summary_metric(metrics: dict[str, dict[str, Any]], monitor: str, loss: float
     return metrics.get(task, {}).get(name)
 
 
-def evaluate_model_dir(model_dir: str | Path, data: str, *, batch_size: int | None = None) -> dict[str, Any]:
-    """Evaluates a saved model on labelled Parquet data with its own preprocessing."""
+def evaluate_model_dir(
+    model_dir: str | Path,
+    data: str,
+    *,
+    batch_size: int | None = None,
+    group_by: str | None = None,
+    gauc_weighting: str = "impressions",
+    keep_predictions: bool = False,
+) -> dict[str, Any]:
+    """Evaluates a saved model on labelled Parquet data with its own preprocessing.
+
+    The data is streamed row group by row group: only predictions, labels, sample-space
+    masks and group keys are kept, never the encoded features. Gate diagnostics are
+    computed on the first row group.
+
+    Args:
+        model_dir: A model directory written by training.
+        data: Parquet file, folder or glob with the label columns.
+        batch_size: Rows per prediction batch (default: the config's eval batch size).
+        group_by: Column for group AUC (e.g. ``user_id``), computed per binary task.
+        gauc_weighting: ``impressions`` or ``clicks``: how groups are weighted in GAUC.
+        keep_predictions: Also return ``"predictions"`` (logits, labels, masks) for plots.
+    """
     from mtrec.checkpoint import load_model_dir
+    from mtrec.data.parquet import iter_row_groups, resolve_paths
+    from mtrec.diagnostics import gate_diagnostics
+    from mtrec.errors import DataError
+    from mtrec.metrics import gauc
 
     loaded = load_model_dir(model_dir)
-    enc = encode_files(loaded.preprocessor, data)
-    columns = TensorColumns.from_encoded(enc)
-    tasks = loaded.config.schema.output_tasks
-    logits = predict_logits(
-        loaded.model,
-        columns,
-        tuple(t.name for t in tasks),
-        batch_size=batch_size or loaded.config.train.eval_batch_size,
-    )
-    from mtrec.diagnostics import gate_diagnostics
-
-    result = {
+    schema = loaded.config.schema
+    tasks = schema.output_tasks
+    names = tuple(t.name for t in tasks)
+    batch_size = batch_size or loaded.config.train.eval_batch_size
+    paths = resolve_paths(data)
+    columns = list(dict.fromkeys([*schema.input_columns(), *schema.label_columns(), *([group_by] if group_by else [])]))
+    logits: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    labels, masks, weights, groups = [], [], [], []
+    gates = None
+    for path, table in iter_row_groups(paths, columns):
+        if table.num_rows == 0:
+            continue
+        enc = loaded.preprocessor.transform(table, source=str(path))
+        cols = TensorColumns.from_encoded(enc)
+        for name, z in predict_logits(loaded.model, cols, names, batch_size=batch_size).items():
+            logits[name].append(z)
+        labels.append(enc.labels)
+        masks.append(enc.label_mask)
+        if enc.sample_weight is not None:
+            weights.append(enc.sample_weight)
+        if group_by is not None:
+            groups.append(table.column(group_by).to_numpy(zero_copy_only=False))
+        if not labels[:-1]:
+            gates = gate_diagnostics(loaded.model, cols, batch_size=batch_size)
+    if not labels:
+        raise DataError(f"{data}: no rows to evaluate")
+    z_all = {n: np.concatenate(v) for n, v in logits.items()}
+    y_all, m_all = np.concatenate(labels), np.concatenate(masks)
+    w_all = np.concatenate(weights) if weights else None
+    result: dict[str, Any] = {
         "model": str(model_dir),
         "data": str(data),
-        "rows": enc.num_rows,
-        "tasks": compute_metrics(logits, enc.labels, enc.label_mask, tasks, enc.sample_weight),
+        "rows": int(y_all.shape[0]),
+        "tasks": compute_metrics(z_all, y_all, m_all, tasks, w_all),
     }
-    gates = gate_diagnostics(loaded.model, columns, batch_size=batch_size or loaded.config.train.eval_batch_size)
+    if group_by is not None:
+        keys = np.concatenate(groups)
+        if np.asarray(keys).dtype == object and any(k is None for k in keys):
+            raise DataError(f"{data}: group column {group_by!r} has nulls")
+        for j, task in enumerate(tasks):
+            if task.type != "binary":
+                continue
+            m = m_all[:, j]
+            if m.any():
+                result["tasks"][task.name]["gauc"] = gauc(
+                    y_all[m, j],
+                    z_all[task.name][m],
+                    keys[m],
+                    sample_weight=None if w_all is None else w_all[m, j],
+                    weighting=gauc_weighting,
+                )
+        result["group_by"] = group_by
     if gates is not None:
         result["gates"] = gates
+    if keep_predictions:
+        result["predictions"] = {"logits": z_all, "labels": y_all, "mask": m_all, "tasks": tasks}
     return result

@@ -1,22 +1,39 @@
 """Evaluation metrics: exact functional forms and streaming accumulators."""
 
 from mtrec.metrics.functional import (
+    accuracy,
     auc,
+    calibration,
     log_loss,
     log_loss_from_logits,
     mae,
+    multiclass_log_loss,
+    normalized_entropy,
     positive_rate,
+    pr_auc,
+    pr_curve_points,
     rmse,
+    roc_curve_points,
 )
-from mtrec.metrics.streaming import BinaryAccumulator, RegressionAccumulator
+from mtrec.metrics.grouped import gauc
+from mtrec.metrics.streaming import BinaryAccumulator, GroupedBinaryAccumulator, RegressionAccumulator
 
 __all__ = [
     "BinaryAccumulator",
+    "GroupedBinaryAccumulator",
     "RegressionAccumulator",
+    "accuracy",
     "auc",
+    "calibration",
+    "gauc",
     "log_loss",
     "log_loss_from_logits",
     "mae",
+    "multiclass_log_loss",
+    "normalized_entropy",
     "positive_rate",
+    "pr_auc",
+    "pr_curve_points",
     "rmse",
+    "roc_curve_points",
 ]

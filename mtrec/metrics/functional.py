@@ -23,12 +23,19 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "accuracy",
     "auc",
+    "calibration",
     "log_loss",
     "log_loss_from_logits",
     "mae",
+    "multiclass_log_loss",
+    "normalized_entropy",
     "positive_rate",
+    "pr_auc",
+    "pr_curve_points",
     "rmse",
+    "roc_curve_points",
 ]
 
 ArrayLike = Any  # numpy array, Python sequence or torch tensor
@@ -477,3 +484,437 @@ def positive_rate(y_true: ArrayLike, sample_weight: ArrayLike | None = None) -> 
     w = _weights(sample_weight)
     _check_lengths(y_true=y, sample_weight=w)
     return _mean(_binary_mask(y).astype(np.float64), w)
+
+
+# --------------------------------------------------------------------------
+# Normalized entropy and calibration
+# --------------------------------------------------------------------------
+
+
+def _binary_entropy(p: float) -> float:
+    """Entropy (nats) of a Bernoulli(p) variable; ``nan`` when ``p`` is 0 or 1."""
+    if not 0.0 < p < 1.0:
+        return float("nan")
+    return -(p * np.log(p) + (1.0 - p) * np.log1p(-p))
+
+
+def normalized_entropy(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    sample_weight: ArrayLike | None = None,
+    from_logits: bool = False,
+    eps: float = 1e-7,
+) -> float:
+    """Normalized entropy (NE): log loss relative to the base-rate entropy.
+
+    ``NE = log_loss / H(p)`` with ``p`` the (weighted) mean label and
+    ``H(p) = -(p log p + (1 - p) log(1 - p))``: the loss of the model divided
+    by the loss of always predicting the base rate.  Below 1 means the model
+    beats that constant predictor.
+
+    Args:
+        y_true: Labels in ``[0, 1]`` (soft labels allowed).
+        y_pred: Probabilities, or logits when ``from_logits`` is true.
+        sample_weight: Optional non-negative per-sample weights.
+        from_logits: Interpret ``y_pred`` as logits (uses the stable
+            :func:`log_loss_from_logits`; ``eps`` is then unused).
+        eps: Probability clipping margin, as in :func:`log_loss`.
+
+    Returns:
+        The normalized entropy, or ``nan`` when the base rate is 0 or 1.
+
+    Raises:
+        ValueError: As :func:`log_loss` / :func:`log_loss_from_logits`.
+    """
+    if from_logits:
+        loss = log_loss_from_logits(y_true, y_pred, sample_weight=sample_weight)
+    else:
+        loss = log_loss(y_true, y_pred, sample_weight=sample_weight, eps=eps)
+    y = _soft_labels(_to_numpy(y_true, "y_true"))
+    base_rate = _mean(y, _weights(sample_weight))
+    entropy = _binary_entropy(base_rate)
+    return float(loss / entropy) if np.isfinite(entropy) else float("nan")
+
+
+def calibration(
+    y_true: ArrayLike,
+    y_prob: ArrayLike,
+    sample_weight: ArrayLike | None = None,
+    bins: int = 10,
+    strategy: str = "quantile",
+) -> dict[str, Any]:
+    """Calibration ratio and a reliability table.
+
+    Args:
+        y_true: Labels in ``[0, 1]``.
+        y_prob: Predicted probabilities in ``[0, 1]``.
+        sample_weight: Optional non-negative per-sample weights (means are
+            weighted; quantile edges use weighted quantiles).
+        bins: Number of bins (``>= 1``).
+        strategy: ``"quantile"`` (edges at prediction quantiles, so bins
+            hold similar mass; duplicate edges are merged) or ``"uniform"``
+            (equal-width bins over ``[0, 1]``).
+
+    Returns:
+        ``{"ratio", "mean_pred", "mean_label", "bins"}`` where ``ratio`` is
+        ``mean_pred / mean_label`` (``nan`` when the mean label is 0) and
+        ``bins`` lists non-empty bins as dicts with ``lower``, ``upper``,
+        ``count`` (rows), ``mean_pred`` and ``mean_label``.  Bin ``i`` holds
+        predictions in ``[lower, upper)``; the last bin also includes its
+        upper edge.
+
+    Raises:
+        ValueError: On invalid inputs (as :func:`log_loss`), ``bins < 1`` or
+            an unknown ``strategy``.
+    """
+    if int(bins) != bins or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins}")
+    if strategy not in ("quantile", "uniform"):
+        raise ValueError(f"strategy must be 'quantile' or 'uniform', got {strategy!r}")
+    y = _to_numpy(y_true, "y_true")
+    p = _to_numpy(y_prob, "y_prob")
+    w = _weights(sample_weight)
+    _check_lengths(y_true=y, y_prob=p, sample_weight=w)
+    y = _soft_labels(y)
+    p = p.astype(np.float64, copy=False)
+    if not ((p >= 0.0) & (p <= 1.0)).all():
+        raise ValueError("y_prob must lie in [0, 1]")
+    mean_pred = _mean(p, w)
+    mean_label = _mean(y, w)
+
+    if strategy == "uniform":
+        edges = np.linspace(0.0, 1.0, int(bins) + 1)
+    else:
+        order = np.argsort(p, kind="stable")
+        ps = p[order]
+        mass = np.cumsum(np.ones(len(ps)) if w is None else w[order])
+        targets = mass[-1] * np.arange(1, int(bins)) / bins
+        inner = ps[np.minimum(np.searchsorted(mass, targets, side="right"), len(ps) - 1)]
+        edges = np.unique(np.concatenate(([ps[0]], inner, [ps[-1]])))
+        if len(edges) == 1:
+            edges = np.array([edges[0], edges[0]])
+    n_bins = len(edges) - 1
+    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
+    counts = np.bincount(idx, minlength=n_bins)
+    wt = np.ones(len(p)) if w is None else w
+    w_bin = np.bincount(idx, weights=wt, minlength=n_bins)
+    p_bin = np.bincount(idx, weights=wt * p, minlength=n_bins)
+    y_bin = np.bincount(idx, weights=wt * y, minlength=n_bins)
+    table = []
+    for i in np.flatnonzero(counts):
+        has_mass = w_bin[i] > 0
+        table.append(
+            {
+                "lower": float(edges[i]),
+                "upper": float(edges[i + 1]),
+                "count": int(counts[i]),
+                "mean_pred": float(p_bin[i] / w_bin[i]) if has_mass else float("nan"),
+                "mean_label": float(y_bin[i] / w_bin[i]) if has_mass else float("nan"),
+            }
+        )
+    return {
+        "ratio": mean_pred / mean_label if mean_label > 0 else float("nan"),
+        "mean_pred": mean_pred,
+        "mean_label": mean_label,
+        "bins": table,
+    }
+
+
+# --------------------------------------------------------------------------
+# Precision-recall and curves
+# --------------------------------------------------------------------------
+
+
+def _binary_ranking_inputs(
+    y_true: ArrayLike, y_score: ArrayLike, sample_weight: ArrayLike | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Convert and validate (labels, scores, weights) of a ranking metric."""
+    y = _to_numpy(y_true, "y_true")
+    s = _to_numpy(y_score, "y_score")
+    w = _weights(sample_weight)
+    _check_lengths(y_true=y, y_score=s, sample_weight=w)
+    return _binary_mask(y), _sortable_scores(s), w
+
+
+def _threshold_sweep(pos: np.ndarray, s: np.ndarray, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative (tp, fp) mass at each distinct score, from high to low.
+
+    Returns:
+        ``(tps, fps)``: entry ``k`` counts the samples whose score is at
+        least the ``k``-th largest distinct score (ties grouped).
+    """
+    order = np.argsort(s)[::-1]
+    s_desc = s[order]
+    y_desc = pos[order]
+    last = np.flatnonzero(np.append(s_desc[1:] != s_desc[:-1], True))
+    if w is None:
+        tps = np.cumsum(y_desc, dtype=np.int64)[last].astype(np.float64)
+        fps = (last + 1) - tps
+    else:
+        w_desc = w[order]
+        wy = np.where(y_desc, w_desc, 0.0)
+        tps = np.cumsum(wy)[last]
+        fps = np.cumsum(w_desc - wy)[last]
+    return tps, fps
+
+
+def pr_auc(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    sample_weight: ArrayLike | None = None,
+) -> float:
+    """Average precision: the step-wise area under the precision-recall curve.
+
+    ``AP = sum_k (R_k - R_{k-1}) * P_k`` over distinct score thresholds from
+    high to low (tied scores form one step), equal to
+    ``sklearn.metrics.average_precision_score``.  No interpolation is used.
+
+    Each distinct positive score ``v`` contributes its share of the positive
+    mass times the precision at threshold ``v``; precision only needs the
+    mass of each class at or above ``v``, found by sorting the two classes
+    separately and a ``searchsorted`` of the positive scores into the
+    negatives (the same approach as :func:`auc`).
+
+    Args:
+        y_true: Binary labels (0/1 or bool).
+        y_score: Real-valued scores; higher means more likely positive.
+        sample_weight: Optional non-negative per-sample weights.
+
+    Returns:
+        Average precision in ``[0, 1]``, or ``nan`` without positive mass.
+
+    Raises:
+        ValueError: On empty input, mismatched lengths, labels outside
+            {0, 1}, NaN scores or invalid weights.
+    """
+    pos, s, w = _binary_ranking_inputs(y_true, y_score, sample_weight)
+    s_pos = s[pos]
+    s_neg = s[~pos]
+    if s_pos.size == 0:
+        return float("nan")
+    if w is None:
+        sp = np.sort(s_pos)
+        sn = np.sort(s_neg)
+        starts = np.flatnonzero(np.concatenate(([True], sp[1:] != sp[:-1])))
+        mass = np.diff(starts, append=sp.size).astype(np.float64)
+        tp = (sp.size - starts).astype(np.float64)
+        fp = (sn.size - np.searchsorted(sn, sp[starts], side="left")).astype(np.float64)
+        return float(np.dot(mass, tp / (tp + fp)) / sp.size)
+
+    w_pos = w[pos]
+    w_neg = w[~pos]
+    total_pos = float(w_pos.sum())
+    if total_pos == 0.0:
+        return float("nan")
+    op = np.argsort(s_pos)
+    sp, wp = s_pos[op], w_pos[op]
+    on = np.argsort(s_neg)
+    sn = s_neg[on]
+    # Suffix sums accumulated from the top: mass at or above each position.
+    wp_above = np.cumsum(wp[::-1])[::-1]
+    wn_above = np.append(np.cumsum(w_neg[on][::-1])[::-1], 0.0)
+    starts = np.flatnonzero(np.concatenate(([True], sp[1:] != sp[:-1])))
+    mass = np.add.reduceat(wp, starts)
+    keep = mass > 0  # a step without positive mass adds nothing (and may be 0/0)
+    tp = wp_above[starts][keep]
+    fp = wn_above[np.searchsorted(sn, sp[starts][keep], side="left")]
+    return float(np.dot(mass[keep], tp / (tp + fp)) / total_pos)
+
+
+def _downsample_curve(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep at most ``max_points`` points spread evenly along the curve.
+
+    Points are chosen by cumulative path length (L1), so steep and flat
+    stretches are both represented; the first and last points are always
+    kept exactly.
+    """
+    if len(x) <= max_points:
+        return x, y
+    dist = np.concatenate(([0.0], np.cumsum(np.abs(np.diff(x)) + np.abs(np.diff(np.nan_to_num(y))))))
+    targets = np.linspace(0.0, dist[-1], max_points)
+    idx = np.unique(np.concatenate(([0], np.searchsorted(dist, targets[1:-1]), [len(x) - 1])))
+    return x[idx], y[idx]
+
+
+def _nan_divide(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
+    """``a / b`` with ``nan`` wherever ``b`` is zero, without warnings."""
+    b = np.broadcast_to(np.asarray(b, dtype=np.float64), a.shape)
+    out = np.full(a.shape, np.nan)
+    np.divide(a, b, out=out, where=b != 0)
+    return out
+
+
+def roc_curve_points(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    sample_weight: ArrayLike | None = None,
+    max_points: int = 200,
+) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve ``(fpr, tpr)`` downsampled for plotting.
+
+    The full curve has one point per distinct score (ties grouped) plus the
+    origin; it is reduced to at most ``max_points`` points spread along the
+    curve.  The endpoints ``(0, 0)`` and ``(1, 1)`` are always exact.
+
+    Args:
+        y_true: Binary labels (0/1 or bool).
+        y_score: Real-valued scores.
+        sample_weight: Optional non-negative per-sample weights.
+        max_points: Maximum number of points returned (``>= 2``).
+
+    Returns:
+        ``(fpr, tpr)`` float64 arrays, both non-decreasing.  When a class is
+        missing its axis is all ``nan``.
+
+    Raises:
+        ValueError: On invalid inputs or ``max_points < 2``.
+    """
+    if max_points < 2:
+        raise ValueError("max_points must be at least 2")
+    pos, s, w = _binary_ranking_inputs(y_true, y_score, sample_weight)
+    tps, fps = _threshold_sweep(pos, s, w)
+    tps = np.concatenate(([0.0], tps))
+    fps = np.concatenate(([0.0], fps))
+    fpr = _nan_divide(fps, fps[-1])
+    tpr = _nan_divide(tps, tps[-1])
+    return _downsample_curve(fpr, tpr, int(max_points))
+
+
+def pr_curve_points(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    sample_weight: ArrayLike | None = None,
+    max_points: int = 200,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Precision-recall curve ``(recall, precision)`` downsampled for plotting.
+
+    Starts at ``(0, 1)`` (the convention of
+    ``sklearn.metrics.precision_recall_curve``) and ends at recall 1 with
+    the base rate as precision.
+
+    Args:
+        y_true: Binary labels (0/1 or bool).
+        y_score: Real-valued scores.
+        sample_weight: Optional non-negative per-sample weights.
+        max_points: Maximum number of points returned (``>= 2``).
+
+    Returns:
+        ``(recall, precision)`` float64 arrays; recall is non-decreasing.
+        Recall is all ``nan`` without positives.
+
+    Raises:
+        ValueError: On invalid inputs or ``max_points < 2``.
+    """
+    if max_points < 2:
+        raise ValueError("max_points must be at least 2")
+    pos, s, w = _binary_ranking_inputs(y_true, y_score, sample_weight)
+    tps, fps = _threshold_sweep(pos, s, w)
+    recall = np.concatenate(([0.0], _nan_divide(tps, tps[-1])))
+    precision = np.concatenate(([1.0], _nan_divide(tps, tps + fps)))
+    return _downsample_curve(recall, precision, int(max_points))
+
+
+# --------------------------------------------------------------------------
+# Multiclass
+# --------------------------------------------------------------------------
+
+
+def _class_labels(y_true: ArrayLike) -> np.ndarray:
+    """Integer class indices (1-D, non-negative)."""
+    y = _to_numpy(y_true, "y_true")
+    if y.dtype.kind == "f":
+        if not (np.isfinite(y).all() and (y == np.round(y)).all()):
+            raise ValueError("y_true must contain integer class indices")
+    y = y.astype(np.int64)
+    if (y < 0).any():
+        raise ValueError("y_true class indices must be non-negative")
+    return y
+
+
+def _matrix(x: ArrayLike, name: str) -> np.ndarray:
+    """Convert a 2-D ``(n, classes)`` array-like to float64."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().float().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must have shape (n, classes), got {arr.shape}")
+    return arr
+
+
+def accuracy(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    sample_weight: ArrayLike | None = None,
+) -> float:
+    """Share of correctly predicted labels.
+
+    Args:
+        y_true: Class labels (integers; binary or multiclass).
+        y_pred: Predicted labels of the same shape, or a 2-D
+            ``(n, classes)`` array of scores/logits (argmax is taken).
+        sample_weight: Optional non-negative per-sample weights.
+
+    Returns:
+        The (weighted) accuracy in ``[0, 1]``.
+
+    Raises:
+        ValueError: On empty input, mismatched lengths or invalid weights.
+    """
+    y = _to_numpy(y_true, "y_true")
+    if np.ndim(y_pred) == 2 and np.shape(y_pred)[1] > 1:
+        pred = _matrix(y_pred, "y_pred").argmax(axis=1)
+    else:
+        pred = _to_numpy(y_pred, "y_pred")
+    w = _weights(sample_weight)
+    _check_lengths(y_true=y, y_pred=pred, sample_weight=w)
+    return _mean((y == pred).astype(np.float64), w)
+
+
+def multiclass_log_loss(
+    y_true: ArrayLike,
+    logits_or_probs: ArrayLike,
+    from_logits: bool = True,
+    sample_weight: ArrayLike | None = None,
+    eps: float = 1e-7,
+) -> float:
+    """Mean categorical cross-entropy.
+
+    Args:
+        y_true: Integer class indices in ``[0, classes)``.
+        logits_or_probs: ``(n, classes)`` logits (``from_logits=True``; a
+            stable log-softmax is used) or probabilities (rows are
+            renormalised to sum to 1 and clipped to ``[eps, 1]``).
+        from_logits: Whether the second argument holds logits.
+        sample_weight: Optional non-negative per-sample weights.
+        eps: Probability clipping margin (probabilities only).
+
+    Returns:
+        The (weighted) mean loss in nats.
+
+    Raises:
+        ValueError: On empty input, mismatched lengths, class indices out of
+            range, non-finite values, negative probabilities or invalid
+            weights.
+    """
+    y = _class_labels(y_true)
+    z = _matrix(logits_or_probs, "logits_or_probs")
+    w = _weights(sample_weight)
+    _check_lengths(y_true=y, logits_or_probs=z, sample_weight=w)
+    if not np.isfinite(z).all():
+        raise ValueError("logits_or_probs contains NaN or infinite values")
+    if (y >= z.shape[1]).any():
+        raise ValueError(f"y_true has class indices >= number of classes ({z.shape[1]})")
+    rows = np.arange(len(y))
+    if from_logits:
+        zmax = z.max(axis=1)
+        log_norm = zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1))
+        losses = log_norm - z[rows, y]
+    else:
+        if (z < 0).any():
+            raise ValueError("probabilities must be non-negative (pass from_logits=True for logits)")
+        total = z.sum(axis=1)
+        if (total <= 0).any():
+            raise ValueError("each probability row must have positive mass")
+        p = np.clip(z[rows, y] / total, eps, 1.0)
+        losses = -np.log(p)
+    return _mean(losses, w)

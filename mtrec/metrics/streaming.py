@@ -5,6 +5,9 @@ keep every (label, prediction) pair -- and nothing else: features never
 reach them, which keeps memory at a few bytes per evaluated sample.  Chunks
 are copied on ``update`` so that callers may reuse their buffers.
 
+:class:`GroupedBinaryAccumulator` additionally keeps a group key per row
+(user or query id) and reports group AUC.
+
 Typical use in an evaluation loop::
 
     acc = BinaryAccumulator()
@@ -19,8 +22,9 @@ import numpy as np
 
 from mtrec.metrics import functional as F
 from mtrec.metrics.functional import ArrayLike
+from mtrec.metrics.grouped import _as_group_array, gauc
 
-__all__ = ["BinaryAccumulator", "RegressionAccumulator"]
+__all__ = ["BinaryAccumulator", "GroupedBinaryAccumulator", "RegressionAccumulator"]
 
 
 class _ChunkStore:
@@ -116,7 +120,10 @@ class BinaryAccumulator(_ChunkStore):
 
         Returns:
             A dict with ``auc`` (``nan`` when one class is missing),
-            ``logloss``, ``count``, ``positives``, ``mean_pred`` and
+            ``logloss``, ``normalized_entropy`` (``nan`` when one class is
+            missing), ``pr_auc`` (``nan`` without positives),
+            ``calibration_ratio`` (mean prediction / mean label, ``nan``
+            without positives), ``count``, ``positives``, ``mean_pred`` and
             ``mean_label``.  With no samples the float entries are ``nan``
             and the counts are 0.
         """
@@ -127,20 +134,30 @@ class BinaryAccumulator(_ChunkStore):
             return {
                 "auc": nan,
                 "logloss": nan,
+                "normalized_entropy": nan,
+                "pr_auc": nan,
+                "calibration_ratio": nan,
                 "count": 0,
                 "positives": 0,
                 "mean_pred": nan,
                 "mean_label": nan,
             }
         positives = int(np.count_nonzero(labels))
+        logloss = F.log_loss(labels, preds)
+        # float64 accumulation: float32 sums drift over millions of rows.
+        mean_pred = float(preds.mean(dtype=np.float64))
+        mean_label = positives / n
+        entropy = F._binary_entropy(mean_label)
         return {
             "auc": F.auc(labels, preds),
-            "logloss": F.log_loss(labels, preds),
+            "logloss": logloss,
+            "normalized_entropy": float(logloss / entropy) if np.isfinite(entropy) else float("nan"),
+            "pr_auc": F.pr_auc(labels, preds),
+            "calibration_ratio": mean_pred / mean_label if positives else float("nan"),
             "count": n,
             "positives": positives,
-            # float64 accumulation: float32 sums drift over millions of rows.
-            "mean_pred": float(preds.mean(dtype=np.float64)),
-            "mean_label": positives / n,
+            "mean_pred": mean_pred,
+            "mean_label": mean_label,
         }
 
 
@@ -197,3 +214,111 @@ class RegressionAccumulator(_ChunkStore):
             "mean_pred": float(preds.mean()),
             "mean_label": float(labels.mean()),
         }
+
+
+class GroupedBinaryAccumulator:
+    """Exact group AUC (GAUC) over all batches of a binary task.
+
+    Keeps only labels (int8), scores (float32, like
+    :class:`BinaryAccumulator`: scores equal in float32 are ties) and group
+    keys.  Integer keys are stored as int64; string keys are mapped to
+    int64 codes on arrival through a dictionary that grows with the number
+    of distinct groups, so a long evaluation never stores strings per row.
+    One accumulator takes either integer or string keys, not both.
+
+    Args:
+        weighting: ``"impressions"`` or ``"clicks"``, as in
+            :func:`mtrec.metrics.gauc`.
+    """
+
+    def __init__(self, weighting: str = "impressions") -> None:
+        if weighting not in ("impressions", "clicks"):
+            raise ValueError(f"weighting must be 'impressions' or 'clicks', got {weighting!r}")
+        self.weighting = weighting
+        self._store = _ChunkStore(np.int8, np.float32)
+        self._groups: list[np.ndarray] = []
+        self._key_codes: dict | None = None  # set once string keys are seen
+        self._key_kind: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def _encode_groups(self, arr: np.ndarray) -> tuple[np.ndarray, str, dict | None]:
+        """Return ``(int64 codes, key kind, string-key dictionary or None)``."""
+        kind = "int" if arr.dtype.kind in "biu" else "other"
+        if self._key_kind is not None and kind != self._key_kind:
+            raise ValueError("group keys must keep one type (integers or strings) across updates")
+        if kind == "int":
+            if arr.dtype == np.uint64 and len(arr) and int(arr.max()) >= 2**63:
+                raise ValueError("uint64 group keys >= 2**63 are not supported")
+            return arr.astype(np.int64), kind, None
+        try:
+            uniques, inverse = np.unique(arr, return_inverse=True)
+        except TypeError as exc:
+            raise ValueError("groups must be integers or strings of one type") from exc
+        if uniques.dtype.kind == "f" and np.isnan(uniques).any():
+            raise ValueError("groups contains NaN")
+        codes = self._key_codes if self._key_codes is not None else {}
+        mapped = np.fromiter(
+            (codes.setdefault(k, len(codes)) for k in uniques.tolist()), dtype=np.int64, count=len(uniques)
+        )
+        return mapped[inverse.reshape(-1)], kind, codes
+
+    def update(self, y_true: ArrayLike, y_score: ArrayLike, groups: ArrayLike) -> None:
+        """Append one batch.
+
+        Args:
+            y_true: Binary labels (0/1 or bool), 1-D.
+            y_score: Real-valued scores (NaN rejected), same length.
+            groups: Group key per row (integers or strings), same length.
+
+        Raises:
+            ValueError: On mismatched lengths, labels outside {0, 1}, NaN
+                scores or group keys of a different type than before.
+        """
+        y, s = _pair(y_true, y_score, "y_score")
+        grp = _as_group_array(groups)
+        if len(grp) != len(y):
+            raise ValueError(f"inconsistent input lengths: y_true={len(y)}, groups={len(grp)}")
+        if len(y) == 0:
+            return
+        F._binary_mask(y)
+        if s.dtype.kind == "f" and np.isnan(s).any():
+            raise ValueError("y_score contains NaN")
+        codes, kind, key_codes = self._encode_groups(grp)
+        # Commit only after every check has passed.
+        if key_codes is not None:
+            self._key_codes = key_codes
+        self._key_kind = kind
+        self._groups.append(codes)
+        self._store._append(y, s)
+
+    def compute(self) -> dict[str, float | int]:
+        """GAUC over every sample seen since the last reset.
+
+        Returns:
+            The dict of :func:`mtrec.metrics.gauc` plus ``count``.  With no
+            samples ``gauc`` is ``nan`` and the counts are 0.
+        """
+        labels, scores = self._store._gather()
+        if len(self._groups) > 1:
+            self._groups = [np.concatenate(self._groups)]
+        if len(labels) == 0:
+            return {
+                "gauc": float("nan"),
+                "groups": 0,
+                "groups_used": 0,
+                "groups_skipped_one_class": 0,
+                "rows_used": 0,
+                "count": 0,
+            }
+        out = gauc(labels, scores, self._groups[0], weighting=self.weighting)
+        out["count"] = len(labels)
+        return out
+
+    def reset(self) -> None:
+        """Drop everything seen so far."""
+        self._store.reset()
+        self._groups = []
+        self._key_codes = None
+        self._key_kind = None

@@ -274,3 +274,60 @@ def test_quickstart_end_to_end(tmp_path: Path):
     assert (tmp_path / "qs" / "clicks.parquet.truth.json").exists()
     again = mtrec("quickstart", "--rows", "20000", "--epochs", "1", "--workdir", str(tmp_path / "qs"))
     assert_one_line_error(again, "--overwrite")
+
+
+def test_evaluate_group_by_and_html_report(trained: Path, clicks: Path, work: Path):
+    report = work / "report"
+    out = work / "grouped.json"
+    proc = mtrec(
+        "evaluate",
+        "--model",
+        str(trained),
+        "--data",
+        str(clicks),
+        "--group-by",
+        "user_id",
+        "--output",
+        str(out),
+        "--report",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "gauc" in proc.stdout.splitlines()[0]
+    result = json.loads(out.read_text())
+    g = result["tasks"]["ctr"]["gauc"]
+    assert 0.5 < g["gauc"] < 1.0 and g["groups_used"] + g["groups_skipped_one_class"] == g["groups"]
+    page = (report / "report.html").read_text()
+    for section in ("metrics", "roc", "calibration", "training", "gates"):
+        assert f"<section id='{section}'>" in page
+    assert page.count("data:image/png;base64,") >= 4  # ROC, calibration, training, gates
+
+
+def test_evaluate_missing_group_column_and_empty_data(trained: Path, clicks: Path, work: Path):
+    proc = mtrec("evaluate", "--model", str(trained), "--data", str(clicks), "--group-by", "session_id")
+    assert_one_line_error(proc, "'session_id'")
+    empty = work / "empty.parquet"
+    pq.write_table(pq.read_table(clicks).slice(0, 0), empty)
+    proc = mtrec("evaluate", "--model", str(trained), "--data", str(empty), "--output", str(work / "e.json"))
+    assert_one_line_error(proc, "no rows")
+
+
+def test_compare_flags_tasks_below_the_baseline(trained: Path, clicks: Path, work: Path):
+    other = work / "single"
+    sets = [f"data.train={clicks}", "train.epochs=1", "model.hidden=[32]", "model.tower_hidden=[8]"]
+    proc = mtrec(
+        "train", "--config", "configs/synthetic/single_task.yaml", *[f"--set={s}" for s in sets], "--output", str(other)
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = work / "compare.json"
+    proc = mtrec("compare", str(trained), str(other), "--data", str(clicks), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    comparison = json.loads(out.read_text())
+    assert comparison["baseline"] == str(other)  # the single-task model is the default baseline
+    rows = comparison["models"][str(trained)]["tasks"]
+    base = comparison["models"][str(other)]["tasks"]
+    for task, entry in rows.items():
+        assert abs(entry["lift"] - (entry["value"] - base[task]["value"])) < 1e-12
+        assert entry["worse"] == (entry["lift"] < 0)
+        if entry["worse"]:
+            assert "negative transfer" in proc.stdout

@@ -360,3 +360,24 @@ def test_torch_tensors_accepted() -> None:
     acc.update(y[:200], p[:200].unsqueeze(1))  # (n, 1) head output
     acc.update(y[200:], p[200:])
     assert acc.compute()["auc"] == pytest.approx(auc(y_np, p_np.astype(np.float32)))
+
+
+def test_binary_accumulator_keys_are_stable() -> None:
+    acc = BinaryAccumulator()
+    expected = {
+        "auc",
+        "logloss",
+        "normalized_entropy",
+        "pr_auc",
+        "calibration_ratio",
+        "count",
+        "positives",
+        "mean_pred",
+        "mean_label",
+    }
+    assert set(acc.compute()) == expected  # empty
+    acc.update([0, 1, 1], [0.2, 0.6, 0.9])
+    out = acc.compute()
+    assert set(out) == expected
+    assert out["pr_auc"] == 1.0
+    assert out["calibration_ratio"] == pytest.approx((0.2 + 0.6 + 0.9) / 2.0, rel=1e-6)
