@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=None, help="existing synthetic Parquet file (default: generate one)")
     p.add_argument("--output", default=None, help="also write the JSON here")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     p.add_argument("--part", choices=["mtrec", "baseline"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
@@ -194,9 +195,18 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
             return json.loads(out.stdout.strip().splitlines()[-1])
 
-        mt = part("mtrec")
-        mt_fp32 = part("mtrec", "fp32")
-        base = part("baseline")
+        def median_of(name: str, precision: str = "auto") -> dict:
+            # This shared 2-core VM shows run-to-run swings of up to ~20 %: run each
+            # measurement in fresh processes, interleaved, and keep the median run.
+            runs = [part(name, precision) for _ in range(args.repeats)]
+            runs.sort(key=lambda r: r["train_loop_rows_per_s"])
+            best = dict(runs[len(runs) // 2])
+            best["train_loop_rows_per_s_all_runs"] = [r["train_loop_rows_per_s"] for r in runs]
+            return best
+
+        mt = median_of("mtrec")
+        mt_fp32 = median_of("mtrec", "fp32")
+        base = median_of("baseline")
     import torch
 
     result = {
@@ -213,6 +223,7 @@ def main() -> None:
             "batch_size": 2048,
             "epochs": 1,
             "threads": args.threads,
+            "repeats": args.repeats,
         },
         "mtrec": mt,
         "mtrec_fp32": mt_fp32,

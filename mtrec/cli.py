@@ -177,7 +177,22 @@ def format_metrics(tasks: dict[str, dict[str, Any]]) -> str:
             return "n/a"
         return f"{v:,}" if isinstance(v, int) else f"{v:.{digits}f}"
 
-    rows = [["task", "rows", "positives", "auc", "logloss", "rmse", "accuracy", "mean_pred", "mean_label"]]
+    rows = [
+        [
+            "task",
+            "rows",
+            "positives",
+            "auc",
+            "logloss",
+            "ne",
+            "pr_auc",
+            "calib",
+            "rmse",
+            "accuracy",
+            "mean_pred",
+            "mean_label",
+        ]
+    ]
     for name, m in tasks.items():
         rows.append(
             [
@@ -186,6 +201,9 @@ def format_metrics(tasks: dict[str, dict[str, Any]]) -> str:
                 num(m.get("positives")) if "positives" in m else "-",
                 num(m.get("auc")) if "positives" in m else "-",
                 num(m.get("logloss")) if "logloss" in m else "-",
+                num(m.get("normalized_entropy")) if "positives" in m else "-",
+                num(m.get("pr_auc")) if "positives" in m else "-",
+                num(m.get("calibration")) if "positives" in m else "-",
                 num(m.get("rmse")) if "rmse" in m else "-",
                 num(m.get("accuracy")) if "accuracy" in m else "-",
                 num(m.get("mean_pred")) if "mean_pred" in m else "-",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mtrec.data.batches import TensorColumns
-from mtrec.metrics import auc, log_loss_from_logits, mae, rmse
+from mtrec.metrics import auc, log_loss_from_logits, mae, pr_auc, rmse
 from mtrec.schema import Task
 
 __all__ = ["compute_metrics", "evaluate_model_dir", "predict_logits", "summary_metric"]
@@ -54,12 +54,23 @@ def predict_logits(
 def _binary(z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> dict[str, Any]:
     p = 1.0 / (1.0 + np.exp(-z))
     a = auc(y, z, sample_weight=w)
+    logloss = log_loss_from_logits(y, z, sample_weight=w)
+    mean_pred, mean_label = float(np.average(p, weights=w)), float(np.average(y, weights=w))
+    ap = pr_auc(y, z, sample_weight=w) if y.any() else float("nan")
+    entropy = (
+        -(mean_label * math.log(mean_label) + (1 - mean_label) * math.log(1 - mean_label))
+        if 0 < mean_label < 1
+        else 0.0
+    )
     entry: dict[str, Any] = {
         "auc": None if math.isnan(a) else a,
-        "logloss": log_loss_from_logits(y, z, sample_weight=w),
+        "logloss": logloss,
+        "normalized_entropy": logloss / entropy if entropy > 0 else None,
+        "pr_auc": None if math.isnan(ap) else ap,
+        "calibration": mean_pred / mean_label if mean_label > 0 else None,
         "positives": int(y.sum()),
-        "mean_pred": float(np.average(p, weights=w)),
-        "mean_label": float(np.average(y, weights=w)),
+        "mean_pred": mean_pred,
+        "mean_label": mean_label,
     }
     if entry["auc"] is None:
         entry["note"] = "AUC undefined: only one class in the sample space"
@@ -88,7 +99,9 @@ def compute_metrics(
     """Exact metrics per task over the rows of its sample space (sample-weighted if given).
 
     Binary tasks get ``auc`` (``None`` when the space holds one class only, with a
-    ``note``), ``logloss``, ``count``, ``positives``, ``mean_pred`` and ``mean_label``;
+    ``note``), ``logloss``, ``normalized_entropy`` (log loss over the entropy of the base
+    rate), ``pr_auc``, ``calibration`` (mean prediction / mean label), ``count``,
+    ``positives``, ``mean_pred`` and ``mean_label``;
     regression tasks ``rmse``, ``mae``, ``mean_pred`` and ``mean_label`` on the label's
     original scale (after undoing ``label_transform``); multiclass tasks ``accuracy``
     and ``logloss``.

@@ -128,7 +128,20 @@ def _gates_figure(gates: dict[str, Any]) -> str:
 
 
 def _metrics_table(result: dict[str, Any]) -> str:
-    cols = ["count", "positives", "auc", "logloss", "rmse", "mae", "accuracy", "mean_pred", "mean_label"]
+    cols = [
+        "count",
+        "positives",
+        "auc",
+        "logloss",
+        "normalized_entropy",
+        "pr_auc",
+        "calibration",
+        "rmse",
+        "mae",
+        "accuracy",
+        "mean_pred",
+        "mean_label",
+    ]
     tasks = result["tasks"]
     used = [c for c in cols if any(c in m for m in tasks.values())]
     has_gauc = any("gauc" in m for m in tasks.values())
