@@ -1,0 +1,85 @@
+"""Export to TorchScript and ONNX: parity with the eager model on encoded inputs."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import mtrec
+from mtrec.config import config_from_dict
+from mtrec.data.synthetic import write_click_log
+from mtrec.errors import MtrecError
+from mtrec.export import _reference_logits, export_model
+from mtrec.quickstart import synthetic_features, synthetic_tasks
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("export")
+    data = work / "clicks.parquet"
+    write_click_log(data, 6000, seed=1)
+    cfg = config_from_dict(
+        {
+            "data": {"train": str(data)},
+            "features": synthetic_features(num_sparse=10, num_dense=6),
+            "tasks": synthetic_tasks(),
+            "esmm": {"ctr": "ctr", "cvr": "cvr"},
+            "model": {"name": "ple", "embedding_dim": 4, "expert_hidden": [16], "tower_hidden": [8]},
+            "train": {"epochs": 1, "batch_size": 512},
+        }
+    )
+    mtrec.train(cfg, output=work / "model", progress=False)
+    return work / "model", data
+
+
+def _inputs(model_dir, table):
+    loaded = mtrec.load_model_dir(model_dir)
+    enc = loaded.preprocessor.transform(table, with_labels=False)
+    return (
+        torch.from_numpy(enc.sparse),
+        torch.from_numpy(enc.dense),
+        torch.from_numpy(enc.seq_lengths),
+        *[torch.from_numpy(s) for s in enc.sequences],
+    )
+
+
+def test_torchscript_matches_eager(model_dir, tmp_path):
+    directory, data = model_dir
+    table = pq.read_table(data).slice(0, 1000)
+    sig = export_model(directory, tmp_path / "m.pt", fmt="torchscript")
+    assert [o["name"] for o in sig["outputs"]] == ["ctr", "cvr", "satisfaction", "ctcvr"]
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    ref = _reference_logits(directory, table)
+    with torch.no_grad():
+        out = scripted(*_inputs(directory, table))
+    for o, spec in zip(out, sig["outputs"], strict=True):
+        np.testing.assert_allclose(o.numpy(), ref[spec["name"]], atol=1e-5)
+    state = tmp_path / "m.pt.preprocess"
+    assert json.loads((state / "signature.json").read_text())["format"] == "torchscript"
+    assert (state / "state.json").exists() and list(state.glob("vocab_*.parquet"))
+
+
+def test_onnx_matches_eager(model_dir, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    directory, data = model_dir
+    table = pq.read_table(data).slice(0, 1000)
+    sig = export_model(directory, tmp_path / "m.onnx", fmt="onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    feed = {i["name"]: t.numpy() for i, t in zip(sig["inputs"], _inputs(directory, table), strict=True)}
+    ref = _reference_logits(directory, table)
+    for o, spec in zip(session.run(None, feed), sig["outputs"], strict=True):
+        np.testing.assert_allclose(o, ref[spec["name"]], atol=1e-5)
+
+
+def test_export_refuses_overwrite_and_bad_format(model_dir, tmp_path):
+    directory, _ = model_dir
+    (tmp_path / "m.pt").write_text("old")
+    with pytest.raises(MtrecError, match="--overwrite"):
+        export_model(directory, tmp_path / "m.pt", fmt="torchscript")
+    assert (tmp_path / "m.pt").read_text() == "old"
+    with pytest.raises(MtrecError, match="torchscript or onnx"):
+        export_model(directory, tmp_path / "x.bin", fmt="tflite")
+    assert not (tmp_path / "x.bin").exists()
