@@ -86,6 +86,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp)
+        os.chmod(tmp, _FILE_MODE)  # save_file recreates the file with mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -54,8 +54,9 @@ def compare_models(
             if "gauc" in metrics:
                 entry["gauc"] = metrics["gauc"]["gauc"]
             ref = base_tasks.get(task)
-            ref_value = _headline(ref)[1] if ref is not None else None
-            if model != base and value is not None and ref_value is not None:
+            ref_name, ref_value, _ = _headline(ref) if ref is not None else (None, None, True)
+            # Lift only between the same metric: a task name may mean another task elsewhere.
+            if model != base and value is not None and ref_value is not None and ref_name == name:
                 diff = value - ref_value
                 entry["lift"] = diff
                 entry["lift_percent"] = 100.0 * diff / abs(ref_value) if ref_value else None

@@ -213,9 +213,15 @@ def config_from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
     weighting = _weighting_config(cfg.train.loss_weighting)
     cfg = dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, loss_weighting=weighting))
     try:
-        cfg.schema  # noqa: B018 - validates names and references
+        schema = cfg.schema
     except SchemaError as exc:
         raise ConfigError(str(exc)) from None
+    _check_weighting_values(weighting, schema)
+    if model.name == "aitm" and any(t.where is not None for t in schema.tasks):
+        raise ConfigError(
+            "tasks: AITM chains tasks over the same impressions (e.g. click, then purchase); "
+            "remove the where: sample spaces or choose another model"
+        )
     _check_train(cfg)
     return cfg
 
@@ -316,6 +322,18 @@ def _weighting_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     for key, (_, default) in spec.items():
         params.setdefault(key, default)
     return params
+
+
+def _check_weighting_values(params: Mapping[str, Any], schema: Schema) -> None:
+    """Builds the strategy once so that out-of-range values fail now, as config errors."""
+    from mtrec.weighting import create_weighting
+
+    tasks = schema.output_tasks
+    kwargs = {k: v for k, v in params.items() if k != "name"}
+    try:
+        create_weighting(params["name"], tuple(t.name for t in tasks), tuple(t.weight for t in tasks), **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"train.loss_weighting: {exc}") from None
 
 
 def _deepcopy(x: Any) -> Any:

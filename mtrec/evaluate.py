@@ -182,6 +182,8 @@ def evaluate_model_dir(
     logits: dict[str, list[np.ndarray]] = {n: [] for n in names}
     labels, masks, weights, groups = [], [], [], []
     gates = None
+    if group_by is not None:
+        _check_group_column(paths, group_by)
     for path, table in iter_row_groups(paths, columns):
         if table.num_rows == 0:
             continue
@@ -210,23 +212,52 @@ def evaluate_model_dir(
     }
     if group_by is not None:
         keys = np.concatenate(groups)
-        if np.asarray(keys).dtype == object and any(k is None for k in keys):
-            raise DataError(f"{data}: group column {group_by!r} has nulls")
         for j, task in enumerate(tasks):
             if task.type != "binary":
                 continue
             m = m_all[:, j]
             if m.any():
-                result["tasks"][task.name]["gauc"] = gauc(
+                g = result["tasks"][task.name]["gauc"] = gauc(
                     y_all[m, j],
                     z_all[task.name][m],
                     keys[m],
                     sample_weight=None if w_all is None else w_all[m, j],
                     weighting=gauc_weighting,
                 )
+                if math.isnan(g["gauc"]):
+                    g["gauc"] = None  # JSON has no NaN; "groups_used": 0 says why
         result["group_by"] = group_by
     if gates is not None:
         result["gates"] = gates
     if keep_predictions:
         result["predictions"] = {"logits": z_all, "labels": y_all, "mask": m_all, "tasks": tasks}
     return result
+
+
+def _check_group_column(paths: list[Path], column: str) -> None:
+    """A GAUC group column must be int, string or bool and free of nulls, in every file."""
+    import pyarrow as pa
+
+    from mtrec.data.parquet import open_parquet
+    from mtrec.errors import DataError
+
+    for path in paths:
+        pf = open_parquet(path)
+        if column not in pf.schema_arrow.names:
+            raise DataError(f"{path}: missing column(s) {column!r}")
+        t = pf.schema_arrow.field(column).type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if not (
+            pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t)
+        ):
+            raise DataError(f"{path}: group column {column!r} has type {t}, expected ints, strings or booleans")
+        meta = pf.metadata
+        col = pf.schema_arrow.names.index(column)
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(col).statistics
+            if stats is None or not stats.has_null_count:
+                if pf.read_row_group(i, columns=[column]).column(0).null_count:
+                    raise DataError(f"{path}: group column {column!r} has nulls")
+            elif stats.null_count:
+                raise DataError(f"{path}: group column {column!r} has nulls")

@@ -182,7 +182,9 @@ class UncertaintyWeighting(LossWeighting):
         stacked = torch.stack([loss.to(dtype) for loss in losses])
         w = torch.tensor(self.base_weights, dtype=dtype, device=self.log_vars.device)
         s = self.log_vars
-        return (_present(stacked) * (torch.exp(-s) * w * stacked + 0.5 * s)).sum()
+        # A task whose configured weight is 0 (e.g. ESMM's CVR) takes no part: its s_t term
+        # alone would drive s_t to -inf.
+        return (_present(stacked) * (w > 0) * (torch.exp(-s) * w * stacked + 0.5 * s)).sum()
 
     def weights(self) -> dict[str, float]:
         eff = torch.exp(-self.log_vars.detach()).cpu().tolist()
@@ -231,11 +233,12 @@ class DWA(LossWeighting):
         ratios = [
             b / a if a > 0 and math.isfinite(a) and math.isfinite(b) else 1.0 for a, b in zip(prev2, prev1, strict=True)
         ]
-        # Softmax with the max subtracted, so large ratios cannot overflow exp().
-        z = [r / self.temperature for r in ratios]
-        top = max(z)
-        e = [math.exp(v - top) for v in z]
-        self._lambdas = tuple(self.num_tasks * v / sum(e) for v in e)
+        # Softmax with the max subtracted, so large ratios cannot overflow exp(); over the
+        # tasks with a non-zero configured weight only (ESMM's CVR has weight 0).
+        on = [w > 0 for w in self.base_weights]
+        top = max(r / self.temperature for r, o in zip(ratios, on, strict=True) if o)
+        e = [math.exp(r / self.temperature - top) if o else 0.0 for r, o in zip(ratios, on, strict=True)]
+        self._lambdas = tuple(sum(on) * v / sum(e) for v in e)
 
     def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
         weights = [w * lam for w, lam in zip(self.base_weights, self._lambdas, strict=True)]
@@ -315,7 +318,11 @@ class GradNorm(LossWeighting):
         self.alpha = float(alpha)
         self.lr = float(lr)
         init = torch.tensor(self.base_weights, dtype=torch.float32)
-        self.task_weights = nn.Parameter(init * self.num_tasks / init.sum())
+        # Tasks configured with weight 0 (ESMM's CVR) stay at 0: balancing must not give
+        # them a loss of their own. The others share a total of their count.
+        self.register_buffer("enabled", init > 0, persistent=False)
+        self.num_enabled = int((init > 0).sum())
+        self.task_weights = nn.Parameter(init * self.num_enabled / init.sum())
         # 0 = not recorded yet (a recorded L_t(0) is > 0 by construction).
         self.register_buffer("initial_losses", torch.zeros(self.num_tasks))
         self._optimizer: torch.optim.Optimizer | None = None
@@ -368,7 +375,7 @@ class GradNorm(LossWeighting):
         present = (values != 0) & torch.isfinite(values)
         self._record_initial(values, present)
         # Present tasks only: an absent task's ratio and norm are undefined, not 0.
-        active = present & (self.initial_losses > 0)
+        active = present & (self.initial_losses > 0) & self.enabled
         mask = active.float()
         count = mask.sum().clamp(min=1)
         ratios = torch.where(active, values / self.initial_losses.clamp(min=1e-30), 0.0)
@@ -384,8 +391,8 @@ class GradNorm(LossWeighting):
         self._optimizer.step()
         w.grad = None
         with torch.no_grad():
-            w.clamp_(min=self._MIN_WEIGHT)
-            w.mul_(self.num_tasks / w.sum())
+            w.copy_(torch.where(self.enabled, w.clamp(min=self._MIN_WEIGHT), 0.0))
+            w.mul_(self.num_enabled / w.sum())
 
     def weights(self) -> dict[str, float]:
         return dict(zip(self.task_names, self.task_weights.detach().cpu().tolist(), strict=True))

@@ -43,9 +43,14 @@ class OMoELayer(nn.Module):
         """The experts' output layer (shared by every task); nothing with a single task."""
         return [self.experts.weights[-1], self.experts.biases[-1]] if self.num_tasks > 1 else []
 
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate's expert weights, repeated per task to match MMoE's ``(B, T, E)``."""
-        return self.gate(x).expand(-1, self.num_tasks, -1)
+    def gate_report(
+        self, x: torch.Tensor, task_names: tuple[str, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[int]]]:
+        """For diagnostics: the one gate repeated per task ``(B, T, E)``, expert outputs
+        ``(B, E, H)``, expert labels, and the experts each task's (shared) gate covers."""
+        E = self.experts.num_experts
+        gates = self.gate(x).expand(-1, self.num_tasks, -1)
+        return gates, self.experts(x), [f"expert {e}" for e in range(E)], [list(range(E))] * self.num_tasks
 
     def forward(self, x: torch.Tensor, return_gates: bool = False):  # noqa: ANN201 - tensor or pair
         gate = self.gate(x)  # (B, 1, E)

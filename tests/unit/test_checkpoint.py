@@ -105,3 +105,34 @@ def test_where_rows_with_null_columns_are_outside_the_sample_space():
     assert parse_where("click != 1").evaluate({"click": click}).tolist() == [False, True, False, False]
     assert parse_where("not click == 1").evaluate({"click": click}).tolist() == [False, True, False, False]
     assert parse_where("s != 'a'").evaluate({"s": s}).tolist() == [False, False, True, False]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.loss_weighting={name: dwa, temperature: -1}", "temperature"),
+        ("train.loss_weighting={name: gradnorm, lr: 0}", "lr"),
+        ("model.name=aitm", "AITM"),
+    ],
+)
+def test_weighting_values_and_aitm_sample_spaces_are_checked_up_front(override, needle):
+    raw = {
+        "data": {"train": "x.parquet"},
+        "features": {"sparse": [{"name": "u"}]},
+        "tasks": [{"name": "ctr", "label": "click"}, {"name": "cvr", "label": "conv", "where": "click == 1"}],
+    }
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(raw, overrides=[override])
+
+
+def test_saved_weights_are_readable_files(tmp_path):
+    import os
+    import stat
+
+    import torch
+
+    from mtrec.checkpoint import save_weights
+
+    save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")
+    mode = stat.S_IMODE(os.stat(tmp_path / "w.safetensors").st_mode)
+    assert mode & 0o044  # group/other may read, like every other output file

@@ -338,7 +338,10 @@ def builder_defaults(name: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", sorted(list_models()))
 def test_model_params_defaults_are_filled_in(name: str) -> None:
-    cfg = config_from_dict(with_change("model", {"name": name}))
+    raw = with_change("model", {"name": name})
+    if name == "aitm":  # AITM chains tasks on one space: no where:
+        raw["tasks"] = [{k: v for k, v in t.items() if k != "where"} for t in raw["tasks"]]
+    cfg = config_from_dict(raw)
     assert cfg.model.name == name
     assert cfg.model.embedding_dim == 16
     assert dict(cfg.model.params) == builder_defaults(name)

@@ -483,3 +483,33 @@ def test_weighting_parameters_are_annotated_config_keys():
         "dwa": {"temperature": (float, 2.0)},
         "pcgrad": {"seed": (int, 0)},
     }
+
+
+def test_zero_weight_task_stays_out_of_every_strategy():
+    """ESMM gives its CVR task weight 0: no strategy may hand it a loss of its own."""
+    from mtrec.weighting import create_weighting
+
+    names = ("ctr", "cvr", "ctcvr")
+    shared = torch.nn.Linear(4, 4)
+    heads = torch.nn.ModuleList(torch.nn.Linear(4, 1) for _ in names)
+    x = torch.randn(32, 4)
+    for name in ("uncertainty", "gradnorm", "dwa"):
+        w = create_weighting(name, names, (1.0, 0.0, 1.0))
+        opt = torch.optim.Adam([*shared.parameters(), *heads.parameters(), *w.extra_parameters()], lr=0.1)
+        for epoch in range(4):
+            for _ in range(20):
+                h = shared(x)
+                losses = {
+                    n: head(h).square().mean() * (i + 1) for i, (n, head) in enumerate(zip(names, heads, strict=True))
+                }
+                opt.zero_grad()
+                w.backward(losses, shared=list(shared.parameters()), last_shared=list(shared.parameters()))
+                opt.step()
+            w.epoch_end({n: float(i + 1) / (epoch + 1) ** (i + 1) for i, n in enumerate(names)})
+        weights = w.weights()
+        assert weights["cvr"] == 0.0, name
+        assert heads[1].weight.grad is None or heads[1].weight.grad.abs().sum() == 0, name
+        if name == "uncertainty":
+            assert w.log_vars[1].item() == 0.0
+        if name in ("gradnorm", "dwa"):
+            assert abs(weights["ctr"] + weights["ctcvr"] - 2.0) < 1e-4, name
