@@ -13,6 +13,7 @@ from mtrec.config import Config, load_config  # noqa: E402
 from mtrec.errors import ConfigError, DataError, ModelError, MtrecError, SchemaError  # noqa: E402
 from mtrec.models import MultiTaskModel, create_model, list_models, register_model  # noqa: E402
 from mtrec.schema import DenseFeature, InputLayout, Schema, SequenceFeature, SparseFeature, Task  # noqa: E402
+from mtrec.score import Ranker, load_model, score_parquet  # noqa: E402
 from mtrec.train import TrainResult, train  # noqa: E402
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ModelError",
     "MtrecError",
     "MultiTaskModel",
+    "Ranker",
     "Schema",
     "SchemaError",
     "SequenceFeature",
@@ -35,7 +37,9 @@ __all__ = [
     "create_model",
     "list_models",
     "load_config",
+    "load_model",
     "load_model_dir",
     "register_model",
+    "score_parquet",
     "train",
 ]

@@ -50,6 +50,13 @@ examples:
   mtrec train --config cfg.yaml --set tasks.cvr.weight=2 --set data.train=data/day1.parquet
 --set takes dotted keys; list items are addressed by index or by their name.
 """,
+    "export": """\
+example:
+  mtrec export --model runs/mmoe --format onnx --output serve/mmoe.onnx
+Inputs: sparse (B, F) int64, dense (B, Dn) float32, seq_lengths (B, S) int64, one (B, L)
+int64 tensor per list feature; outputs: one logit tensor per task. OUTPUT.preprocess/
+holds the vocabularies, statistics and signature.json.
+""",
     "compare": """\
 example:
   mtrec compare runs/single_task runs/mmoe runs/ple --data data/synthetic/test.parquet --group-by user_id
@@ -60,6 +67,17 @@ a model is below the baseline (negative transfer).
 example:
   mtrec evaluate --model runs/mmoe --data data/synthetic/test.parquet --output metrics.json
 Each task is evaluated on its own sample space (e.g. CVR on clicked rows only).
+""",
+    "score": """\
+examples:
+  mtrec score --model runs/mmoe --input data/today.parquet --output scores.parquet --keep user_id,item_id
+  mtrec score --model runs/mmoe --input data/day=2026-11-23/ --output scores/ --rank "ctr^1*cvr^0.5"
+  mtrec score --model runs/mmoe --input "data/*.parquet" --output scores/ --rank "0.7*ctr+0.3*cvr" --overwrite
+Output columns: the --keep columns unchanged, one float32 column per task (probability for
+binary tasks, value for regression tasks, <task>_c0.. per class for multiclass tasks), then
+rank_score with --rank. A folder (or a glob of several files) is scored into a folder, one
+file per input file. Nothing is written until every input file's columns have been checked,
+and the output appears only when complete.
 """,
 }
 
@@ -154,6 +172,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--group-by", default=None, metavar="COLUMN", help="also compare group AUC")
     c.add_argument("--output", type=Path, default=None, help="also write the comparison as JSON")
+
+    sc = sub.add_parser(
+        "score",
+        help="batch-score Parquet files with a saved model",
+        description="Score Parquet file(s) with a saved model, streaming, into Parquet: kept columns, one "
+        "prediction column per task and an optional rank score.",
+        epilog=EXAMPLES["score"],
+        formatter_class=fmt,
+    )
+    sc.add_argument("--model", type=Path, required=True, help="model directory written by `mtrec train`")
+    sc.add_argument("--input", required=True, help="Parquet file, folder or glob")
+    sc.add_argument("--output", type=Path, required=True, help="Parquet file (one input file) or folder")
+    sc.add_argument(
+        "--keep", default="", metavar="COLS", help="comma-separated input columns to copy, e.g. user_id,item_id"
+    )
+    sc.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass (default 4096)")
+    sc.add_argument(
+        "--rank", default=None, metavar="EXPR", help='rank score, e.g. "ctr^1*cvr^0.5" or "0.7*ctr+0.3*cvr"'
+    )
+    sc.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    sc.add_argument("--quiet", action="store_true", help="no progress output")
+
+    x = sub.add_parser(
+        "export",
+        help="export a model to TorchScript or ONNX for serving",
+        description="Export the network on encoded inputs, with the preprocessing state beside it.",
+        epilog=EXAMPLES["export"],
+        formatter_class=fmt,
+    )
+    x.add_argument("--model", type=Path, required=True, help="model directory")
+    x.add_argument("--format", dest="fmt", choices=["torchscript", "onnx"], required=True, help="export format")
+    x.add_argument("--output", type=Path, required=True, help="file to write (state goes to OUTPUT.preprocess/)")
+    x.add_argument("--overwrite", action="store_true", help="replace existing files")
 
     sub.add_parser("models", help="list the registered architectures", description="List the architectures.")
     return p
@@ -259,8 +310,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise MtrecError(f"--batch-size: expected a positive number, got {args.batch_size}")
     if args.output is not None and args.output.is_dir():
         raise MtrecError(f"{args.output}: is a folder, expected a JSON file name")
-    if args.report is not None and args.report.exists() and not args.report.is_dir():
-        raise MtrecError(f"{args.report}: exists and is not a folder")
+    if args.report is not None:
+        for path in (args.report, *args.report.parents):
+            if path.exists() and not path.is_dir():
+                raise MtrecError(f"--report {args.report}: {path} is a file, not a folder")
     result = evaluate_model_dir(
         args.model,
         args.data,
@@ -330,6 +383,48 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mtrec.export import export_model
+
+    signature = export_model(args.model, args.output, fmt=args.fmt, overwrite=args.overwrite)
+    outputs = ", ".join(o["name"] for o in signature["outputs"])
+    print(f"exported {args.model} as {args.fmt} to {args.output} (outputs: {outputs})")
+    print(f"preprocessing state and signature.json in {args.output}.preprocess")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import signal
+
+    from mtrec.score import score_parquet
+
+    keep = [c.strip() for c in args.keep.split(",") if c.strip()]
+
+    def _terminated(signum: int, frame: Any) -> None:
+        # SIGTERM as KeyboardInterrupt, so that the temporary output is removed on the way out.
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        result = score_parquet(
+            args.model,
+            args.input,
+            args.output,
+            keep=keep,
+            batch_size=args.batch_size,
+            rank=args.rank,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(
+        f"scored {result['rows']:,} rows from {result['files']} file(s) in {result['seconds']:.1f}s "
+        f"({result['rows_per_second']:,.0f} rows/s) -> {result['output']}"
+    )
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from mtrec.models import list_models
 
@@ -349,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate": _cmd_evaluate,
         "models": _cmd_models,
         "compare": _cmd_compare,
+        "score": _cmd_score,
+        "export": _cmd_export,
     }
     try:
         return handlers[args.command](args)

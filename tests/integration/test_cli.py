@@ -214,13 +214,24 @@ def test_evaluate_rejects_bad_batch_size_and_folder_output(trained: Path, clicks
     assert_one_line_error(proc, "is a folder")
 
 
+def test_export_cli_writes_model_and_state(trained: Path, work: Path):
+    out = work / "serve" / "m.pt"
+    proc = mtrec("export", "--model", str(trained), "--format", "torchscript", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists() and (work / "serve" / "m.pt.preprocess" / "signature.json").exists()
+    again = mtrec("export", "--model", str(trained), "--format", "torchscript", "--output", str(out))
+    assert_one_line_error(again, "--overwrite")
+
+
 def test_debug_shows_traceback(work: Path):
     proc = mtrec("--debug", "train", "--config", str(work / "nope.yaml"))
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr
 
 
-@pytest.mark.parametrize("cmd", [[], ["quickstart"], ["datasets", "synthetic"], ["train"], ["evaluate"]])
+@pytest.mark.parametrize(
+    "cmd", [[], ["quickstart"], ["datasets", "synthetic"], ["train"], ["evaluate"], ["compare"], ["score"], ["export"]]
+)
 def test_help_has_examples(cmd):
     proc = mtrec(*cmd, "--help")
     assert proc.returncode == 0
@@ -306,6 +317,17 @@ def test_evaluate_group_by_and_html_report(trained: Path, clicks: Path, work: Pa
 def test_evaluate_missing_group_column_and_empty_data(trained: Path, clicks: Path, work: Path):
     proc = mtrec("evaluate", "--model", str(trained), "--data", str(clicks), "--group-by", "session_id")
     assert_one_line_error(proc, "'session_id'")
+    proc = mtrec("evaluate", "--model", str(trained), "--data", str(clicks), "--group-by", "hist_item_ids")
+    assert_one_line_error(proc, "'hist_item_ids'", "expected ints, strings or booleans")
+    nulls = work / "null_users.parquet"
+    table = pq.read_table(clicks)
+    users = table.column("user_id").to_pylist()
+    users[3] = None
+    pq.write_table(table.set_column(table.schema.get_field_index("user_id"), "user_id", pa.array(users)), nulls)
+    proc = mtrec("evaluate", "--model", str(trained), "--data", str(nulls), "--group-by", "user_id")
+    assert_one_line_error(proc, "'user_id'", "nulls")
+    proc = mtrec("evaluate", "--model", str(trained), "--data", str(clicks), "--report", str(clicks / "sub"))
+    assert_one_line_error(proc, "is a file")
     empty = work / "empty.parquet"
     pq.write_table(pq.read_table(clicks).slice(0, 0), empty)
     proc = mtrec("evaluate", "--model", str(trained), "--data", str(empty), "--output", str(work / "e.json"))

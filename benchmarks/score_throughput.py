@@ -1,0 +1,170 @@
+"""Batch-scoring throughput and memory of ``mtrec score`` (prints JSON).
+
+The model is the benchmark MMoE of ``benchmarks/train_throughput.py`` (20 sparse
+features with cardinalities 10 to 150k, 10 dense features, 3 binary tasks, embedding dim
+16, 4 experts [256, 128], towers [64]) trained for one epoch on a small file: scoring
+speed depends on the model's size, not on how well it is trained.
+
+Each scoring run is a fresh process (so that its peak RSS is its own) that runs
+:func:`mtrec.score_parquet` end to end: load the model directory, stream the input
+Parquet file, write the output Parquet file (``--keep user_id,item_id`` and a product
+rank score). Inputs of 0.5M and 2M rows measure whether memory stays flat with input size.
+
+Usage:
+    python benchmarks/score_throughput.py [--rows 2000000] [--small-rows 500000] [--threads 2]
+        [--workdir DIR] [--repeats 3] [--output results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _child(model: str, data: str, output: str, threads: int, batch_size: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import mtrec
+
+    t0 = time.perf_counter()
+    result = mtrec.score_parquet(
+        model,
+        data,
+        output,
+        keep=("user_id", "item_id"),
+        rank="ctr^1*cvr^0.5*satisfaction^0.5",
+        batch_size=batch_size,
+        overwrite=True,
+        progress=False,
+    )
+    seconds = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "rows": result["rows"],
+        "seconds": seconds,
+        "rows_per_s": result["rows"] / seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _peak_rss_mb() -> float:
+    """The process's own high-water mark (VmHWM).
+
+    ``getrusage``'s ``ru_maxrss`` survives ``execve`` on Linux, so a child started by a
+    parent that trained the model would report the parent's peak; VmHWM belongs to the
+    new address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _run_child(model: Path, data: Path, output: Path, threads: int, batch_size: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(model), str(data), str(output), str(threads), str(batch_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        model, data, output, threads, batch_size = sys.argv[2:7]
+        print(json.dumps(_child(model, data, output, int(threads), int(batch_size))))
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--small-rows", type=int, default=500_000)
+    p.add_argument("--train-rows", type=int, default=100_000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per input; the median is reported")
+    p.add_argument("--workdir", type=Path, default=None, help="reuse data and model from here (default: a temp dir)")
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args()
+
+    sys.path.insert(0, str(HERE))
+    from train_throughput import _config  # the benchmark model, defined once
+
+    import mtrec
+    from mtrec.data.synthetic import write_click_log
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mtrec-score-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_file = workdir / f"train_{args.train_rows}.parquet"
+    if not train_file.exists():
+        write_click_log(train_file, args.train_rows, seed=0)
+    model = workdir / "model"
+    if not (model / "meta.json").exists():
+        t0 = time.perf_counter()
+        mtrec.train(_config(str(train_file), args.threads, epochs=1), output=model, overwrite=True, progress=False)
+        print(f"trained the benchmark model in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    inputs = {}
+    for rows in (args.small_rows, args.rows):
+        path = workdir / f"score_{rows}.parquet"
+        if not path.exists():
+            t0 = time.perf_counter()
+            write_click_log(path, rows, seed=0, sample_seed=1)
+            print(f"wrote {rows:,} rows in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        inputs[rows] = path
+
+    runs: dict[int, list[dict]] = {}
+    for _ in range(args.repeats):
+        for rows, path in inputs.items():
+            out = workdir / f"scores_{rows}.parquet"
+            runs.setdefault(rows, []).append(_run_child(model, path, out, args.threads, args.batch_size))
+            print(f"{rows:,} rows: {runs[rows][-1]}", file=sys.stderr)
+
+    def med(rows: int, key: str) -> float:
+        return statistics.median(r[key] for r in runs[rows])
+
+    big, small = args.rows, args.small_rows
+    rss_growth = med(big, "peak_rss_mb") / med(small, "peak_rss_mb") - 1.0
+    result = {
+        "benchmark": "score_throughput",
+        "config": {
+            "model": "mmoe, 4 experts [256, 128], towers [64], embedding dim 16",
+            "sparse_features": 20,
+            "dense_features": 10,
+            "tasks": 3,
+            "train_rows": args.train_rows,
+            "threads": args.threads,
+            "batch_size": args.batch_size,
+            "keep": ["user_id", "item_id"],
+            "rank": "ctr^1*cvr^0.5*satisfaction^0.5",
+            "repeats": args.repeats,
+        },
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "end_to_end_rows_per_s": med(big, "rows_per_s"),
+        "end_to_end_seconds": med(big, "seconds"),
+        "target_rows_per_s": 60_000,
+        "peak_rss_mb": {str(small): med(small, "peak_rss_mb"), str(big): med(big, "peak_rss_mb")},
+        "rss_growth_small_to_big": rss_growth,
+        "target_rss_growth": 0.15,
+        "runs": {str(k): v for k, v in runs.items()},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output is not None:
+        args.output.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,711 @@
+"""Scoring with a saved model: in-memory prediction for pipelines, batch scoring of Parquet.
+
+* :func:`load_model` reads a model directory into a :class:`Ranker`, whose
+  :meth:`Ranker.predict` takes a pandas or polars DataFrame, a pyarrow Table or
+  RecordBatch, or a dict of arrays and returns per-task predictions: probabilities for
+  binary tasks, values on the label's original scale for regression tasks, class
+  probabilities ``(N, C)`` for multiclass tasks.
+* :func:`parse_rank` / :func:`rank_score` combine task predictions into one ranking
+  score, either a product ``ctr^1*cvr^0.5`` or a weighted sum ``0.7*ctr+0.3*cvr``.
+* :func:`score_parquet` streams Parquet files row group by row group through the model
+  and writes the predictions (and pass-through ``keep`` columns) to Parquet, atomically.
+
+Multiclass tasks are written as one ``float32`` column per class, ``<task>_c0`` ..
+``<task>_c<C-1>``: flat numeric columns can be read, filtered and sorted by any Parquet
+consumer (SQL engines, pandas, spreadsheets' importers) without unnesting a list.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mtrec.batch import Batch
+from mtrec.checkpoint import LoadedModel, load_model_dir
+from mtrec.config import Config
+from mtrec.data.batches import TensorColumns
+from mtrec.data.parquet import open_parquet, resolve_paths
+from mtrec.data.preprocess import EncodedColumns
+from mtrec.errors import DataError, MtrecError
+from mtrec.schema import Task
+
+__all__ = ["Ranker", "check_rank", "load_model", "parse_rank", "rank_score", "score_parquet"]
+
+RANK_COLUMN = "rank_score"
+# Rows decoded and encoded at a time when streaming Parquet: large enough that the
+# per-call costs of the vocabulary lookups (a hash set per feature) vanish, small
+# enough that memory stays a few tens of MB whatever the row-group size of the input.
+_READ_ROWS = 65536
+
+
+# ----------------------------------------------------------------------------- Ranker
+def _is_frame(data: Any, package: str) -> bool:
+    # Duck-typed by module so that pandas and polars are never imported just to check.
+    return type(data).__module__.split(".")[0] == package
+
+
+def _to_table(data: Any, columns: Sequence[str], source: str) -> pa.Table:
+    """The ``columns`` of ``data`` as a pyarrow Table; every missing column listed at once."""
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if isinstance(data, pa.Table):
+        names = data.column_names
+    elif _is_frame(data, "pandas") or _is_frame(data, "polars"):
+        names = [str(c) for c in data.columns]
+    elif isinstance(data, Mapping):
+        names = [str(c) for c in data]
+    else:
+        raise TypeError(
+            f"expected a pandas/polars DataFrame, a pyarrow Table/RecordBatch or a dict of arrays, "
+            f"got {type(data).__name__}"
+        )
+    present = set(names)
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise DataError(f"{source}: missing feature column(s) {', '.join(map(repr, missing))}")
+    # Only the feature columns are converted: extra columns (of any type) are ignored.
+    if isinstance(data, pa.Table):
+        return data.select(list(columns))
+    if _is_frame(data, "pandas"):
+        return pa.Table.from_pandas(data[list(columns)], preserve_index=False)
+    if _is_frame(data, "polars"):
+        return data.select(list(columns)).to_arrow()
+    arrays = {}
+    for c in columns:
+        try:
+            arrays[c] = pa.array(data[c])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+            raise DataError(f"{source}: column {c!r} cannot be converted ({str(exc).splitlines()[0]})") from None
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) > 1:
+        raise DataError(f"{source}: columns have different lengths {sorted(lengths)}")
+    return pa.table(arrays)
+
+
+class Ranker:
+    """A trained model ready to score: preprocessing + network + output transforms.
+
+    Args:
+        loaded: A model directory read by :func:`mtrec.checkpoint.load_model_dir`.
+        device: Where the network runs (``cpu``, ``cuda``, ...).
+
+    Attributes:
+        config: The resolved training config.
+        module: The plain ``torch.nn.Module`` (eval mode); ``module(batch)`` returns
+            logits ``{task: (B,) or (B, C)}``.
+        tasks: The predicted tasks (``Schema.output_tasks``: ESMM adds ``ctcvr``).
+        task_names: Their names, the keys of :meth:`predict`'s result, in that order.
+        feature_columns: The input columns the model reads.
+
+    Example:
+        >>> ranker = load_model("runs/mmoe")  # doctest: +SKIP
+        >>> preds = ranker.predict(df)  # doctest: +SKIP
+        >>> preds["ctr"].shape, preds["ctr"].dtype  # doctest: +SKIP
+        ((1000,), dtype('float32'))
+        >>> logits = ranker.module(ranker.encode(df))  # doctest: +SKIP
+    """
+
+    def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "cpu") -> None:
+        self.config: Config = loaded.config
+        self.preprocessor = loaded.preprocessor
+        self.meta = loaded.meta
+        self.device = torch.device(device)
+        self.module: torch.nn.Module = loaded.model.to(self.device).eval()
+        self.tasks: tuple[Task, ...] = self.config.schema.output_tasks
+        self.task_names: tuple[str, ...] = tuple(t.name for t in self.tasks)
+        self.feature_columns: tuple[str, ...] = tuple(self.config.schema.input_columns())
+
+    def __repr__(self) -> str:
+        return f"Ranker(model={self.config.model.name!r}, tasks={list(self.task_names)})"
+
+    def _encode(self, data: Any, source: str) -> EncodedColumns:
+        table = _to_table(data, self.feature_columns, source)
+        return self.preprocessor.transform(table, source=source, with_labels=False)
+
+    def encode(self, data: Any, *, source: str = "input") -> Batch:
+        """Encodes feature columns with the saved preprocessing into a :class:`~mtrec.batch.Batch`.
+
+        Unseen and null categories map to the reserved index 0. The batch is on the
+        ranker's device; ``labels``/``label_mask`` are zeros.
+
+        Args:
+            data: pandas/polars DataFrame, pyarrow Table/RecordBatch or dict of arrays/lists.
+            source: Name used in error messages.
+
+        Raises:
+            DataError: A feature column is missing (all are listed) or has the wrong type.
+        """
+        return TensorColumns.from_encoded(self._encode(data, source)).all.to(self.device)
+
+    def predict(self, data: Any, *, batch_size: int = 16384, source: str = "input") -> dict[str, np.ndarray]:
+        """Predictions for every row, in input row order.
+
+        Args:
+            data: pandas/polars DataFrame, pyarrow Table/RecordBatch or dict of arrays/lists;
+                extra columns are ignored.
+            batch_size: Rows per forward pass.
+            source: Name used in error messages.
+
+        Returns:
+            ``{task: array}`` in ``task_names`` order, float32: ``(N,)`` probabilities for
+            binary tasks, ``(N,)`` values for regression tasks (``expm1`` applied when the
+            task trained on ``log1p`` labels), ``(N, C)`` class probabilities for multiclass.
+
+        Raises:
+            DataError: A feature column is missing (all are listed) or has the wrong type.
+        """
+        return self.predict_encoded(self._encode(data, source), batch_size=batch_size)
+
+    @torch.inference_mode()
+    def predict_encoded(self, enc: EncodedColumns, *, batch_size: int = 16384) -> dict[str, np.ndarray]:
+        """:meth:`predict` on columns already encoded by the model's preprocessor."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = enc.num_rows
+        out = {t.name: np.empty((n, t.output_dim) if t.type == "multiclass" else n, np.float32) for t in self.tasks}
+        cols = TensorColumns.from_encoded(enc)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            logits = self.module(cols.slice(start, stop).to(self.device))
+            for t in self.tasks:
+                # Written straight into the preallocated result: no per-batch lists to concatenate.
+                out[t.name][start:stop] = _transform(t, logits[t.name].float()).cpu().numpy()
+        for name, v in out.items():
+            if not np.isfinite(v).all():
+                raise DataError(
+                    f"the model produced non-finite {name} predictions (check the inputs for extreme values)"
+                )
+        return out
+
+
+def _transform(task: Task, z: torch.Tensor) -> torch.Tensor:
+    """Logits -> what a ranking pipeline consumes: probabilities or values."""
+    if task.type == "binary":
+        return torch.sigmoid(z)
+    if task.type == "multiclass":
+        return torch.softmax(z, dim=-1)
+    return torch.expm1(z) if task.label_transform == "log1p" else z
+
+
+def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> Ranker:
+    """Reads a model directory written by ``mtrec train`` into a :class:`Ranker`.
+
+    Example:
+        >>> ranker = mtrec.load_model("runs/mmoe")  # doctest: +SKIP
+        >>> ranker.predict(pandas_df)["ctr"]  # doctest: +SKIP
+    """
+    return Ranker(load_model_dir(model_dir), device=device)
+
+
+# ----------------------------------------------------------------------------- rank formulas
+_TOKEN = re.compile(
+    r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z_][A-Za-z0-9_]*)*)"
+    r"|(?P<op>[-+*^]))"
+)
+
+
+def _tokens(expr: str) -> list[tuple[str, str]]:
+    out, pos, text = [], 0, expr.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            raise MtrecError(f"--rank {expr!r}: unexpected character {text[pos:].lstrip()[:1]!r}")
+        kind = m.lastgroup or ""
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    return out
+
+
+def parse_rank(expr: str) -> dict[str, Any]:
+    """Parses a rank expression (no ``eval``) into a formula for :func:`rank_score`.
+
+    Two forms:
+
+    * a product of task predictions with exponents, ``ctr^1*cvr^0.5*satisfaction^2``
+      (an omitted exponent is 1) -> ``{"type": "product", "exponents": {...}}``;
+    * a weighted sum, ``0.7*ctr+0.3*cvr`` (an omitted weight is 1; a weight may be
+      negative: ``ctr + -0.5*dislike``) -> ``{"type": "sum", "weights": {...}}``.
+
+    Example:
+        >>> parse_rank("ctr^1*cvr^0.5")
+        {'type': 'product', 'exponents': {'ctr': 1.0, 'cvr': 0.5}}
+        >>> parse_rank("0.7*ctr+0.3*cvr")
+        {'type': 'sum', 'weights': {'ctr': 0.7, 'cvr': 0.3}}
+
+    Raises:
+        MtrecError: The expression is empty, malformed or mixes products and sums.
+    """
+    toks = _tokens(expr)
+    if not toks:
+        raise MtrecError("--rank: empty expression")
+    bad = f"--rank {expr!r}: expected a product like 'ctr^1*cvr^0.5' or a weighted sum like '0.7*ctr+0.3*cvr'"
+    i = 0
+
+    def number() -> float:
+        nonlocal i
+        sign = 1.0
+        while i < len(toks) and toks[i] in (("op", "-"), ("op", "+")):
+            sign = -sign if toks[i][1] == "-" else sign
+            i += 1
+        if i >= len(toks) or toks[i][0] != "num":
+            raise MtrecError(bad)
+        value = sign * float(toks[i][1])
+        i += 1
+        if not math.isfinite(value):
+            raise MtrecError(f"--rank {expr!r}: {value} is not a finite number")
+        return value
+
+    # terms: list of (weight or None, [(name, exponent or None), ...])
+    terms: list[tuple[float | None, list[tuple[str, float | None]]]] = []
+    while True:
+        weight: float | None = None
+        factors: list[tuple[str, float | None]] = []
+        while True:
+            if i < len(toks) and (toks[i][0] == "num" or toks[i] in (("op", "-"), ("op", "+"))):
+                if weight is not None:
+                    raise MtrecError(bad)
+                weight = number()
+            elif i < len(toks) and toks[i][0] == "name":
+                name = toks[i][1]
+                i += 1
+                exponent = None
+                if i < len(toks) and toks[i] == ("op", "^"):
+                    i += 1
+                    exponent = number()
+                factors.append((name, exponent))
+            else:
+                raise MtrecError(bad)
+            if i < len(toks) and toks[i] == ("op", "*"):
+                i += 1
+                continue
+            break
+        terms.append((weight, factors))
+        if i < len(toks) and toks[i] == ("op", "+"):
+            i += 1
+            continue
+        if i < len(toks):
+            raise MtrecError(bad)
+        break
+
+    if len(terms) == 1 and terms[0][0] is None:
+        exponents: dict[str, float] = {}
+        for name, exponent in terms[0][1]:
+            # ctr*ctr is ctr^2: exponents of a repeated task add up.
+            exponents[name] = exponents.get(name, 0.0) + (1.0 if exponent is None else exponent)
+        return {"type": "product", "exponents": exponents}
+    weights: dict[str, float] = {}
+    for weight, factors in terms:
+        if len(factors) != 1 or factors[0][1] is not None:
+            raise MtrecError(
+                f"--rank {expr!r}: a sum's terms are 'weight*task'; products and exponents cannot be mixed into a sum"
+            )
+        name = factors[0][0]
+        weights[name] = weights.get(name, 0.0) + (1.0 if weight is None else weight)
+    return {"type": "sum", "weights": weights}
+
+
+def check_rank(formula: Mapping[str, Any], tasks: Sequence[Task]) -> dict[str, float]:
+    """Validates a formula against a model's tasks; returns its ``{task: exponent or weight}``.
+
+    Raises:
+        MtrecError: Unknown formula type, a task the model does not predict (named), a
+            multiclass task, or a non-finite coefficient.
+    """
+    return _coefficients(formula, {t.name: t.type for t in tasks})
+
+
+def _coefficients(formula: Mapping[str, Any], types: Mapping[str, str]) -> dict[str, float]:
+    kind = formula.get("type") if isinstance(formula, Mapping) else None
+    key = {"product": "exponents", "sum": "weights"}.get(str(kind))
+    if key is None:
+        raise MtrecError(f"rank formula: type must be 'product' or 'sum', got {kind!r}")
+    coefs = formula.get(key)
+    if not isinstance(coefs, Mapping) or not coefs:
+        raise MtrecError(f"rank formula: {kind} needs a non-empty {key!r} mapping of task -> number")
+    out: dict[str, float] = {}
+    for name, value in coefs.items():
+        if name not in types:
+            raise MtrecError(f"rank formula: unknown task {name!r} (the model predicts {', '.join(map(repr, types))})")
+        if types[name] == "multiclass":
+            raise MtrecError(f"rank formula: task {name!r} is multiclass; only binary and regression tasks rank")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise MtrecError(f"rank formula: {key}[{name!r}] must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise MtrecError(f"rank formula: {key}[{name!r}] must be finite, got {value!r}")
+        out[name] = number
+    return out
+
+
+def rank_score(preds: Mapping[str, np.ndarray], formula: Mapping[str, Any] | str) -> np.ndarray:
+    """One ranking score per row from task predictions (float64).
+
+    Args:
+        preds: ``{task: (N,)}`` as returned by :meth:`Ranker.predict`.
+        formula: ``{"type": "product", "exponents": {"ctr": 1.0, "cvr": 0.5}}``
+            (``prod_t p_t ** a_t``), ``{"type": "sum", "weights": {"ctr": 0.7, "cvr": 0.3}}``
+            (``sum_t w_t * p_t``), or an expression for :func:`parse_rank`.
+
+    Example:
+        >>> preds = {"ctr": np.array([0.1, 0.4]), "cvr": np.array([0.25, 0.04])}
+        >>> rank_score(preds, "ctr*cvr^0.5").round(4).tolist()
+        [0.05, 0.08]
+
+    Raises:
+        MtrecError: The formula names a task that is not in ``preds`` or is multiclass.
+    """
+    if isinstance(formula, str):
+        formula = parse_rank(formula)
+    coefs = _coefficients(formula, {name: "multiclass" if np.ndim(v) > 1 else "binary" for name, v in preds.items()})
+    n = len(next(iter(preds.values()))) if preds else 0
+    if formula["type"] == "product":
+        score = np.ones(n, np.float64)
+        for name, a in coefs.items():
+            score *= np.power(np.asarray(preds[name], np.float64), a)
+    else:
+        score = np.zeros(n, np.float64)
+        for name, w in coefs.items():
+            score += w * np.asarray(preds[name], np.float64)
+    return score
+
+
+# ----------------------------------------------------------------------------- Parquet scoring
+def _type_problem(name: str, t: pa.DataType, kind: str, vocab_type: pa.DataType | None) -> str | None:
+    """What is wrong with column ``name`` of type ``t`` for a feature of ``kind``; None if fine."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+
+    def is_id(x: pa.DataType) -> bool:
+        return pa.types.is_integer(x) or pa.types.is_string(x) or pa.types.is_large_string(x)
+
+    if kind == "dense":
+        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+            return None
+        return f"column {name!r} has type {t}, expected a number"
+    if kind == "sequence":
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not is_id(t.value_type):
+            return f"column {name!r} has type {t}, expected a list of ints or strings"
+        t = t.value_type
+    elif not is_id(t):
+        return f"column {name!r} has type {t}, expected int or string IDs"
+    if vocab_type is not None and pa.types.is_integer(t) != pa.types.is_integer(vocab_type):
+        return f"column {name!r} has type {t} but the model was trained on {vocab_type}"
+    return None
+
+
+@dataclass
+class _Job:
+    """One input file and where its scores go."""
+
+    source: Path
+    target: Path
+    keep_types: list[pa.Field]
+    num_rows: int
+
+
+def _check_input(ranker: Ranker, path: Path, pf: pq.ParquetFile, keep: Sequence[str]) -> list[pa.Field]:
+    schema = pf.schema_arrow
+    names = set(schema.names)
+    missing_keep = [c for c in keep if c not in names]
+    if missing_keep:
+        raise DataError(f"{path}: --keep column(s) {', '.join(map(repr, missing_keep))} not in the file")
+    missing = [c for c in ranker.feature_columns if c not in names]
+    if missing:
+        raise DataError(f"{path}: missing feature column(s) {', '.join(map(repr, missing))}")
+    s = ranker.config.schema
+    vocabs = ranker.preprocessor.vocabs
+    kinds = [("sparse", f.name, f.name if f.hash_buckets is None else None) for f in s.sparse]
+    kinds += [("dense", f.name, None) for f in s.dense]
+    for q in s.sequence:
+        hashed = any(f.name == q.vocab_from and f.hash_buckets is not None for f in s.sparse)
+        kinds.append(("sequence", q.name, None if hashed else (q.vocab_from or q.name)))
+    for kind, name, vocab_name in kinds:
+        vocab_type = vocabs[vocab_name].type if vocab_name is not None and vocab_name in vocabs else None
+        problem = _type_problem(name, schema.field(name).type, kind, vocab_type)
+        if problem:
+            raise DataError(f"{path}: {problem}")
+    return [schema.field(c) for c in keep]
+
+
+def _output_fields(ranker: Ranker, keep_fields: list[pa.Field], rank: bool) -> list[pa.Field]:
+    fields = list(keep_fields)
+    for t in ranker.tasks:
+        if t.type == "multiclass":
+            fields += [pa.field(f"{t.name}_c{k}", pa.float32()) for k in range(t.output_dim)]
+        else:
+            fields.append(pa.field(t.name, pa.float32()))
+    if rank:
+        fields.append(pa.field(RANK_COLUMN, pa.float64()))
+    return fields
+
+
+def _plan(
+    ranker: Ranker, input: str | Path, output: Path, keep: Sequence[str], rank: bool, overwrite: bool
+) -> tuple[list[_Job], bool]:
+    """Every input file, its output name and checked schema, before anything is written."""
+    text = str(input)
+    as_folder = Path(text).is_dir()
+    paths = resolve_paths(text)
+    if as_folder:
+        base = Path(text)
+    elif len(paths) > 1:
+        # A glob matching several files scores into a folder, named relative to their common parent.
+        base = Path(os.path.commonpath([str(p.parent) for p in paths]))
+        as_folder = True
+    else:
+        base = paths[0].parent
+    out_res = output.resolve()
+    for p in paths:
+        pr = p.resolve()
+        if pr == out_res or out_res in pr.parents or (as_folder and pr.parent == out_res):
+            raise MtrecError(f"{output}: the output would overwrite or sit among the input files")
+    if as_folder and (base.resolve() == out_res or base.resolve() in out_res.parents):
+        raise MtrecError(f"{output}: the output folder may not be inside the input folder {base}")
+    if output.exists() or output.is_symlink():
+        if not overwrite:
+            raise MtrecError(f"{output}: already exists (pass --overwrite to replace it)")
+        if as_folder and not output.is_dir():
+            raise MtrecError(f"{output}: exists and is not a folder (the input {text} is several files)")
+        if not as_folder and output.is_dir():
+            raise MtrecError(f"{output}: is a folder, expected a Parquet file name (the input is one file)")
+        if as_folder and any(p.is_file() and p.suffix != ".parquet" for p in output.rglob("*")):
+            # --overwrite replaces scores, never an arbitrary folder.
+            raise MtrecError(f"{output}: holds files other than *.parquet; refusing to replace it")
+    for parent in output.parents:
+        if parent.exists() and not parent.is_dir():
+            raise MtrecError(f"{parent}: is a file, so {output} cannot be written")
+    keep = list(dict.fromkeys(keep))
+    produced = {f.name for f in _output_fields(ranker, [], rank)}
+    clash = [c for c in keep if c in produced]
+    if clash:
+        raise MtrecError(f"--keep column(s) {', '.join(map(repr, clash))} clash with prediction column names")
+    jobs = []
+    for p in paths:
+        pf = open_parquet(p)
+        try:
+            keep_fields = _check_input(ranker, p, pf, keep)
+            num_rows = pf.metadata.num_rows
+        finally:
+            # Reopened when scored: a folder of thousands of files must not hold thousands of handles.
+            pf.close()
+        target = output / p.relative_to(base) if as_folder else output
+        jobs.append(_Job(p, target, keep_fields, num_rows))
+    return jobs, as_folder
+
+
+class _Progress:
+    """Rows/s and ETA on stderr: a tqdm bar on a terminal, a plain line every few seconds otherwise."""
+
+    def __init__(self, total: int, stream: TextIO, enabled: bool, every: float = 5.0) -> None:
+        self.total, self.stream, self.enabled, self.every = total, stream, enabled, every
+        self.rows = 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="scoring", unit="row", unit_scale=True, file=stream, leave=False)
+
+    def update(self, rows: int) -> None:
+        self.rows += rows
+        if self.bar is not None:
+            self.bar.update(rows)
+            return
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every:
+            self.last = now
+            rate = self.rows / (now - self.start)
+            eta = (self.total - self.rows) / rate if rate > 0 else float("inf")
+            pct = 100.0 * self.rows / self.total if self.total else 100.0
+            print(
+                f"scored {self.rows:,}/{self.total:,} rows ({pct:.1f} %) rows/s {rate:,.0f} eta {eta:,.0f}s",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _iter_chunks(job: _Job, columns: list[str]) -> Iterator[pa.Table]:
+    """Fixed-size slices of a file in row order; only one slice is decoded at a time."""
+    try:
+        # pre_buffer=False: with pyarrow's default (True) the reader keeps the buffered
+        # column chunks of every row group read so far, so memory grew ~5 MB per 64k rows
+        # (measured with pa.total_allocated_bytes on 2M rows); without it memory is flat.
+        pf = pq.ParquetFile(job.source, pre_buffer=False)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{job.source}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    try:
+        for rb in pf.iter_batches(batch_size=_READ_ROWS, columns=columns, use_threads=True):
+            yield pa.Table.from_batches([rb])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{job.source}: cannot be decoded ({str(exc).splitlines()[0]})") from None
+    finally:
+        pf.close()
+
+
+def _score_file(
+    ranker: Ranker,
+    job: _Job,
+    target: Path,
+    *,
+    formula: Mapping[str, Any] | None,
+    batch_size: int,
+    progress: _Progress,
+) -> int:
+    keep = [f.name for f in job.keep_types]
+    schema = pa.schema(_output_fields(ranker, job.keep_types, formula is not None))
+    columns = list(dict.fromkeys([*keep, *ranker.feature_columns]))
+    rows = 0
+    with pq.ParquetWriter(target, schema) as writer:
+        for table in _iter_chunks(job, columns):
+            enc = ranker.preprocessor.transform(table, source=str(job.source), with_labels=False)
+            preds = ranker.predict_encoded(enc, batch_size=batch_size)
+            arrays: list[pa.Array | pa.ChunkedArray] = [table.column(c) for c in keep]
+            for t in ranker.tasks:
+                v = preds[t.name]
+                if t.type == "multiclass":
+                    arrays += [pa.array(v[:, k]) for k in range(v.shape[1])]
+                else:
+                    arrays.append(pa.array(v))
+            if formula is not None:
+                arrays.append(pa.array(rank_score(preds, formula)))
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+            rows += table.num_rows
+            progress.update(table.num_rows)
+    return rows
+
+
+def score_parquet(
+    model_dir: str | Path,
+    input: str | Path,
+    output: str | Path,
+    *,
+    keep: Sequence[str] = (),
+    batch_size: int = 4096,
+    rank: str | Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    stream: TextIO | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Scores Parquet file(s) with a saved model and writes the predictions as Parquet.
+
+    The input is streamed in slices of 64k rows (memory stays flat however large it is).
+    Every input file's schema is checked (``keep`` columns, feature columns and their
+    types) before anything is written. Output is written to a temporary name in the
+    destination folder and renamed when complete, so a failed or interrupted run leaves
+    nothing under the output name.
+
+    Output columns: the ``keep`` columns unchanged (same Arrow type), one ``float32``
+    column per task named by the task (probability / value; a multiclass task gives one
+    column per class, ``<task>_c<k>``), then ``rank_score`` (float64) if ``rank`` is given.
+    Rows are in input order.
+
+    Args:
+        model_dir: A model directory written by training.
+        input: A Parquet file, a folder (every ``*.parquet`` below it) or a glob.
+        output: A Parquet file when the input is one file (or a glob matching one file);
+            a folder with one file per input file (same relative names) otherwise.
+        keep: Input columns copied to the output, e.g. ``("user_id", "item_id")``.
+        batch_size: Rows per forward pass. 4096 measured ~15 % faster than 16384 on the
+            benchmark MMoE on a 2-core CPU (the expert activations stay in cache) and
+            ~150 MB lighter.
+        rank: A rank expression (``"ctr^1*cvr^0.5"``, ``"0.7*ctr+0.3*cvr"``) or a formula
+            dict (see :func:`rank_score`), written as the column ``rank_score``.
+        overwrite: Replace an existing output (a folder only if it holds only ``*.parquet``).
+        progress: Print rows/s and ETA on ``stream`` (default stderr).
+        stream: Where progress goes.
+        device: Where the network runs.
+
+    Returns:
+        ``{"output", "files", "rows", "seconds", "rows_per_second"}``.
+
+    Raises:
+        MtrecError: Bad arguments, existing output, unreadable input, missing or mistyped
+            columns, unknown task in ``rank``.
+    """
+    if batch_size < 1:
+        raise MtrecError(f"--batch-size: expected a positive number, got {batch_size}")
+    t0 = time.perf_counter()
+    output = Path(output)
+    ranker = load_model(model_dir, device=device)
+    formula: dict[str, Any] | None = None
+    if rank is not None:
+        formula = parse_rank(rank) if isinstance(rank, str) else dict(rank)
+        check_rank(formula, ranker.tasks)
+    jobs, as_folder = _plan(ranker, input, output, keep, formula is not None, overwrite)
+    total = sum(j.num_rows for j in jobs)
+    bar = _Progress(total, stream or sys.stderr, progress)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    if as_folder:
+        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+        try:
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
+            for job in jobs:
+                target = staging / job.target.relative_to(output)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                rows += _score_file(ranker, job, target, formula=formula, batch_size=batch_size, progress=bar)
+            _replace_folder(staging, output)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            bar.close()
+    else:
+        fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.close(fd)
+            rows = _score_file(ranker, jobs[0], tmp, formula=formula, batch_size=batch_size, progress=bar)
+            os.replace(tmp, output)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    return {
+        "output": str(output),
+        "files": len(jobs),
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_second": rows / seconds if seconds > 0 else float("nan"),
+    }
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_folder(staging: Path, output: Path) -> None:
+    """Moves a complete staging folder to ``output``, removing an old one only now."""
+    if output.exists():
+        old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+        os.replace(output, old / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)
