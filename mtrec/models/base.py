@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -90,6 +92,32 @@ class MultiTaskModel(nn.Module):
         # Towers by position (in task_names order): task names are user text and need not be
         # valid module attribute names.
         self.towers = nn.ModuleList(Tower(backbone_out, tower_hidden, out_dim=d, dropout=dropout) for d in dims)
+
+    @classmethod
+    def assemble(
+        cls,
+        layout: InputLayout,
+        task_names: tuple[str, ...],
+        *,
+        embedding_dim: int,
+        output_dims: tuple[int, ...] | None,
+        tower_hidden: tuple[int, ...],
+        dropout: float,
+        backbone: Callable[[int], nn.Module],
+    ) -> MultiTaskModel:
+        """The feature input for ``layout``, ``backbone(in_dim)`` on it and one tower per task
+        on the backbone's ``out_dim``: what every registered architecture builds."""
+        features = FeatureInput(layout, embedding_dim)
+        net = backbone(features.out_dim)
+        return cls(
+            features=features,
+            task_names=task_names,
+            backbone=net,
+            backbone_out=net.out_dim,
+            tower_hidden=tower_hidden,
+            output_dims=output_dims,
+            dropout=dropout,
+        )
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         reps = self.backbone(self.features(batch))  # (B, T, H)

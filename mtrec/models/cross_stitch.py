@@ -11,7 +11,7 @@ learning rate of ``alpha`` by 10^2-10^3; here it trains with the other dense par
 
 from __future__ import annotations
 
-from mtrec.models.base import FeatureInput, MultiTaskModel
+from mtrec.models.base import MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.cross_stitch import CrossStitchNetwork
 from mtrec.schema import InputLayout
@@ -34,20 +34,18 @@ def cross_stitch(
     dropout: float = 0.0,
 ) -> MultiTaskModel:
     """Builds a cross-stitch multi-task model."""
-    features = FeatureInput(layout, embedding_dim)
-    backbone = CrossStitchNetwork(
-        features.out_dim,
-        num_tasks=len(task_names),
-        hidden=hidden,
-        self_weight=stitch_self_weight,
-        dropout=dropout,
-    )
-    return MultiTaskModel(
-        features=features,
-        task_names=task_names,
-        backbone=backbone,
-        backbone_out=backbone.out_dim,
-        tower_hidden=tower_hidden,
+    return MultiTaskModel.assemble(
+        layout,
+        task_names,
+        embedding_dim=embedding_dim,
         output_dims=output_dims,
+        tower_hidden=tower_hidden,
         dropout=dropout,
+        backbone=lambda in_dim: CrossStitchNetwork(
+            in_dim,
+            num_tasks=len(task_names),
+            hidden=hidden,
+            self_weight=stitch_self_weight,
+            dropout=dropout,
+        ),
     )

@@ -6,7 +6,7 @@ Experts shared by all tasks; each task mixes them with its own softmax gate.
 
 from __future__ import annotations
 
-from mtrec.models.base import FeatureInput, MultiTaskModel
+from mtrec.models.base import MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.experts import MMoELayer
 from mtrec.schema import InputLayout
@@ -27,20 +27,18 @@ def mmoe(
     dropout: float = 0.0,
 ) -> MultiTaskModel:
     """Builds an MMoE multi-task model."""
-    features = FeatureInput(layout, embedding_dim)
-    backbone = MMoELayer(
-        features.out_dim,
-        num_tasks=len(task_names),
-        num_experts=num_experts,
-        expert_hidden=expert_hidden,
-        dropout=dropout,
-    )
-    return MultiTaskModel(
-        features=features,
-        task_names=task_names,
-        backbone=backbone,
-        backbone_out=backbone.out_dim,
-        tower_hidden=tower_hidden,
+    return MultiTaskModel.assemble(
+        layout,
+        task_names,
+        embedding_dim=embedding_dim,
         output_dims=output_dims,
+        tower_hidden=tower_hidden,
         dropout=dropout,
+        backbone=lambda in_dim: MMoELayer(
+            in_dim,
+            num_tasks=len(task_names),
+            num_experts=num_experts,
+            expert_hidden=expert_hidden,
+            dropout=dropout,
+        ),
     )

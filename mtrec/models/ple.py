@@ -7,7 +7,7 @@ last level feeds the task gates only. ``num_levels=1`` is CGC.
 
 from __future__ import annotations
 
-from mtrec.models.base import FeatureInput, MultiTaskModel
+from mtrec.models.base import MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.experts import PLE
 from mtrec.schema import InputLayout
@@ -30,22 +30,20 @@ def ple(
     dropout: float = 0.0,
 ) -> MultiTaskModel:
     """Builds a PLE multi-task model."""
-    features = FeatureInput(layout, embedding_dim)
-    backbone = PLE(
-        features.out_dim,
-        num_tasks=len(task_names),
-        num_levels=num_levels,
-        num_shared=num_shared_experts,
-        num_specific=num_task_experts,
-        expert_hidden=expert_hidden,
-        dropout=dropout,
-    )
-    return MultiTaskModel(
-        features=features,
-        task_names=task_names,
-        backbone=backbone,
-        backbone_out=backbone.out_dim,
-        tower_hidden=tower_hidden,
+    return MultiTaskModel.assemble(
+        layout,
+        task_names,
+        embedding_dim=embedding_dim,
         output_dims=output_dims,
+        tower_hidden=tower_hidden,
         dropout=dropout,
+        backbone=lambda in_dim: PLE(
+            in_dim,
+            num_tasks=len(task_names),
+            num_levels=num_levels,
+            num_shared=num_shared_experts,
+            num_specific=num_task_experts,
+            expert_hidden=expert_hidden,
+            dropout=dropout,
+        ),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.models.base import FeatureInput, MultiTaskModel
+from mtrec.models.base import MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.mlp import MLP
 from mtrec.schema import InputLayout
@@ -46,14 +46,12 @@ def shared_bottom(
     dropout: float = 0.0,
 ) -> MultiTaskModel:
     """Builds a Shared-Bottom multi-task model."""
-    features = FeatureInput(layout, embedding_dim)
-    backbone = SharedBottom(features.out_dim, num_tasks=len(task_names), hidden=bottom_hidden, dropout=dropout)
-    return MultiTaskModel(
-        features=features,
-        task_names=task_names,
-        backbone=backbone,
-        backbone_out=backbone.out_dim,
-        tower_hidden=tower_hidden,
+    return MultiTaskModel.assemble(
+        layout,
+        task_names,
+        embedding_dim=embedding_dim,
         output_dims=output_dims,
+        tower_hidden=tower_hidden,
         dropout=dropout,
+        backbone=lambda in_dim: SharedBottom(in_dim, num_tasks=len(task_names), hidden=bottom_hidden, dropout=dropout),
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.models.base import FeatureInput, MultiTaskModel
+from mtrec.models.base import MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.experts import ExpertGroup
 from mtrec.schema import InputLayout
@@ -70,14 +70,12 @@ def single_task(
     dropout: float = 0.0,
 ) -> SingleTaskModel:
     """Builds one independent network per task over shared embeddings."""
-    features = FeatureInput(layout, embedding_dim)
-    backbone = TaskNetworks(features.out_dim, num_tasks=len(task_names), hidden=hidden, dropout=dropout)
-    return SingleTaskModel(
-        features=features,
-        task_names=task_names,
-        backbone=backbone,
-        backbone_out=backbone.out_dim,
-        tower_hidden=tower_hidden,
+    return SingleTaskModel.assemble(
+        layout,
+        task_names,
+        embedding_dim=embedding_dim,
         output_dims=output_dims,
+        tower_hidden=tower_hidden,
         dropout=dropout,
+        backbone=lambda in_dim: TaskNetworks(in_dim, num_tasks=len(task_names), hidden=hidden, dropout=dropout),
     )
