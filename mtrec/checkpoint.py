@@ -52,13 +52,16 @@ __all__ = [
 WEIGHTS = "model.safetensors"
 
 
-def _file_mode() -> int:
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-_FILE_MODE = _file_mode()
+# Temporary files and folders are created private (0600 / 0700); what is renamed into
+# place gets the modes an ordinary file or folder would have under the user's umask.
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -69,7 +72,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise MtrecError(f"{path.parent}: no such folder")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; outputs are ordinary files
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; outputs are ordinary files
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -82,11 +85,11 @@ def save_weights(model: nn.Module, path: Path) -> None:
     """Saves the state dict as safetensors, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         save_file(tensors, tmp)
-        os.chmod(tmp, _FILE_MODE)  # save_file recreates the file with mkstemp's 0600
+        os.chmod(tmp, FILE_MODE)  # save_file recreates the file with mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

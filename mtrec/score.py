@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mtrec.batch import Batch
-from mtrec.checkpoint import LoadedModel, load_model_dir
+from mtrec.checkpoint import DIR_MODE, FILE_MODE, LoadedModel, finalize_dir, load_model_dir
 from mtrec.config import Config
 from mtrec.data.batches import TensorColumns
 from mtrec.data.parquet import open_parquet, resolve_paths
@@ -660,12 +660,12 @@ def score_parquet(
     if as_folder:
         staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
         try:
-            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
+            os.chmod(staging, DIR_MODE)  # mkdtemp makes 0700; the output is an ordinary folder
             for job in jobs:
                 target = staging / job.target.relative_to(output)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 rows += _score_file(ranker, job, target, formula=formula, batch_size=batch_size, progress=bar)
-            _replace_folder(staging, output)
+            finalize_dir(staging, output)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -675,7 +675,7 @@ def score_parquet(
         fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
         tmp = Path(tmp_name)
         try:
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, FILE_MODE)
             os.close(fd)
             rows = _score_file(ranker, jobs[0], tmp, formula=formula, batch_size=batch_size, progress=bar)
             os.replace(tmp, output)
@@ -692,20 +692,3 @@ def score_parquet(
         "seconds": seconds,
         "rows_per_second": rows / seconds if seconds > 0 else float("nan"),
     }
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_folder(staging: Path, output: Path) -> None:
-    """Moves a complete staging folder to ``output``, removing an old one only now."""
-    if output.exists():
-        old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
-        os.replace(output, old / output.name)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
