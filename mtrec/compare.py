@@ -33,13 +33,11 @@ def compare_models(
     ``worse`` (negative transfer) where a model's headline metric (AUC, accuracy, or RMSE)
     is worse than the baseline's.
     """
-    import mtrec
-
     paths = [Path(m) for m in models]
     if baseline is not None and Path(baseline) not in paths:
         paths.insert(0, Path(baseline))
     results = {str(p): evaluate_model_dir(p, data, group_by=group_by) for p in paths}
-    archs = {str(p): mtrec.load_model_dir(p).config.model.name for p in paths}
+    archs = {model: result["architecture"] for model, result in results.items()}
     if baseline is None:
         base = next((k for k, a in archs.items() if a == "single_task"), str(paths[0]))
     else:

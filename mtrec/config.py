@@ -290,17 +290,24 @@ def _model_config(raw: Any) -> ModelConfig:
         spec = model_parameters(name)
     except KeyError as exc:
         raise ConfigError(f"model.name: {exc.args[0]}") from None
+    params = _checked_params(raw, spec, prefix="model", owner=f"model {name!r}", fixed=("name", "embedding_dim"))
+    return ModelConfig(name=name, embedding_dim=dim, params=params)
+
+
+def _checked_params(
+    raw: Mapping[str, Any], spec: Mapping[str, tuple[Any, Any]], *, prefix: str, owner: str, fixed: Sequence[str]
+) -> dict[str, Any]:
+    """Keyword parameters checked against ``spec`` (from :func:`parameter_spec`), defaults filled in."""
     params: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in spec:
             raise ConfigError(
-                f"model.{key}: unknown parameter for model {name!r} (expected one of "
-                f"{', '.join(['name', 'embedding_dim', *spec])})"
+                f"{prefix}.{key}: unknown parameter for {owner} (expected one of {', '.join([*fixed, *spec])})"
             )
-        params[key] = _coerce(value, spec[key][0], f"model.{key}")
+        params[key] = _coerce(value, spec[key][0], f"{prefix}.{key}")
     for key, (_, default) in spec.items():
         params.setdefault(key, default)
-    return ModelConfig(name=name, embedding_dim=dim, params=params)
+    return params
 
 
 def _weighting_config(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,17 +318,8 @@ def _weighting_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     if name not in WEIGHTINGS:
         raise ConfigError(f"train.loss_weighting.name: expected one of {', '.join(WEIGHTINGS)}, got {name!r}")
     spec = parameter_spec(WEIGHTINGS[name].__init__, skip=("task_names", "base_weights"))
-    params: dict[str, Any] = {"name": name}
-    for key, value in raw.items():
-        if key not in spec:
-            raise ConfigError(
-                f"train.loss_weighting.{key}: unknown parameter for {name!r} (expected one of "
-                f"{', '.join(['name', *spec])})"
-            )
-        params[key] = _coerce(value, spec[key][0], f"train.loss_weighting.{key}")
-    for key, (_, default) in spec.items():
-        params.setdefault(key, default)
-    return params
+    params = _checked_params(raw, spec, prefix="train.loss_weighting", owner=repr(name), fixed=("name",))
+    return {"name": name, **params}
 
 
 def _check_weighting_values(params: Mapping[str, Any], schema: Schema) -> None:

@@ -197,7 +197,7 @@ def evaluate_model_dir(
             weights.append(enc.sample_weight)
         if group_by is not None:
             groups.append(table.column(group_by).to_numpy(zero_copy_only=False))
-        if not labels[:-1]:
+        if len(labels) == 1:  # the first non-empty row group
             gates = gate_diagnostics(loaded.model, cols, batch_size=batch_size)
     if not labels:
         raise DataError(f"{data}: no rows to evaluate")
@@ -206,6 +206,7 @@ def evaluate_model_dir(
     w_all = np.concatenate(weights) if weights else None
     result: dict[str, Any] = {
         "model": str(model_dir),
+        "architecture": loaded.config.model.name,
         "data": str(data),
         "rows": int(y_all.shape[0]),
         "tasks": compute_metrics(z_all, y_all, m_all, tasks, w_all),
