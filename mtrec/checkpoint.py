@@ -33,52 +33,21 @@ from torch import nn
 from mtrec.config import Config, config_from_dict, config_to_dict
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import ConfigError, ModelError, MtrecError
+from mtrec.files import FILE_MODE, atomic_write_text, staging_dir
 from mtrec.models import create_model
 from mtrec.models.esmm import EsmmModel
 from mtrec.schema import InputLayout
 
 __all__ = [
     "LoadedModel",
-    "atomic_write_text",
     "build_model",
-    "finalize_dir",
     "load_model_dir",
     "prepare_output",
     "save_model_files",
     "save_weights",
-    "staging_dir",
 ]
 
 WEIGHTS = "model.safetensors"
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-# Temporary files and folders are created private (0600 / 0700); what is renamed into
-# place gets the modes an ordinary file or folder would have under the user's umask.
-FILE_MODE = 0o666 & ~_umask()
-DIR_MODE = 0o777 & ~_umask()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder."""
-    if path.is_dir():
-        raise MtrecError(f"{path}: is a folder, expected a file name")
-    if not path.parent.is_dir():
-        raise MtrecError(f"{path.parent}: no such folder")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; outputs are ordinary files
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -132,12 +101,6 @@ def prepare_output(output: Path, *, overwrite: bool) -> Path:
     return staging
 
 
-def staging_dir(output: Path) -> Path:
-    """Where a model directory is built before it is complete."""
-    output = output.resolve()
-    return output.with_name(output.name + ".incomplete")
-
-
 def is_model_dir(path: Path) -> bool:
     """Whether ``path`` looks like a model directory written by mtrec."""
     return (path / "meta.json").is_file() and (path / "config.yaml").is_file()
@@ -148,20 +111,6 @@ def save_model_files(staging: Path, config: Config, preprocessor: Preprocessor, 
     atomic_write_text(staging / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     preprocessor.save(staging / "preprocess")
     atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
-
-
-def finalize_dir(staging: Path, output: Path) -> None:
-    """Moves a complete staging folder to ``output``, replacing an old one only now."""
-    output = output.resolve()
-    if output.exists():
-        old = output.with_name(output.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, output)
 
 
 @dataclass

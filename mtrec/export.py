@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from mtrec.batch import Batch
-from mtrec.checkpoint import atomic_write_text, load_model_dir
+from mtrec.checkpoint import load_model_dir
 from mtrec.data.batches import TensorColumns
 from mtrec.errors import MtrecError
+from mtrec.files import atomic_write_text
 
 __all__ = ["EncodedInputModel", "export_model"]
 

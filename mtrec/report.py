@@ -197,7 +197,7 @@ td:first-child, th:first-child {{ text-align: left; }} img {{ max-width: 100%; }
 </body></html>
 """
     path = directory / "report.html"
-    from mtrec.checkpoint import atomic_write_text
+    from mtrec.files import atomic_write_text
 
     atomic_write_text(path, page)
     return path

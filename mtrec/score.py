@@ -35,12 +35,13 @@ import pyarrow.parquet as pq
 import torch
 
 from mtrec.batch import Batch
-from mtrec.checkpoint import DIR_MODE, FILE_MODE, LoadedModel, finalize_dir, load_model_dir
+from mtrec.checkpoint import LoadedModel, load_model_dir
 from mtrec.config import Config
 from mtrec.data.batches import TensorColumns
 from mtrec.data.parquet import open_parquet, resolve_paths
 from mtrec.data.preprocess import EncodedColumns
 from mtrec.errors import DataError, MtrecError
+from mtrec.files import DIR_MODE, FILE_MODE, finalize_dir
 from mtrec.schema import Task
 
 __all__ = ["Ranker", "check_rank", "load_model", "parse_rank", "rank_score", "score_parquet"]

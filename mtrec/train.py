@@ -21,21 +21,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mtrec import __version__
-from mtrec.checkpoint import (
-    WEIGHTS,
-    atomic_write_text,
-    build_model,
-    finalize_dir,
-    prepare_output,
-    save_model_files,
-    save_weights,
-)
+from mtrec.checkpoint import WEIGHTS, build_model, prepare_output, save_model_files, save_weights
 from mtrec.config import Config
 from mtrec.data.batches import TensorColumns
 from mtrec.data.loading import load_training_data
 from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.errors import ConfigError, MtrecError
 from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
+from mtrec.files import atomic_write_text, finalize_dir
 from mtrec.losses import multitask_loss, task_losses
 from mtrec.weighting import create_weighting
 

@@ -4,10 +4,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mtrec.checkpoint import atomic_write_text, finalize_dir, prepare_output
+from mtrec.checkpoint import prepare_output
 from mtrec.config import config_from_dict
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import ConfigError, DataError, MtrecError
+from mtrec.files import atomic_write_text, finalize_dir
 from mtrec.schema import DenseFeature, Schema, Task
 
 BASE = {
