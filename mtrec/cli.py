@@ -126,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
         "--sample-seed", type=int, default=None, help="draw other rows from the same world (e.g. a test file)"
     )
     s.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    for name, (_, _, summary, example) in PREPARERS.items():
+        r = dsub.add_parser(name, help=summary, description=summary + ".", epilog=example, formatter_class=fmt)
+        r.add_argument("--source", type=Path, required=True, help="folder (or file) with the original data")
+        r.add_argument("--output", type=Path, required=True, help="folder to write (train/valid/test Parquet)")
+        r.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+        r.add_argument("--overwrite", action="store_true", help="replace a folder written by `mtrec datasets`")
 
     t = sub.add_parser(
         "train",
@@ -275,6 +281,52 @@ def format_metrics(tasks: dict[str, dict[str, Any]]) -> str:
     return _table(rows) + ("\n" + "\n".join(notes) if notes else "")
 
 
+# Real datasets: name -> (module, function, summary, example). Each function takes
+# (source, output, *, seed, overwrite) and returns the manifest it wrote.
+PREPARERS: dict[str, tuple[str, str, str, str]] = {
+    "census-income": (
+        "mtrec.data.census",
+        "prepare_census_income",
+        "split UCI census-income (KDD) into train/valid/test Parquet with income, never_married and college labels",
+        "example:\n  mtrec datasets census-income --source ../shared/data/census-income-kdd --output data/census\n",
+    ),
+    "ali-ccp": (
+        "mtrec.data.logs",
+        "prepare_ali_ccp",
+        "convert Ali-CCP CSV files (click, purchase) to Parquet",
+        "example:\n  mtrec datasets ali-ccp --source ../shared/data/samples/ali-ccp --output data/ali-ccp\n",
+    ),
+    "aliexpress": (
+        "mtrec.data.logs",
+        "prepare_aliexpress",
+        "convert AliExpress-format CSV files (click, conversion) to Parquet",
+        "example:\n  mtrec datasets aliexpress --source ../shared/data/samples/aliexpress --output data/aliexpress\n",
+    ),
+    "byterec": (
+        "mtrec.data.logs",
+        "prepare_byterec",
+        "convert the ByteDance short-video log (finish, like; tab-separated) to Parquet",
+        "example:\n  mtrec datasets byterec --source ../shared/data/samples/byterec --output data/byterec\n",
+    ),
+}
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    if args.dataset == "synthetic":
+        return _cmd_synthetic(args)
+    import importlib
+
+    module, function, _, _ = PREPARERS[args.dataset]
+    prepare = getattr(importlib.import_module(module), function)
+    t0 = time.perf_counter()
+    manifest = prepare(args.source, args.output, seed=args.seed, overwrite=args.overwrite)
+    rows = ", ".join(f"{name} {info['rows']:,}" for name, info in manifest["splits"].items())
+    print(f"wrote {args.output}: {rows} rows in {time.perf_counter() - t0:.1f}s")
+    for task, rate in manifest.get("positive_rate", {}).items():
+        print(f"  {task}: {rate:.2%} positive")
+    return 0
+
+
 def _cmd_synthetic(args: argparse.Namespace) -> int:
     from mtrec.data.synthetic import write_click_log
 
@@ -303,8 +355,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from mtrec.checkpoint import atomic_write_text
     from mtrec.evaluate import evaluate_model_dir
+    from mtrec.files import atomic_write_text
 
     if args.batch_size is not None and args.batch_size < 1:
         raise MtrecError(f"--batch-size: expected a positive number, got {args.batch_size}")
@@ -345,8 +397,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mtrec.checkpoint import atomic_write_text
     from mtrec.compare import compare_models, format_comparison
+    from mtrec.files import atomic_write_text
 
     comparison = compare_models(args.models, args.data, baseline=args.baseline, group_by=args.group_by)
     print(format_comparison(comparison))
@@ -439,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {
         "quickstart": _cmd_quickstart,
-        "datasets": _cmd_synthetic,
+        "datasets": _cmd_datasets,
         "train": _cmd_train,
         "evaluate": _cmd_evaluate,
         "models": _cmd_models,

@@ -1,0 +1,97 @@
+"""A prepared dataset folder: one Parquet file per split plus ``dataset.json``.
+
+Every ``mtrec datasets NAME --source ... --output DIR`` step ends here. The folder is
+built as ``DIR.incomplete`` and renamed into place, so an interrupted run leaves
+nothing behind, and ``--overwrite`` only ever replaces a folder that this module wrote
+(one with a ``dataset.json``), never an arbitrary folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from mtrec.errors import DataError, MtrecError
+from mtrec.files import DIR_MODE, FILE_MODE, finalize_dir, staging_dir
+
+__all__ = ["MANIFEST", "file_md5", "is_prepared_dir", "read_source", "write_prepared"]
+
+MANIFEST = "dataset.json"
+
+
+def is_prepared_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`write_prepared`."""
+    return (path / MANIFEST).is_file()
+
+
+def file_md5(path: Path) -> str:
+    """The md5 of a file (recorded in manifests so a result names its exact source)."""
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_source(source: Path, names: tuple[str, ...]) -> Path:
+    """The first of ``names`` that exists in folder ``source`` (or ``source`` itself if a file)."""
+    if source.is_file():
+        return source
+    if not source.is_dir():
+        raise DataError(f"{source}: no such file or folder")
+    for name in names:
+        if (source / name).is_file():
+            return source / name
+    raise DataError(f"{source}: expected one of {', '.join(names)} in this folder")
+
+
+def write_prepared(
+    output: Path, splits: Mapping[str, pl.DataFrame], manifest: Mapping[str, Any], *, overwrite: bool
+) -> dict[str, Any]:
+    """Writes ``splits`` as ``output/<split>.parquet`` and the manifest, atomically.
+
+    Args:
+        output: The folder to create.
+        splits: Split name -> data frame (for example ``train``, ``valid``, ``test``).
+        manifest: What produced the data (source, md5, seed, tasks, ...). Rows and
+            columns per split are added here.
+        overwrite: Replace an existing prepared folder.
+
+    Returns:
+        The manifest as written.
+    """
+    output = output.resolve()
+    if output.exists() and not overwrite:
+        raise MtrecError(f"{output}: already exists (pass --overwrite to replace it)")
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not is_prepared_dir(output))):
+        raise MtrecError(f"{output}: is not a folder written by `mtrec datasets`; refusing to replace it")
+    for parent in output.parents:
+        if parent.exists() and not parent.is_dir():
+            raise MtrecError(f"{parent}: is a file, so {output} cannot be a folder")
+    staging = staging_dir(output)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    staging.chmod(DIR_MODE)
+    try:
+        info = dict(manifest)
+        info["splits"] = {}
+        for name, frame in splits.items():
+            path = staging / f"{name}.parquet"
+            frame.write_parquet(path, row_group_size=65536)
+            path.chmod(FILE_MODE)
+            info["splits"][name] = {"file": path.name, "rows": frame.height}
+        info["columns"] = {c: str(t) for c, t in next(iter(splits.values())).schema.items()}
+        (staging / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+        (staging / MANIFEST).chmod(FILE_MODE)
+        finalize_dir(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return info
