@@ -78,11 +78,28 @@ class DataConfig:
         valid: Parquet validation data; when omitted, ``valid_fraction`` of the
             training rows (seeded) is held out instead.
         valid_fraction: Share of training rows held out when ``valid`` is not given.
+        mode: ``memory`` reads and encodes the training data once and keeps it in
+            memory; ``stream`` reads it row group by row group every epoch (a background
+            thread reads ahead, a shuffle buffer mixes rows), so data larger than memory
+            trains in bounded memory; ``auto`` streams when the encoded training data
+            would exceed ``memory_budget_mb`` (estimated from the Parquet metadata).
+            Validation data is always held in memory. Distributed runs always stream
+            (each rank reads its own row groups).
+        memory_budget_mb: The ``auto`` threshold, in MiB of encoded training columns.
+        shuffle_buffer: Rows mixed at a time in stream mode (per rank).
+        read_ahead: Row groups read and encoded ahead of training in stream mode.
+        num_workers: DataLoader worker processes reading row groups in stream mode
+            (0: one background thread).
     """
 
     train: str | None = None
     valid: str | None = None
     valid_fraction: float = 0.1
+    mode: Literal["auto", "memory", "stream"] = "auto"
+    memory_budget_mb: float = 8192.0
+    shuffle_buffer: int = 262_144
+    read_ahead: int = 2
+    num_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -263,6 +280,16 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(f"train.weight_decay: expected >= 0, got {t.weight_decay}")
     if not 0.0 < cfg.data.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction: expected a number in (0, 1), got {cfg.data.valid_fraction}")
+    d = cfg.data
+    for key, value in {
+        "shuffle_buffer": d.shuffle_buffer,
+        "read_ahead": d.read_ahead,
+        "num_workers": d.num_workers,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"data.{key}: expected >= 0, got {value}")
+    if d.memory_budget_mb <= 0:
+        raise ConfigError(f"data.memory_budget_mb: expected a positive number, got {d.memory_budget_mb}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
     metrics_of = {"binary": ("auc", "logloss"), "regression": ("rmse", "mae"), "multiclass": ("accuracy", "logloss")}

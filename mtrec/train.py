@@ -10,7 +10,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,10 +21,19 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mtrec import __version__
+from mtrec.batch import Batch
 from mtrec.checkpoint import WEIGHTS, build_model, prepare_output, save_model_files, save_weights
 from mtrec.config import Config
 from mtrec.data.batches import TensorColumns
-from mtrec.data.loading import load_training_data
+from mtrec.data.loading import (
+    StreamingData,
+    TrainingData,
+    load_streaming_data,
+    load_training_data,
+    resolve_data_mode,
+)
+from mtrec.data.preprocess import EncodedColumns
+from mtrec.data.streaming import ParquetStream
 from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.errors import ConfigError, MtrecError
 from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
@@ -204,28 +213,54 @@ def _train(
     task_names = tuple(t.name for t in tasks)
 
     t0 = time.perf_counter()
-    data = load_training_data(
-        schema, config.data.train, config.data.valid, valid_fraction=config.data.valid_fraction, seed=t.seed
-    )
+    d = config.data
+    mode, size_mb = resolve_data_mode(d.mode, schema, d.train, d.memory_budget_mb)
+    data: TrainingData | StreamingData
+    if mode == "memory":
+        data = load_training_data(schema, d.train, d.valid, valid_fraction=d.valid_fraction, seed=t.seed)
+        batches: _MemoryBatches | ParquetStream = _MemoryBatches(data.train, t.batch_size, generator)
+        train_rows = data.train.num_rows
+        labelled, labelled_what = data.train, "training"
+    else:
+        data = load_streaming_data(
+            schema,
+            d.train,
+            d.valid,
+            valid_fraction=d.valid_fraction,
+            seed=t.seed,
+            batch_size=t.batch_size,
+            shuffle_buffer=d.shuffle_buffer,
+            read_ahead=d.read_ahead,
+            num_workers=d.num_workers,
+        )
+        batches = data.train
+        train_rows = data.train.total_rows
+        # The training rows are never held at once; label statistics come from validation.
+        labelled, labelled_what = data.valid, "validation"
     load_s = time.perf_counter() - t0
     layout = data.preprocessor.layout()
+    how = (
+        "read and encoded"
+        if mode == "memory"
+        else f"stream mode: encoded size ~{size_mb:,.0f} MiB, budget {d.memory_budget_mb:,.0f} MiB; fitted"
+    )
     _say(
         stream,
         progress,
-        f"data: {data.train.num_rows:,} training rows, {data.valid.num_rows:,} validation rows "
-        f"(read and encoded in {load_s:.1f}s); embedding rows {sum(layout.table_sizes):,}",
+        f"data: {train_rows:,} training rows, {data.valid.num_rows:,} validation rows "
+        f"({how} in {load_s:.1f}s); embedding rows {sum(layout.table_sizes):,}",
     )
     for j, task in enumerate(tasks):
-        space = data.train.label_mask[:, j]
-        rate = float(data.train.labels[space, j].mean()) if space.any() else float("nan")
+        space = labelled.label_mask[:, j]
+        rate = float(labelled.labels[space, j].mean()) if space.any() else float("nan")
         what = "positive rate" if task.type == "binary" else "mean label"
         _say(
             stream,
             progress,
-            f"task {task.name}: {int(space.sum()):,} training rows in its sample space, {what} {rate:.4f}",
+            f"task {task.name}: {int(space.sum()):,} {labelled_what} rows in its sample space, {what} {rate:.4f}",
         )
 
-    correlations = label_correlations(data.train.labels, data.train.label_mask, tasks)
+    correlations = label_correlations(labelled.labels, labelled.label_mask, tasks)
     if len(correlations) > 1:
         _say(stream, progress, _fmt_correlations(correlations))
 
@@ -253,7 +288,8 @@ def _train(
         "model": config.model.name,
         "task_names": list(task_names),
         "layout": dataclasses.asdict(layout),
-        "train_rows": data.train.num_rows,
+        "train_rows": train_rows,
+        "data_mode": mode,
         "valid_rows": data.valid.num_rows,
         "train_files": [str(p) for p in data.train_files],
         "precision": precision,
@@ -267,7 +303,6 @@ def _train(
         log_fh.write(json.dumps(record) + "\n")
         log_fh.flush()
 
-    train_cols = TensorColumns.from_encoded(data.train)
     valid_cols = TensorColumns.from_encoded(data.valid)
     use_cuda = device.type == "cuda"
     amp_dtype = resolve_precision(t.precision, device)
@@ -280,19 +315,17 @@ def _train(
     best_metrics: dict[str, dict[str, Any]] = {}
     bad_epochs = 0
     higher_better = t.monitor == "mean_auc" or t.monitor.endswith((".auc", ".accuracy"))
-    log({"event": "start", "config_model": config.model.name, "train_rows": data.train.num_rows, "time": time.time()})
+    log({"event": "start", "config_model": config.model.name, "train_rows": train_rows, "time": time.time()})
     try:
         for epoch in range(1, t.epochs + 1):
             model.train()
-            steps = train_cols.num_batches(t.batch_size)
+            steps = batches.num_batches(epoch)
             bar = _Progress(steps, epoch, t.epochs, t.log_every, stream, progress)
             loss_sum = 0.0
             rows = 0
             epoch_task_loss = dict.fromkeys(task_names, 0.0)
             e0 = time.perf_counter()
-            for step, batch in enumerate(
-                train_cols.iter_batches(t.batch_size, shuffle=True, generator=generator), start=1
-            ):
+            for step, batch in enumerate(batches.iter_batches(epoch), start=1):
                 if use_cuda:
                     batch = batch.pin_memory().to(device, non_blocking=True)
                 if autocast is not None:
@@ -396,6 +429,21 @@ def _train(
     _say(stream, progress, f"best epoch {best_epoch}: {_fmt_metrics(best_metrics)}")
     _say(stream, progress, f"model saved to {out_dir}")
     return TrainResult(out_dir, best_epoch, best_metrics, history)
+
+
+class _MemoryBatches:
+    """Encoded training rows held in memory, served in a fresh random order each epoch."""
+
+    def __init__(self, encoded: EncodedColumns, batch_size: int, generator: torch.Generator) -> None:
+        self.columns = TensorColumns.from_encoded(encoded)
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def num_batches(self, epoch: int) -> int:
+        return self.columns.num_batches(self.batch_size)
+
+    def iter_batches(self, epoch: int) -> Iterator[Batch]:
+        return self.columns.iter_batches(self.batch_size, shuffle=True, generator=self.generator)
 
 
 def _masked_loss(

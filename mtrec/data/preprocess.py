@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 
 from mtrec.errors import DataError, ModelError
 from mtrec.expr import parse_where
-from mtrec.schema import DenseFeature, InputLayout, Schema, SparseFeature, Task
+from mtrec.schema import DenseFeature, InputLayout, Schema, SequenceFeature, SparseFeature, Task
 
 __all__ = ["EncodedColumns", "Preprocessor"]
 
@@ -137,6 +139,164 @@ def _hash_ids(arr: pa.Array, buckets: int) -> np.ndarray:
     return out
 
 
+class _VocabCounts:
+    """Running value counts of one vocabulary (a sparse feature plus the lists sharing it).
+
+    Per-table counts are merged into the running total lazily, once the pending ones
+    outnumber it, so that merging costs amortised O(distinct values per table) rather
+    than O(vocabulary) per table.
+    """
+
+    # Pending counts below this many rows are never merged early (merging is per call, not per row).
+    merge_at = 1 << 16
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.type: pa.DataType | None = None
+        self.total: pl.DataFrame | None = None
+        self.pending: list[pl.DataFrame] = []
+        self.pending_rows = 0
+
+    def add(self, source: str, column: str, values: pa.Array) -> None:
+        if self.type is None:
+            self.type = values.type
+        elif values.type != self.type:
+            raise DataError(
+                f"{source}: column {column!r} holds {values.type} in one part of the data and {self.type} in another"
+            )
+        counts = pl.Series("v", values).drop_nulls().value_counts(name="n")
+        # value_counts gives u32 counts; int64 so that sums over many tables cannot overflow.
+        self.pending.append(counts.with_columns(pl.col("n").cast(pl.Int64)))
+        self.pending_rows += counts.height
+        if self.pending_rows > max(self.total.height if self.total is not None else 0, self.merge_at):
+            self._merge()
+
+    def _merge(self) -> None:
+        frames = ([self.total] if self.total is not None else []) + self.pending
+        merged = frames[0] if len(frames) == 1 else pl.concat(frames).group_by("v").agg(pl.col("n").sum())
+        self.total, self.pending, self.pending_rows = merged, [], 0
+
+    def finish(self, min_freq: int, max_vocab: int | None) -> pa.Array:
+        self._merge()
+        counts = self.total
+        assert counts is not None  # finish() is only called after at least one add()
+        # Most frequent first; ties by value so the vocabulary does not depend on row order.
+        counts = counts.filter(pl.col("n") >= min_freq).sort(["n", "v"], descending=[True, False])
+        if max_vocab is not None:
+            counts = counts.head(max_vocab)
+        return counts.get_column("v").to_arrow()
+
+
+class _DenseMoments:
+    """Running statistics of one dense column, exact however the rows are split.
+
+    The fill value (the mean of the finite raw values unless configured) is known only at
+    the end, so the transformed statistics are kept over the finite rows alone, as
+    (count, mean, M2) merged with Chan et al.'s pairwise update (stable where sums of
+    squares cancel), and the non-finite rows join at the end as one group of
+    ``n_nonfinite`` copies of ``g(fill)`` with M2 = 0.
+    """
+
+    def __init__(self, f: DenseFeature) -> None:
+        self.f = f
+        self.log = f.transform in ("log1p", "log1p_standardize")
+        self.standardize = f.transform in ("standardize", "log1p_standardize")
+        self.n_finite = 0
+        self.n_nonfinite = 0
+        self.raw_sum = 0.0
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def _g(self, x: np.ndarray) -> np.ndarray:
+        return np.log1p(np.clip(x, 0.0, None)) if self.log else x
+
+    def _join(self, n: int, mean: float, m2: float) -> None:
+        if n == 0:
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta * delta * (self.n * n / total)
+        self.n = total
+
+    def add(self, x: np.ndarray) -> None:
+        finite = np.isfinite(x)
+        good = x[finite]
+        self.n_finite += int(good.size)
+        self.n_nonfinite += int(x.size - good.size)
+        self.raw_sum += float(good.sum())
+        if self.standardize and good.size:
+            g = self._g(good)
+            mean = float(g.mean())
+            self._join(int(g.size), mean, float(np.square(g - mean).sum()))
+
+    def finish(self, source: str) -> dict[str, float]:
+        f = self.f
+        if f.clean and self.n_nonfinite:
+            raise DataError(
+                f"{source}: column {f.name!r} has {self.n_nonfinite} null/NaN/inf values but is declared clean"
+            )
+        fill = f.fill if f.fill is not None else (self.raw_sum / self.n_finite if self.n_finite else 0.0)
+        mean, std = 0.0, 1.0
+        if self.standardize:
+            self._join(self.n_nonfinite, float(self._g(np.array([fill], dtype=np.float64))[0]), 0.0)
+            mean = self.mean
+            std = math.sqrt(self.m2 / self.n) if self.n else float("nan")
+            if not np.isfinite(std) or std < 1e-12:
+                std = 1.0
+        return {"fill": float(fill), "mean": float(mean), "std": float(std)}
+
+
+class _FitState:
+    """What :meth:`Preprocessor.fit_stream` keeps between tables."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.rows = 0
+        self.shared: dict[str, list[SequenceFeature]] = {}
+        for seq in schema.sequence:
+            if seq.vocab_from is not None:
+                self.shared.setdefault(seq.vocab_from, []).append(seq)
+        self.vocabs = {f.name: _VocabCounts(f.name) for f in schema.sparse if f.hash_buckets is None}
+        self.vocabs.update({s.name: _VocabCounts(s.name) for s in schema.sequence if s.vocab_from is None})
+        self.dense = {f.name: _DenseMoments(f) for f in schema.dense}
+
+    def update(self, table: pa.Table, source: str) -> None:
+        if table.num_rows == 0:
+            return
+        self.rows += table.num_rows
+        for f in self.schema.sparse:
+            own = _id_values(source, f.name, table.column(f.name), is_list=False)
+            if f.hash_buckets is not None:
+                continue  # checked for its type only: hashing needs no state
+            counts = self.vocabs[f.name]
+            counts.add(source, f.name, own)
+            for seq in self.shared.get(f.name, []):
+                values = _id_values(source, seq.name, table.column(seq.name), is_list=True)
+                if values.type != own.type:
+                    raise DataError(
+                        f"{source}: list column {seq.name!r} holds {values.type} but {f.name!r}, whose "
+                        f"vocabulary it shares, holds {own.type}"
+                    )
+                counts.add(source, seq.name, values)
+        for s in self.schema.sequence:
+            if s.vocab_from is None:
+                self.vocabs[s.name].add(source, s.name, _id_values(source, s.name, table.column(s.name), is_list=True))
+        for f in self.schema.dense:
+            self.dense[f.name].add(Preprocessor._dense_values(source, f, table.column(f.name)))
+
+    def finish(self, source: str) -> tuple[dict[str, pa.Array], dict[str, dict[str, float]]]:
+        if self.rows == 0:
+            raise DataError(f"{source}: no training rows to fit preprocessing on")
+        vocabs: dict[str, pa.Array] = {}
+        for f in self.schema.sparse:
+            if f.hash_buckets is None:
+                vocabs[f.name] = self.vocabs[f.name].finish(f.min_freq, f.max_vocab)
+        for s in self.schema.sequence:
+            if s.vocab_from is None:
+                vocabs[s.name] = self.vocabs[s.name].finish(s.min_freq, None)
+        return vocabs, {f.name: self.dense[f.name].finish(source) for f in self.schema.dense}
+
+
 class Preprocessor:
     """Fitted encoding of a :class:`~mtrec.schema.Schema`.
 
@@ -164,43 +324,38 @@ class Preprocessor:
     @classmethod
     def fit(cls, schema: Schema, table: pa.Table, *, source: str = "training data") -> Preprocessor:
         """Fits vocabularies and dense statistics on ``table`` (the training rows only)."""
-        if table.num_rows == 0:
-            raise DataError(f"{source}: no training rows to fit preprocessing on")
-        vocabs: dict[str, pa.Array] = {}
-        shared: dict[str, list[Any]] = {}
-        for seq in schema.sequence:
-            if seq.vocab_from is not None:
-                shared.setdefault(seq.vocab_from, []).append(seq)
-        for f in schema.sparse:
-            if f.hash_buckets is not None:
-                _id_values(source, f.name, table.column(f.name), is_list=False)
-                continue
-            parts = [_id_values(source, f.name, table.column(f.name), is_list=False)]
-            for seq in shared.get(f.name, []):
-                values = _id_values(source, seq.name, table.column(seq.name), is_list=True)
-                if values.type != parts[0].type:
-                    raise DataError(
-                        f"{source}: list column {seq.name!r} holds {values.type} but {f.name!r}, whose "
-                        f"vocabulary it shares, holds {parts[0].type}"
-                    )
-                parts.append(values)
-            vocabs[f.name] = cls._fit_vocab(parts, f.min_freq, f.max_vocab)
-        for s in schema.sequence:
-            if s.vocab_from is None:
-                values = _id_values(source, s.name, table.column(s.name), is_list=True)
-                vocabs[s.name] = cls._fit_vocab([values], s.min_freq, None)
-        dense_stats = {f.name: cls._fit_dense(source, f, table.column(f.name)) for f in schema.dense}
-        return cls(schema, vocabs, dense_stats)
+        return cls.fit_stream(schema, [table], source=source)
 
-    @staticmethod
-    def _fit_vocab(parts: list[pa.Array], min_freq: int, max_vocab: int | None) -> pa.Array:
-        values = pl.concat([pl.Series("v", p) for p in parts]) if len(parts) > 1 else pl.Series("v", parts[0])
-        counts = values.drop_nulls().value_counts(name="n")
-        # Most frequent first; ties by value so the vocabulary does not depend on row order.
-        counts = counts.filter(pl.col("n") >= min_freq).sort(["n", "v"], descending=[True, False])
-        if max_vocab is not None:
-            counts = counts.head(max_vocab)
-        return counts.get_column("v").to_arrow()
+    @classmethod
+    def fit_stream(cls, schema: Schema, tables: Iterable[pa.Table], *, source: str) -> Preprocessor:
+        """Fits the same state as :meth:`fit` on the concatenation of ``tables``, one table at a time.
+
+        Only running state is held: per-vocabulary value counts and, per dense feature, a
+        handful of float64 sums. The result does not depend on how the rows are split
+        into tables (up to float rounding of the dense statistics, ~1e-15 relative).
+
+        Args:
+            schema: Features and tasks to fit.
+            tables: The training rows in any number of tables (e.g. one per Parquet row
+                group), each holding at least the schema's input columns.
+            source: Names the data in error messages.
+
+        Raises:
+            DataError: No rows at all, a column of the wrong type (or of different types in
+                different tables), or null/NaN/inf in a dense column declared clean.
+
+        Example:
+            >>> import pyarrow as pa
+            >>> from mtrec.schema import Schema, SparseFeature, Task
+            >>> schema = Schema(sparse=(SparseFeature("u"),), tasks=(Task("ctr", label="click"),))
+            >>> parts = [pa.table({"u": [7, 9]}), pa.table({"u": [9]})]
+            >>> Preprocessor.fit_stream(schema, parts, source="demo").vocabs["u"].to_pylist()
+            [9, 7]
+        """
+        state = _FitState(schema)
+        for table in tables:
+            state.update(table, source)
+        return cls(schema, *state.finish(source))
 
     @staticmethod
     def _dense_values(source: str, f: DenseFeature, col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -208,27 +363,6 @@ class Preprocessor:
         if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)):
             raise DataError(f"{source}: column {f.name!r} has type {arr.type}, expected a number")
         return arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
-
-    @classmethod
-    def _fit_dense(cls, source: str, f: DenseFeature, col: pa.ChunkedArray) -> dict[str, float]:
-        x = cls._dense_values(source, f, col)
-        finite = np.isfinite(x)
-        if f.clean and not finite.all():
-            raise DataError(
-                f"{source}: column {f.name!r} has {int((~finite).sum())} null/NaN/inf values but is declared clean"
-            )
-        good = x[finite]
-        fill = f.fill if f.fill is not None else (float(good.mean()) if good.size else 0.0)
-        filled = np.where(finite, x, fill)
-        if f.transform in ("log1p", "log1p_standardize"):
-            filled = np.log1p(np.clip(filled, 0.0, None))
-        mean, std = 0.0, 1.0
-        if f.transform in ("standardize", "log1p_standardize"):
-            mean = float(filled.mean())
-            std = float(filled.std())
-            if not np.isfinite(std) or std < 1e-12:
-                std = 1.0
-        return {"fill": float(fill), "mean": mean, "std": std}
 
     # ----------------------------------------------------------------- layout
     def layout(self) -> InputLayout:

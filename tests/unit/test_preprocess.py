@@ -791,3 +791,160 @@ def test_encoded_shapes_and_dtypes() -> None:
     assert [s.shape for s in enc.sequences] == [(25, 3), (25, 2)]
     assert enc.seq_lengths.shape == (25, 2) and enc.seq_lengths.dtype == np.int64
     assert enc.labels.shape == (25, 2) and enc.label_mask.shape == (25, 2)
+
+
+# =========================================================================== streaming fit
+
+
+def _chunks(table: pa.Table, sizes: list[int]) -> list[pa.Table]:
+    """``table`` cut into consecutive slices of ``sizes`` (the rest in the last slice)."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(table.slice(start, n))
+        start += n
+    out.append(table.slice(start))
+    return out
+
+
+def _stream_table(n: int = 3000, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    x = rng.lognormal(2.0, 1.5, n)
+    x[rng.random(n) < 0.1] = np.nan
+    x[rng.random(n) < 0.02] = np.inf
+    neg = rng.normal(0.0, 3.0, n)  # negatives: clipped before log1p
+    hist = [rng.integers(0, 400, rng.integers(0, 6)).tolist() for _ in range(n)]
+    hist[3] = None
+    tags = [[f"t{v}" for v in rng.integers(0, 50, rng.integers(0, 4))] for _ in range(n)]
+    return make_table(
+        u=pa.array(rng.zipf(1.5, n) % 1000, pa.int64()),
+        item=pa.array(rng.integers(0, 300, n), pa.int64()),
+        s=pa.array([None if v == 0 else f"s{v}" for v in rng.integers(0, 40, n)]),
+        h=pa.array(rng.integers(0, 10**12, n), pa.int64()),
+        hist=pa.array(hist, pa.list_(pa.int64())),
+        tags=pa.array(tags, pa.list_(pa.string())),
+        x_none=pa.array([None if np.isnan(v) else v for v in x]),
+        x_std=pa.array(x),
+        x_log=pa.array(neg),
+        x_logstd=pa.array(x),
+        x_fill=pa.array(x),
+    )
+
+
+def _stream_schema() -> Schema:
+    return make_schema(
+        sparse=(
+            SparseFeature("u", min_freq=3, max_vocab=40),
+            SparseFeature("item", min_freq=2),
+            SparseFeature("s"),
+            SparseFeature("h", hash_buckets=97),
+        ),
+        dense=(
+            DenseFeature("x_none", transform="none"),
+            DenseFeature("x_std", transform="standardize"),
+            DenseFeature("x_log", transform="log1p"),
+            DenseFeature("x_logstd", transform="log1p_standardize"),
+            DenseFeature("x_fill", transform="log1p_standardize", fill=-4.0),
+        ),
+        sequence=(
+            SequenceFeature("hist", max_len=3, vocab_from="item"),
+            SequenceFeature("tags", max_len=2, min_freq=2),
+        ),
+    )
+
+
+def _reference_dense(f: DenseFeature, x: np.ndarray) -> dict[str, float]:
+    """The dense statistics computed the direct way, over all rows at once."""
+    finite = np.isfinite(x)
+    fill = f.fill if f.fill is not None else float(x[finite].mean())
+    v = np.where(finite, x, fill)
+    if f.transform in ("log1p", "log1p_standardize"):
+        v = np.log1p(np.clip(v, 0.0, None))
+    if f.transform in ("standardize", "log1p_standardize"):
+        return {"fill": fill, "mean": float(v.mean()), "std": float(v.std())}
+    return {"fill": fill, "mean": 0.0, "std": 1.0}
+
+
+def assert_same_fit(a: Preprocessor, b: Preprocessor) -> None:
+    assert a.vocabs.keys() == b.vocabs.keys()
+    for name in a.vocabs:
+        assert a.vocabs[name].type == b.vocabs[name].type, name
+        assert a.vocabs[name].to_pylist() == b.vocabs[name].to_pylist(), name
+    assert a.dense_stats.keys() == b.dense_stats.keys()
+    for name, st in a.dense_stats.items():
+        for key, value in st.items():
+            assert b.dense_stats[name][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
+
+
+@pytest.mark.parametrize("sizes", [[1000, 1000], [1, 0, 7, 500, 1200, 3], [250] * 11])
+def test_fit_stream_equals_fit_on_the_whole_table(sizes: list[int]) -> None:
+    schema, table = _stream_schema(), _stream_table()
+    whole = Preprocessor.fit(schema, table)
+    streamed = Preprocessor.fit_stream(schema, _chunks(table, sizes), source="chunks")
+    assert_same_fit(whole, streamed)
+    # the chunk order does not matter either (ties broken by value, sums commute)
+    assert_same_fit(whole, Preprocessor.fit_stream(schema, _chunks(table, sizes)[::-1], source="chunks"))
+    # min_freq / max_vocab / vocab_from took effect on the global counts, not per chunk
+    assert len(whole.vocabs["u"]) == 40
+    assert "h" not in whole.vocabs and "hist" not in whole.vocabs
+    a, b = whole.transform(table), streamed.transform(table)
+    np.testing.assert_allclose(a.dense, b.dense, rtol=1e-6, atol=1e-6)  # statistics agree to rounding
+    a.dense = b.dense
+    assert_encoded_equal(a, b)
+
+
+def test_fit_stream_dense_statistics_match_a_direct_computation() -> None:
+    schema, table = _stream_schema(), _stream_table(seed=1)
+    pre = Preprocessor.fit_stream(schema, _chunks(table, [333] * 8), source="chunks")
+    for f in schema.dense:
+        x = table.column(f.name).to_numpy(zero_copy_only=False).astype(np.float64)
+        ref = _reference_dense(f, x)
+        for key in ("fill", "mean", "std"):
+            assert pre.dense_stats[f.name][key] == pytest.approx(ref[key], rel=1e-9), (f.name, key)
+
+
+def test_fit_stream_std_is_stable_for_large_offsets() -> None:
+    # sum-of-squares would lose every digit here: values 1e9 + noise of std ~1e-3
+    rng = np.random.default_rng(3)
+    x = 1e9 + rng.normal(0.0, 1e-3, 4000)
+    schema = make_schema(dense=(DenseFeature("x"),))
+    pre = Preprocessor.fit_stream(schema, _chunks(make_table(x=x), [700] * 5), source="chunks")
+    assert pre.dense_stats["x"]["std"] == pytest.approx(float(x.std()), rel=1e-6)
+
+
+def test_fit_stream_vocab_counts_merge_across_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtrec.data import preprocess
+
+    # Merge the running counts after every chunk, so the incremental merge is exercised.
+    monkeypatch.setattr(preprocess._VocabCounts, "merge_at", 0)
+    schema = make_schema(sparse=(SparseFeature("u", min_freq=2), SparseFeature("s")))
+    rng = np.random.default_rng(4)
+    table = make_table(u=pa.array(rng.integers(0, 200, 2000), pa.int64()), s=[f"v{i % 37}" for i in range(2000)])
+    assert_same_fit(
+        Preprocessor.fit(schema, table), Preprocessor.fit_stream(schema, _chunks(table, [90] * 20), source="c")
+    )
+
+
+def test_fit_stream_with_no_rows_is_a_data_error() -> None:
+    schema = make_schema(sparse=(SparseFeature("u"),))
+    empty = make_table(u=pa.array([], pa.int64()))
+    with pytest.raises(DataError, match=r"^files: no training rows"):
+        Preprocessor.fit_stream(schema, [empty, empty], source="files")
+    with pytest.raises(DataError, match=r"^files: no training rows"):
+        Preprocessor.fit_stream(schema, iter([]), source="files")
+
+
+def test_fit_stream_column_types_must_agree_across_chunks() -> None:
+    schema = make_schema(sparse=(SparseFeature("u"),))
+    parts = [make_table(u=[1, 2]), make_table(u=["a", "b"])]
+    with pytest.raises(DataError, match=r"^f: column 'u' holds string in one part of the data and int64 in another"):
+        Preprocessor.fit_stream(schema, parts, source="f")
+    # int widths are not a disagreement: IDs are int64 either way
+    parts = [make_table(u=pa.array([1, 2], pa.int32())), make_table(u=pa.array([2], pa.int64()))]
+    assert Preprocessor.fit_stream(schema, parts, source="f").vocabs["u"].to_pylist() == [2, 1]
+
+
+def test_fit_stream_clean_violation_counts_every_chunk() -> None:
+    schema = make_schema(dense=(DenseFeature("price", clean=True),))
+    parts = [make_table(price=[1.0, math.nan]), make_table(price=[2.0]), make_table(price=[None, math.inf])]
+    with pytest.raises(DataError, match=r"^f: column 'price' has 3 null/NaN/inf values but is declared clean$"):
+        Preprocessor.fit_stream(schema, parts, source="f")
