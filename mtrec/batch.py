@@ -61,3 +61,8 @@ class Batch:
             self.label_mask.pin_memory(),
             None if self.sample_weight is None else self.sample_weight.pin_memory(),
         )
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch (for stream bookkeeping on CUDA)."""
+        out = [self.sparse, self.dense, *self.sequences, self.seq_lengths, self.labels, self.label_mask]
+        return out if self.sample_weight is None else [*out, self.sample_weight]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -44,6 +45,9 @@ __all__ = [
     "load_model_dir",
     "prepare_output",
     "save_model_files",
+    "save_resume_state",
+    "load_resume_state",
+    "has_resume_state",
     "save_weights",
 ]
 
@@ -163,3 +167,78 @@ def _lists_to_tuples(x: Any) -> Any:
     if isinstance(x, list):
         return tuple(_lists_to_tuples(v) for v in x)
     return x
+
+
+# ----------------------------------------------------------------------------- resume state
+RESUME = "resume"
+
+
+def _pack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able skeleton of ``obj`` with every tensor moved into ``tensors`` (no pickle)."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_pack(k, tensors), _pack(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__" if isinstance(obj, list) else "__tuple__": [_pack(v, tensors) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot save a {type(obj).__name__} in the resume state")
+
+
+def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_unpack(k, tensors): _unpack(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [_unpack(v, tensors) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(_unpack(v, tensors) for v in obj["__tuple__"])
+    return obj
+
+
+def save_resume_state(staging: Path, state: dict[str, Any]) -> None:
+    """Writes the state to continue training from (``staging/resume/``), replacing the last one.
+
+    Tensors go to ``state.safetensors`` and everything else to ``state.json``, each written
+    to a temporary name and renamed, the JSON last: a crash while saving leaves the
+    previous complete state (the JSON names the tensor file it belongs to).
+    """
+    folder = staging / RESUME
+    folder.mkdir(exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _pack(state, tensors)
+    name = f"state-{state.get('epoch', 0)}.safetensors"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(folder / "state.json", json.dumps({"tensors": name, "state": skeleton}))
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def has_resume_state(staging: Path) -> bool:
+    """Whether ``staging`` holds a state saved by :func:`save_resume_state`."""
+    return (staging / RESUME / "state.json").is_file()
+
+
+def load_resume_state(staging: Path, *, map_location: str = "cpu") -> dict[str, Any]:
+    """The state saved by :func:`save_resume_state` (safetensors + JSON, never pickle)."""
+    folder = staging / RESUME
+    try:
+        doc = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / doc["tensors"]), device=map_location)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise ModelError(f"{folder}: the resume state cannot be read ({str(exc).splitlines()[0]})") from None
+    return _unpack(doc["state"], tensors)

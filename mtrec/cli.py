@@ -48,6 +48,8 @@ examples:
   mtrec train --config configs/synthetic/ple.yaml --set train.epochs=5 --set model.num_levels=3 \\
       --output runs/ple --overwrite
   mtrec train --config cfg.yaml --set tasks.cvr.weight=2 --set data.train=data/day1.parquet
+  mtrec train --resume runs/ple                     # after an interruption: continue from the last epoch
+  torchrun --nproc-per-node 4 -m mtrec train --config configs/synthetic/mmoe.yaml   # DDP on 4 GPUs/processes
 --set takes dotted keys; list items are addressed by index or by their name.
 """,
     "export": """\
@@ -140,7 +142,14 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["train"],
         formatter_class=fmt,
     )
-    t.add_argument("--config", type=Path, required=True, help="YAML config (see configs/)")
+    t.add_argument("--config", type=Path, default=None, help="YAML config (see configs/)")
+    t.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue an interrupted run of model directory DIR from its last complete epoch",
+    )
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
     t.add_argument("--output", type=Path, default=None, help="model directory (default: config output)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model directory when done")
@@ -349,8 +358,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mtrec.config import load_config
     from mtrec.train import train
 
+    if args.resume is not None:
+        from mtrec.files import staging_dir
+
+        if args.config is not None or args.overrides or args.output is not None:
+            raise MtrecError("--resume DIR: continues with the run's own config; drop --config, --set and --output")
+        saved = staging_dir(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise MtrecError(f"{args.resume}: nothing to resume (no {saved})")
+        config = load_config(saved)
+        train(config, output=args.resume, progress=not args.quiet, debug=args.debug, resume=True)
+        return 0
+    if args.config is None:
+        raise MtrecError("train: --config is required (or --resume DIR)")
     config = load_config(args.config, args.overrides)
-    train(config, output=args.output, overwrite=args.overwrite, progress=not args.quiet)
+    train(config, output=args.output, overwrite=args.overwrite, progress=not args.quiet, debug=args.debug)
     return 0
 
 

@@ -127,7 +127,8 @@ class TrainConfig:
 
     Args:
         epochs: Maximum number of passes over the training data.
-        batch_size: Rows per optimisation step.
+        batch_size: Rows per optimisation step (the global batch: under torchrun each of
+            N ranks takes ``batch_size / N`` rows per step).
         lr: Adam learning rate of the dense (MLP) parameters.
         embedding_lr: Learning rate of the embedding rows (sparse Adam on the rows a
             batch touches); ``null`` means ``lr``. Each row is updated only when its
@@ -143,11 +144,21 @@ class TrainConfig:
             else ``fp32``. Prediction and evaluation always run in fp32.
         seed: Seeds parameter initialisation, the validation split and shuffling.
         monitor: Validation metric that selects the best epoch: ``mean_auc``,
-            ``loss``, ``<task>.auc`` or ``<task>.logloss``.
+            ``loss``, ``<task>.auc`` or ``<task>.logloss``; ``auto`` (the default) is
+            ``mean_auc`` when a task is binary, else ``loss``.
         patience: Stop after this many epochs without improvement of ``monitor``.
         threads: Torch CPU threads (default: all cores).
         eval_batch_size: Rows per batch when predicting.
         log_every: Steps between progress lines when output is not a terminal.
+        gpu_data_share: On CUDA in memory mode, the encoded training data is copied to
+            the GPU once and batches are gathered there (no host round trip per step)
+            when it takes at most this share of the free GPU memory; 0 never does.
+            Otherwise batches are copied ahead of use by a background thread.
+        compile: ``torch.compile`` the backbone (experts, gates, shared layers) for
+            training; the embedding lookup stays eager (inductor has no sparse gradients).
+        dist_timeout_s: Under torchrun, how long a rank waits for the others in a
+            collective before the job ends (a backstop: a rank that fails ends the job at
+            once).
         loss_weighting: How task losses are balanced: ``{name: fixed}`` (the tasks'
             weights), ``uncertainty``, ``gradnorm`` (``alpha``, ``lr``), ``dwa``
             (``temperature``) or ``pcgrad`` (``seed``); see :mod:`mtrec.weighting`.
@@ -162,11 +173,14 @@ class TrainConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
-    monitor: str = "mean_auc"
+    monitor: str = "auto"
     patience: int = 2
     threads: int | None = None
     eval_batch_size: int = 16384
     log_every: int = 50
+    gpu_data_share: float = 0.5
+    compile: bool = False
+    dist_timeout_s: float = 600.0
     loss_weighting: Mapping[str, Any] = field(default_factory=lambda: {"name": "fixed"})
 
 
@@ -233,6 +247,9 @@ def config_from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
         schema = cfg.schema
     except SchemaError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.train.monitor == "auto":
+        monitor = "mean_auc" if any(t.type == "binary" for t in schema.output_tasks) else "loss"
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, monitor=monitor))
     _check_weighting_values(weighting, schema)
     if model.name == "aitm" and any(t.where is not None for t in schema.tasks):
         raise ConfigError(
@@ -276,6 +293,10 @@ def _check_train(cfg: Config) -> None:
     for key, value in {"grad_clip": t.grad_clip, "embedding_lr": t.embedding_lr}.items():
         if value is not None and value <= 0:
             raise ConfigError(f"train.{key}: expected a positive number or null, got {value}")
+    if t.dist_timeout_s <= 0:
+        raise ConfigError(f"train.dist_timeout_s: expected a positive number, got {t.dist_timeout_s}")
+    if not 0.0 <= t.gpu_data_share <= 1.0:
+        raise ConfigError(f"train.gpu_data_share: expected a number in [0, 1], got {t.gpu_data_share}")
     if t.weight_decay < 0:
         raise ConfigError(f"train.weight_decay: expected >= 0, got {t.weight_decay}")
     if not 0.0 < cfg.data.valid_fraction < 1.0:

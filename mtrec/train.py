@@ -22,9 +22,18 @@ from torch import nn
 
 from mtrec import __version__
 from mtrec.batch import Batch
-from mtrec.checkpoint import WEIGHTS, build_model, prepare_output, save_model_files, save_weights
+from mtrec.checkpoint import (
+    WEIGHTS,
+    build_model,
+    has_resume_state,
+    load_resume_state,
+    prepare_output,
+    save_model_files,
+    save_resume_state,
+    save_weights,
+)
 from mtrec.config import Config
-from mtrec.data.batches import TensorColumns
+from mtrec.data.batches import TensorColumns, prefetch_to_device
 from mtrec.data.loading import (
     StreamingData,
     TrainingData,
@@ -35,10 +44,28 @@ from mtrec.data.loading import (
 from mtrec.data.preprocess import EncodedColumns
 from mtrec.data.streaming import ParquetStream
 from mtrec.diagnostics import format_gates, gate_diagnostics
-from mtrec.errors import ConfigError, MtrecError
+from mtrec.distributed import (
+    DistContext,
+    all_reduce_array,
+    all_reduce_grads,
+    barrier,
+    broadcast_parameters,
+    check_loss_weighting,
+    check_same,
+    fail_fast,
+    gather_rows,
+    global_mean_scale,
+    init_distributed,
+    shard_bounds,
+    shutdown,
+    sync_sparse_grads,
+    wrap_model,
+)
+from mtrec.errors import ConfigError, DataError, MtrecError
 from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
-from mtrec.files import atomic_write_text, finalize_dir
+from mtrec.files import atomic_write_text, finalize_dir, staging_dir
 from mtrec.losses import multitask_loss, task_losses
+from mtrec.models.base import MultiTaskModel
 from mtrec.weighting import create_weighting
 
 __all__ = ["TrainResult", "make_optimizers", "native_bf16", "resolve_device", "resolve_precision", "train"]
@@ -168,8 +195,14 @@ def train(
     progress: bool = True,
     stream: TextIO | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    debug: bool = False,
+    resume: bool = False,
 ) -> TrainResult:
     """Trains the model a config describes and writes its model directory.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains one DDP replica on its
+    own share of the Parquet row groups; only rank 0 writes the model directory and
+    progress, and a failing rank ends the job with one line (see :mod:`mtrec.distributed`).
 
     Args:
         config: A validated config (see :func:`mtrec.config.load_config`).
@@ -178,17 +211,52 @@ def train(
         progress: Show progress and per-epoch lines on ``stream``.
         stream: Where progress goes (default stderr).
         on_epoch: Called with each epoch's record.
+        debug: Under torchrun, print tracebacks of failing ranks.
+        resume: Continue the interrupted run whose last good state is in
+            ``output.incomplete/resume/`` (same result as an uninterrupted run for the
+            same seed). ``config`` must be the run's own (``output.incomplete/config.yaml``).
     """
     stream = stream or sys.stderr
     out_dir = Path(output or config.output or f"runs/{config.model.name}")
-    # A failed run leaves DIR.incomplete (with its log) and never touches DIR itself.
-    staging = prepare_output(out_dir, overwrite=overwrite)
+    device = resolve_device(config.train.device)
+    ctx, device = init_distributed(device, timeout_s=config.train.dist_timeout_s)
     try:
-        return _train(config, out_dir, staging, progress, stream, on_epoch)
-    except MtrecError:
-        # Bad input: nothing worth keeping. (A crash keeps DIR.incomplete and its log.)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with fail_fast(ctx, debug=debug):
+            check_loss_weighting(str(config.train.loss_weighting.get("name", "fixed")), ctx)
+            if config.train.batch_size % ctx.world_size:
+                raise ConfigError(
+                    f"train.batch_size: {config.train.batch_size} is the global batch and must divide evenly "
+                    f"among {ctx.world_size} ranks"
+                )
+            state = None
+            if resume:
+                if not has_resume_state(staging_dir(out_dir)):
+                    raise MtrecError(f"{out_dir}: nothing to resume (no {staging_dir(out_dir)}/resume/state.json)")
+                state = load_resume_state(staging_dir(out_dir), map_location=str(device))
+                staging = staging_dir(out_dir) if ctx.is_main else None
+            else:
+                if has_resume_state(staging_dir(out_dir)) and not overwrite:
+                    raise MtrecError(
+                        f"{staging_dir(out_dir)}: holds an interrupted run; continue it with "
+                        f"`mtrec train --resume {out_dir}` or pass --overwrite to start over"
+                    )
+                # A failed run leaves DIR.incomplete (with its log) and never touches DIR itself.
+                staging = prepare_output(out_dir, overwrite=overwrite) if ctx.is_main else None
+            try:
+                return _train(config, out_dir, staging, progress and ctx.is_main, stream, on_epoch, ctx, device, state)
+            except MtrecError as exc:
+                if staging is not None and has_resume_state(staging):
+                    # A file that vanished or broke mid-run: the last good epoch stays resumable.
+                    raise MtrecError(
+                        f"{exc} (the state after the last complete epoch is kept: "
+                        f"continue with `mtrec train --resume {out_dir}`)"
+                    ) from None
+                # Bad input before any epoch: nothing worth keeping. (A crash keeps DIR.incomplete.)
+                if staging is not None and not resume:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
+    finally:
+        shutdown(ctx)
 
 
 def _say(stream: TextIO, enabled: bool, text: str) -> None:
@@ -199,15 +267,18 @@ def _say(stream: TextIO, enabled: bool, text: str) -> None:
 def _train(
     config: Config,
     out_dir: Path,
-    staging: Path,
+    staging: Path | None,
     progress: bool,
     stream: TextIO,
     on_epoch: Callable[[dict[str, Any]], None] | None,
+    ctx: DistContext,
+    device: torch.device,
+    resume: dict[str, Any] | None,
 ) -> TrainResult:
     t = config.train
-    torch.set_num_threads(t.threads or os.cpu_count() or 1)
+    # Ranks on one machine share its cores.
+    torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
     generator = _seed_everything(t.seed)
-    device = resolve_device(t.device)
     schema = config.schema
     tasks = schema.output_tasks
     task_names = tuple(t.name for t in tasks)
@@ -215,10 +286,14 @@ def _train(
     t0 = time.perf_counter()
     d = config.data
     mode, size_mb = resolve_data_mode(d.mode, schema, d.train, d.memory_budget_mb)
+    if ctx.enabled:
+        mode = "stream"  # each rank reads its own share of the row groups
     data: TrainingData | StreamingData
     if mode == "memory":
         data = load_training_data(schema, d.train, d.valid, valid_fraction=d.valid_fraction, seed=t.seed)
-        batches: _MemoryBatches | ParquetStream = _MemoryBatches(data.train, t.batch_size, generator)
+        batches: _MemoryBatches | ParquetStream = _MemoryBatches(
+            data.train, t.batch_size, generator, device=device, gpu_share=t.gpu_data_share
+        )
         train_rows = data.train.num_rows
         labelled, labelled_what = data.train, "training"
     else:
@@ -228,10 +303,12 @@ def _train(
             d.valid,
             valid_fraction=d.valid_fraction,
             seed=t.seed,
-            batch_size=t.batch_size,
+            batch_size=t.batch_size // ctx.world_size,  # train.batch_size is the global batch
             shuffle_buffer=d.shuffle_buffer,
             read_ahead=d.read_ahead,
             num_workers=d.num_workers,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
         )
         batches = data.train
         train_rows = data.train.total_rows
@@ -239,6 +316,7 @@ def _train(
         labelled, labelled_what = data.valid, "validation"
     load_s = time.perf_counter() - t0
     layout = data.preprocessor.layout()
+    check_same(dataclasses.asdict(layout), ctx, "the fitted preprocessing (input layout)")
     how = (
         "read and encoded"
         if mode == "memory"
@@ -247,7 +325,7 @@ def _train(
     _say(
         stream,
         progress,
-        f"data: {train_rows:,} training rows, {data.valid.num_rows:,} validation rows "
+        f"data: {train_rows:,} training rows{_ranks(ctx)}, {data.valid.num_rows:,} validation rows "
         f"({how} in {load_s:.1f}s); embedding rows {sum(layout.table_sizes):,}",
     )
     for j, task in enumerate(tasks):
@@ -273,6 +351,11 @@ def _train(
     weighting = create_weighting(
         weighting_cfg.pop("name"), task_names, tuple(task.weight for task in tasks), **weighting_cfg
     ).to(device)
+    # DDP for the dense weights; the embedding table is kept out of DDP and its sparse
+    # gradient averaged by sync_sparse_grads (see mtrec.distributed).
+    replica = wrap_model(model, ctx, device)
+    broadcast_parameters(weighting, ctx)
+    embedding_params = model.embedding_parameters()
     optimizers = make_optimizers(model, config)
     if weighting.extra_parameters():
         # Own group without weight decay: decay would pull the log-variances towards 0.
@@ -280,7 +363,13 @@ def _train(
     shared_params, last_shared = model.shared_parameters(), model.last_shared_parameters()
     n_params = sum(p.numel() for p in model.parameters())
     precision = "bf16 autocast" if resolve_precision(t.precision, device) is not None else "fp32"
-    _say(stream, progress, f"model: {config.model.name}, {n_params:,} parameters, device {device}, {precision}")
+    where = ", training data resident on the GPU" if getattr(batches, "resident", False) else ""
+    compiled = ", torch.compile" if t.compile else ""
+    _say(
+        stream,
+        progress,
+        f"model: {config.model.name}, {n_params:,} parameters, device {device}, {precision}{compiled}{where}",
+    )
 
     meta = {
         "mtrec_version": __version__,
@@ -295,16 +384,28 @@ def _train(
         "precision": precision,
         "label_correlations": correlations,
     }
-    save_model_files(staging, config, data.preprocessor, meta)
-    log_path = staging / "log.jsonl"
-    log_fh = log_path.open("a")
+    log_fh: TextIO | None = None
+    if resume is not None:
+        saved = json.loads((staging_dir(out_dir) / "meta.json").read_text())
+        if saved["layout"] != json.loads(json.dumps(meta["layout"])):
+            raise DataError(
+                f"{d.train}: the training data no longer gives the input layout of the run being resumed "
+                "(vocabularies or features changed)"
+            )
+    elif staging is not None:  # rank 0 writes the model directory and its log
+        save_model_files(staging, config, data.preprocessor, meta)
+    if staging is not None:
+        log_fh = (staging / "log.jsonl").open("a")
 
     def log(record: dict[str, Any]) -> None:
-        log_fh.write(json.dumps(record) + "\n")
-        log_fh.flush()
+        if log_fh is not None:
+            log_fh.write(json.dumps(record) + "\n")
+            log_fh.flush()
 
     valid_cols = TensorColumns.from_encoded(data.valid)
-    use_cuda = device.type == "cuda"
+    if t.compile:
+        _compile_backbones(model)
+    forward = replica
     amp_dtype = resolve_precision(t.precision, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
     dense_params = model.dense_parameters()
@@ -314,10 +415,27 @@ def _train(
     best_epoch = 0
     best_metrics: dict[str, dict[str, Any]] = {}
     bad_epochs = 0
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        for opt, state in zip(optimizers, resume["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        weighting.load_state_dict(resume["weighting"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume["cuda_rng"]:
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        history = list(resume["history"])
+        best_value, best_epoch = resume["best_value"], resume["best_epoch"]
+        best_metrics, bad_epochs = resume["best_metrics"], resume["bad_epochs"]
+        first_epoch = resume["epoch"] + 1
+        _say(stream, progress, f"resuming after epoch {resume['epoch']} (best epoch so far {best_epoch})")
+        log({"event": "resume", "after_epoch": resume["epoch"], "time": time.time()})
+    else:
+        log({"event": "start", "config_model": config.model.name, "train_rows": train_rows, "time": time.time()})
     higher_better = t.monitor == "mean_auc" or t.monitor.endswith((".auc", ".accuracy"))
-    log({"event": "start", "config_model": config.model.name, "train_rows": train_rows, "time": time.time()})
     try:
-        for epoch in range(1, t.epochs + 1):
+        for epoch in range(first_epoch, t.epochs + 1):
             model.train()
             steps = batches.num_batches(epoch)
             bar = _Progress(steps, epoch, t.epochs, t.log_every, stream, progress)
@@ -325,19 +443,23 @@ def _train(
             rows = 0
             epoch_task_loss = dict.fromkeys(task_names, 0.0)
             e0 = time.perf_counter()
-            for step, batch in enumerate(batches.iter_batches(epoch), start=1):
-                if use_cuda:
-                    batch = batch.pin_memory().to(device, non_blocking=True)
+            for step, batch in enumerate(prefetch_to_device(batches.iter_batches(epoch), device), start=1):
                 if autocast is not None:
                     with autocast:
-                        logits = model(batch)
+                        logits = forward(batch)
                 else:
-                    logits = model(batch)
+                    logits = forward(batch)
                 parts = task_losses(logits, batch.labels, batch.label_mask, tasks, batch.sample_weight)
+                if ctx.enabled:
+                    # Each task's loss becomes the mean over all ranks' rows of its sample space.
+                    scale = global_mean_scale(_space_weights(batch), ctx).to(torch.float32)
+                    parts = {name: part * scale[j] for j, (name, part) in enumerate(parts.items())}
                 aux = model.auxiliary_loss(logits, batch)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 loss = weighting.backward(parts, shared=shared_params, last_shared=last_shared, extra=aux)
+                sync_sparse_grads(embedding_params, ctx)
+                all_reduce_grads(weighting.extra_parameters(), ctx)
                 for name, part in parts.items():
                     epoch_task_loss[name] += float(part.detach()) * len(batch)
                 if t.grad_clip is not None:
@@ -357,9 +479,13 @@ def _train(
                     log({"event": "step", "epoch": epoch, "step": step, "loss": loss_sum / rows})
             bar.close()
             train_s = time.perf_counter() - e0
+            if ctx.enabled:  # every rank logs and balances with the totals of all ranks
+                totals = all_reduce_array([loss_sum, rows, *epoch_task_loss.values()], ctx)
+                loss_sum, rows = float(totals[0]), int(totals[1])
+                epoch_task_loss = {name: float(v) for name, v in zip(task_names, totals[2:], strict=True)}
             weighting.epoch_end({name: value / max(rows, 1) for name, value in epoch_task_loss.items()})
             v0 = time.perf_counter()
-            logits = predict_logits(model, valid_cols, task_names, batch_size=t.eval_batch_size, device=device)
+            logits = _predict_valid(model, valid_cols, task_names, t.eval_batch_size, device, ctx)
             v = data.valid
             valid_loss = _masked_loss(logits, v.labels, v.label_mask, tasks, v.sample_weight)
             metrics = compute_metrics(logits, v.labels, v.label_mask, tasks, v.sample_weight)
@@ -385,8 +511,6 @@ def _train(
             }
             history.append(record)
             log(record)
-            if on_epoch is not None:
-                on_epoch(record)
             mark = " *" if improved else ""
             _say(
                 stream,
@@ -397,47 +521,162 @@ def _train(
             if improved:
                 best_value, best_epoch, best_metrics = value, epoch, metrics
                 bad_epochs = 0
-                save_weights(model, staging / WEIGHTS)
+                if staging is not None:
+                    save_weights(model, staging / WEIGHTS)
             else:
                 bad_epochs += 1
-                if bad_epochs > t.patience:
-                    _say(stream, progress, f"early stop: {t.monitor} has not improved for {bad_epochs} epochs")
-                    break
+            if staging is not None:
+                # Everything needed to continue after this epoch as if never interrupted.
+                save_resume_state(
+                    staging,
+                    {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizers": [opt.state_dict() for opt in optimizers],
+                        "weighting": weighting.state_dict(),
+                        "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                        "best_value": best_value,
+                        "best_epoch": best_epoch,
+                        "best_metrics": best_metrics,
+                        "bad_epochs": bad_epochs,
+                        "history": history,
+                    },
+                )
+            if on_epoch is not None:
+                on_epoch(record)
+            if bad_epochs > t.patience:
+                _say(stream, progress, f"early stop: {t.monitor} has not improved for {bad_epochs} epochs")
+                break
         if best_epoch == 0:
             # The monitored metric was never defined (e.g. one class only): keep the last weights.
             best_epoch, best_metrics = len(history), history[-1]["valid"]
-            save_weights(model, staging / WEIGHTS)
-        # Diagnostics of the model that is saved: the best epoch's weights.
-        model.load_state_dict(load_file(str(staging / WEIGHTS), device=str(device)))
-        gates = gate_diagnostics(model, valid_cols, batch_size=t.eval_batch_size)
-        if gates is not None:
-            atomic_write_text(staging / "diagnostics.json", json.dumps({"gates": gates}, indent=2))
-            _say(stream, progress, format_gates(gates))
-        summary = {
-            "best_epoch": best_epoch,
-            "monitor": t.monitor,
-            "best": best_metrics,
-            "history": [{k: v for k, v in h.items() if k != "event"} for h in history],
-        }
-        atomic_write_text(staging / "metrics.json", json.dumps(summary, indent=2))
-        meta["best_epoch"] = best_epoch
-        atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
+            if staging is not None:
+                save_weights(model, staging / WEIGHTS)
+        if staging is not None:
+            _finish_dir(
+                staging,
+                model,
+                valid_cols,
+                device,
+                t.eval_batch_size,
+                meta,
+                best_epoch,
+                best_metrics,
+                history,
+                t.monitor,
+                stream,
+                progress,
+            )
         log({"event": "end", "best_epoch": best_epoch, "time": time.time()})
     finally:
-        log_fh.close()
-    finalize_dir(staging, out_dir)
+        if log_fh is not None:
+            log_fh.close()
+    if staging is not None:
+        finalize_dir(staging, out_dir)
+    # Every rank returns only once the model directory exists.
+    barrier(ctx)
     _say(stream, progress, f"best epoch {best_epoch}: {_fmt_metrics(best_metrics)}")
     _say(stream, progress, f"model saved to {out_dir}")
     return TrainResult(out_dir, best_epoch, best_metrics, history)
 
 
-class _MemoryBatches:
-    """Encoded training rows held in memory, served in a fresh random order each epoch."""
+def _finish_dir(
+    staging: Path,
+    model: nn.Module,
+    valid_cols: TensorColumns,
+    device: torch.device,
+    eval_batch_size: int,
+    meta: dict[str, Any],
+    best_epoch: int,
+    best_metrics: dict[str, dict[str, Any]],
+    history: list[dict[str, Any]],
+    monitor: str,
+    stream: TextIO,
+    progress: bool,
+) -> None:
+    """Rank 0: gate diagnostics of the saved (best) weights, metrics.json and meta.json."""
+    model.load_state_dict(load_file(str(staging / WEIGHTS), device=str(device)))
+    gates = gate_diagnostics(model, valid_cols, batch_size=eval_batch_size)
+    if gates is not None:
+        atomic_write_text(staging / "diagnostics.json", json.dumps({"gates": gates}, indent=2))
+        _say(stream, progress, format_gates(gates))
+    summary = {
+        "best_epoch": best_epoch,
+        "monitor": monitor,
+        "best": best_metrics,
+        "history": [{k: v for k, v in h.items() if k != "event"} for h in history],
+    }
+    atomic_write_text(staging / "metrics.json", json.dumps(summary, indent=2))
+    meta["best_epoch"] = best_epoch
+    atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
 
-    def __init__(self, encoded: EncodedColumns, batch_size: int, generator: torch.Generator) -> None:
+
+def _compile_backbones(model: nn.Module) -> None:
+    """``torch.compile`` the backbones (experts, gates) in place, leaving the embedding eager.
+
+    Inductor cannot compile the sparse embedding gradient, and the backbone is where the
+    time goes. Replacing the bound ``forward`` keeps parameter names (and so the saved
+    weights) unchanged.
+    """
+    for module in model.modules():
+        if isinstance(module, MultiTaskModel):
+            module.backbone.forward = torch.compile(module.backbone.forward)
+
+
+def _ranks(ctx: DistContext) -> str:
+    return f" on {ctx.world_size} ranks" if ctx.enabled else ""
+
+
+def _space_weights(batch: Batch) -> torch.Tensor:
+    """``(T,)`` the denominators of the task means of a batch (rows, or sample-weight sums)."""
+    if batch.sample_weight is None:
+        return batch.label_mask.sum(0).to(torch.float64)
+    return torch.where(batch.label_mask, batch.sample_weight, 0.0).sum(0).to(torch.float64)
+
+
+def _predict_valid(
+    model: nn.Module,
+    valid: TensorColumns,
+    task_names: tuple[str, ...],
+    batch_size: int,
+    device: torch.device,
+    ctx: DistContext,
+) -> dict[str, np.ndarray]:
+    """Validation logits of every row; under DDP each rank predicts a slice and all gather."""
+    if not ctx.enabled:
+        return predict_logits(model, valid, task_names, batch_size=batch_size, device=device)
+    lo, hi = shard_bounds(valid.num_rows, ctx)
+    local = predict_logits(model, TensorColumns(valid.slice(lo, hi)), task_names, batch_size=batch_size, device=device)
+    return {name: gather_rows(z, ctx) for name, z in local.items()}
+
+
+class _MemoryBatches:
+    """Encoded training rows held in memory, served in a fresh random order each epoch.
+
+    On CUDA, when the columns take at most ``gpu_share`` of the free GPU memory, they are
+    copied to the GPU once and every batch is an index gather there (``resident``).
+    """
+
+    def __init__(
+        self,
+        encoded: EncodedColumns,
+        batch_size: int,
+        generator: torch.Generator,
+        *,
+        device: torch.device,
+        gpu_share: float,
+    ) -> None:
         self.columns = TensorColumns.from_encoded(encoded)
         self.batch_size = batch_size
         self.generator = generator
+        self.resident = False
+        if device.type == "cuda" and gpu_share > 0:
+            free, _ = torch.cuda.mem_get_info(device)
+            if encoded.nbytes <= gpu_share * free:
+                self.columns = self.columns.to(device)
+                self.resident = True
 
     def num_batches(self, epoch: int) -> int:
         return self.columns.num_batches(self.batch_size)

@@ -240,6 +240,14 @@ class DWA(LossWeighting):
         e = [math.exp(r / self.temperature - top) if o else 0.0 for r, o in zip(ratios, on, strict=True)]
         self._lambdas = tuple(sum(on) * v / sum(e) for v in e)
 
+    def get_extra_state(self) -> dict[str, Any]:
+        # Part of state_dict(), so that `mtrec train --resume` continues the same weights.
+        return {"history": [list(h) for h in self._history], "lambdas": list(self._lambdas)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._history = [tuple(float(x) for x in h) for h in state["history"]]
+        self._lambdas = tuple(float(x) for x in state["lambdas"])
+
     def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
         weights = [w * lam for w, lam in zip(self.base_weights, self._lambdas, strict=True)]
         return sum((w * loss for w, loss in zip(weights, losses, strict=True)), losses[0].new_zeros(()))
@@ -397,6 +405,15 @@ class GradNorm(LossWeighting):
     def weights(self) -> dict[str, float]:
         return dict(zip(self.task_names, self.task_weights.detach().cpu().tolist(), strict=True))
 
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizer": None if self._optimizer is None else self._optimizer.state_dict(), "warned": self._warned}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._warned = bool(state["warned"])
+        if state["optimizer"] is not None:
+            self._optimizer = torch.optim.Adam([self.task_weights], lr=self.lr, foreach=False)
+            self._optimizer.load_state_dict(state["optimizer"])
+
 
 class PCGrad(LossWeighting):
     """Projecting conflicting gradients (Yu et al., "Gradient Surgery for Multi-Task
@@ -431,6 +448,12 @@ class PCGrad(LossWeighting):
         super().__init__(task_names, base_weights)
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self._generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._generator.set_state(state["generator"])
 
     def surgery_coefficients(self, gram: torch.Tensor) -> torch.Tensor:
         """``(T,)`` coefficients ``a`` with ``sum_t g_t' = sum_s a_s g_s``, from the Gram matrix.

@@ -7,14 +7,16 @@ is a view.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from mtrec.batch import Batch
 from mtrec.data.preprocess import EncodedColumns
 
-__all__ = ["TensorColumns"]
+__all__ = ["TensorColumns", "prefetch_to_device"]
 
 
 class TensorColumns:
@@ -104,3 +106,70 @@ class TensorColumns:
         order = torch.randperm(n, generator=generator).to(self.all.labels.device)
         for start in range(0, stop, batch_size):
             yield self.gather(order[start : start + batch_size])
+
+
+_END = object()
+
+
+def prefetch_to_device(batches: Iterable[Batch], device: torch.device, *, depth: int = 2) -> Iterator[Batch]:
+    """Batches copied to a CUDA device ahead of use; on other devices, ``batches`` as they are.
+
+    A background thread pins each batch and copies it with ``non_blocking=True`` on a
+    side CUDA stream, up to ``depth`` batches ahead, so host-to-device copies overlap the
+    training step. The consumer's stream waits on each copy's event before using it, and
+    the tensors are marked as used by that stream so the allocator never reuses them
+    early. An exception in the thread is raised in the consumer; closing the generator
+    stops the thread.
+    """
+    if device.type != "cuda":
+        yield from batches
+        return
+    copy_stream = torch.cuda.Stream(device)
+    slots: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        source = iter(batches)
+        try:
+            with torch.cuda.stream(copy_stream):
+                for batch in source:
+                    moved = batch.pin_memory().to(device, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(copy_stream)
+                    if not put((moved, done)):
+                        return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(exc)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # stops a stream's own read-ahead thread
+
+    thread = threading.Thread(target=work, name="mtrec-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            moved, done = item
+            current = torch.cuda.current_stream(device)
+            current.wait_event(done)
+            for tensor in moved.tensors():
+                tensor.record_stream(current)
+            yield moved
+    finally:
+        stop.set()
+        thread.join()

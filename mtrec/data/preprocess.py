@@ -54,6 +54,14 @@ class EncodedColumns:
     def num_rows(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all columns."""
+        arrays = [self.sparse, self.dense, *self.sequences, self.seq_lengths, self.labels, self.label_mask]
+        if self.sample_weight is not None:
+            arrays.append(self.sample_weight)
+        return sum(int(a.nbytes) for a in arrays)
+
     def take(self, rows: np.ndarray) -> EncodedColumns:
         """Rows at ``rows`` (an index array or boolean mask)."""
         return EncodedColumns(

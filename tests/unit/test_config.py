@@ -235,6 +235,13 @@ def test_valid_monitor_values_are_accepted(monitor: str) -> None:
     assert config_from_dict(with_change("train.monitor", monitor)).train.monitor == monitor
 
 
+def test_auto_monitor_is_mean_auc_with_a_binary_task_else_loss() -> None:
+    assert config_from_dict(minimal()).train.monitor == "mean_auc"
+    raw = minimal()
+    raw["tasks"] = [{"name": "watch", "label": "dwell_time", "type": "regression"}]
+    assert config_from_dict(raw).train.monitor == "loss"
+
+
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
 def test_valid_devices_are_accepted(device: str) -> None:
     assert config_from_dict(minimal(), overrides=[f"train.device={device}"]).train.device == device

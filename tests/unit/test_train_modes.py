@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import load_file
 
 from mtrec.config import config_from_dict
 from mtrec.data.loading import encoded_row_bytes, resolve_data_mode
@@ -112,3 +115,18 @@ def test_stream_mode_with_a_validation_file(clicks, tmp_path):
 def test_bad_data_keys_are_config_errors(clicks, key, value, message):
     with pytest.raises(ConfigError, match=message):
         _config(clicks, **{key: value})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler"
+)
+def test_compiled_backbone_trains_like_eager_and_saves_the_same_names(clicks, tmp_path):
+    eager, _, _ = _run(_config(clicks, mode="memory"), tmp_path / "eager")
+    cfg = _config(clicks, mode="memory")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True))
+    compiled, _, log = _run(cfg, tmp_path / "compiled")
+    assert "torch.compile" in log
+    names = set(load_file(str(tmp_path / "compiled" / "model.safetensors")))
+    assert names == set(load_file(str(tmp_path / "eager" / "model.safetensors")))
+    assert abs(compiled.best_metrics["ctr"]["auc"] - eager.best_metrics["ctr"]["auc"]) < 0.03

@@ -1,0 +1,150 @@
+"""Faults mid-run keep the last good epoch, and --resume continues it to the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtrec.checkpoint import _pack, _unpack, has_resume_state
+from mtrec.config import config_from_dict
+from mtrec.data.synthetic import write_click_log
+from mtrec.errors import MtrecError
+from mtrec.quickstart import synthetic_features, synthetic_tasks
+from mtrec.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(data: Path, mode: str, weighting: str = "fixed"):
+    return config_from_dict(
+        {
+            "data": {"train": str(data), "mode": mode, "shuffle_buffer": 4096},
+            "features": synthetic_features(),
+            "tasks": synthetic_tasks(),
+            "model": {"name": "mmoe", "embedding_dim": 8, "expert_hidden": [32], "tower_hidden": [8], "dropout": 0.1},
+            "train": {
+                "epochs": 3,
+                "batch_size": 512,
+                "seed": 3,
+                "threads": 1,
+                "patience": 5,
+                "loss_weighting": {"name": weighting},
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("resume") / "data"
+    folder.mkdir()
+    for i in range(3):
+        write_click_log(folder / f"part-{i}.parquet", 6000, seed=1, sample_seed=i, row_group_size=2000)
+    return sorted(folder.glob("*.parquet"))
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize(("mode", "weighting"), [("stream", "fixed"), ("memory", "dwa")])
+def test_resumed_run_equals_the_uninterrupted_run(files, tmp_path, mode, weighting):
+    data = files[0].parent
+    whole = train(_config(data, mode, weighting), output=tmp_path / "whole", progress=False)
+
+    def interrupt(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt  # the process is stopped after epoch 1 was saved
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(data, mode, weighting), output=tmp_path / "cut", progress=False, on_epoch=interrupt)
+    staging = tmp_path / "cut.incomplete"
+    assert has_resume_state(staging) and not (tmp_path / "cut").exists()
+    with pytest.raises(MtrecError, match="holds an interrupted run; continue it with `mtrec train --resume"):
+        train(_config(data, mode, weighting), output=tmp_path / "cut", progress=False)
+    assert has_resume_state(staging)  # starting again by mistake destroys nothing
+
+    resumed = train(_config(data, mode, weighting), output=tmp_path / "cut", progress=False, resume=True)
+    assert not staging.exists()
+    assert resumed.best_epoch == whole.best_epoch
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
+    assert resumed.best_metrics == whole.best_metrics
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in log if r["event"] != "step"] == ["start", "epoch", "resume", "epoch", "epoch", "end"]
+
+
+def test_a_file_that_disappears_mid_run_keeps_the_last_good_epoch(files, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(files[0].parent, data)
+    victim = sorted(data.glob("*.parquet"))[1]
+    moved = tmp_path / "moved.parquet"
+
+    def vanish(record):
+        if record["epoch"] == 1:
+            victim.rename(moved)
+
+    with pytest.raises(MtrecError) as err:
+        train(_config(data, "stream"), output=tmp_path / "m", progress=False, on_epoch=vanish)
+    message = str(err.value)
+    assert victim.name in message and "mtrec train --resume" in message
+    assert len(message.splitlines()) == 1
+    staging = tmp_path / "m.incomplete"
+    assert has_resume_state(staging) and (staging / "model.safetensors").is_file()
+
+    moved.rename(victim)
+    result = train(_config(data, "stream"), output=tmp_path / "m", progress=False, resume=True)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert (tmp_path / "m" / "metrics.json").is_file()
+
+
+def test_cli_resume_continues_and_refuses_what_it_cannot(files, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(files[0].parent, data)
+
+    def mtrec(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "mtrec", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+        )
+
+    proc = mtrec("train", "--resume", str(tmp_path / "none"))
+    assert proc.returncode == 2 and "nothing to resume" in proc.stderr
+    # A run that stopped after epoch 1: made with the Python API, continued by the CLI.
+    cfg = _config(data, "stream")
+
+    def stop(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, output=tmp_path / "m", progress=False, on_epoch=stop)
+    proc = mtrec("train", "--resume", str(tmp_path / "m"), "--set", "train.epochs=9")
+    assert proc.returncode == 2 and "drop --config, --set and --output" in proc.stderr
+    proc = mtrec("train", "--resume", str(tmp_path / "m"))
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 1" in proc.stderr and "epoch 3/3" in proc.stderr
+    assert json.loads((tmp_path / "m" / "meta.json").read_text())["best_epoch"] in (1, 2, 3)
+
+
+def test_state_packing_round_trips_without_pickle():
+    state = {
+        "epoch": 2,
+        3: [torch.arange(4), (1.5, None, "x")],
+        "nested": {"t": torch.ones(2, 2, dtype=torch.bfloat16), "flag": True},
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _pack(state, tensors)
+    json.dumps(skeleton)  # everything but the tensors is plain JSON
+    back = _unpack(skeleton, tensors)
+    assert back["epoch"] == 2 and back[3][1] == (1.5, None, "x")
+    assert torch.equal(back[3][0], torch.arange(4)) and back["nested"]["t"].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="cannot save a set"):
+        _pack({"s": {1, 2}}, {})
