@@ -141,7 +141,9 @@ class TrainConfig:
         precision: ``fp32``; ``bf16`` (bfloat16 autocast for the matrix products, fp32
             weights, losses and optimiser state); or ``auto``: ``bf16`` where the
             hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX),
-            else ``fp32``. Prediction and evaluation always run in fp32.
+            else ``fp32``; ``fp16``: float16 autocast with a gradient scaler (for GPUs
+            without bf16; needs ``fixed`` or ``dwa`` loss weighting). Prediction and
+            evaluation always run in fp32.
         seed: Seeds parameter initialisation, the validation split and shuffling.
         monitor: Validation metric that selects the best epoch: ``mean_auc``,
             ``loss``, ``<task>.auc`` or ``<task>.logloss``; ``auto`` (the default) is
@@ -171,7 +173,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
     monitor: str = "auto"
     patience: int = 2
@@ -295,6 +297,11 @@ def _check_train(cfg: Config) -> None:
             raise ConfigError(f"train.{key}: expected a positive number or null, got {value}")
     if t.dist_timeout_s <= 0:
         raise ConfigError(f"train.dist_timeout_s: expected a positive number, got {t.dist_timeout_s}")
+    if t.precision == "fp16" and t.loss_weighting.get("name") not in ("fixed", "dwa"):
+        raise ConfigError(
+            f"train.precision: fp16 scales the losses, which needs loss_weighting fixed or dwa, "
+            f"not {t.loss_weighting.get('name')}"
+        )
     if not 0.0 <= t.gpu_data_share <= 1.0:
         raise ConfigError(f"train.gpu_data_share: expected a number in [0, 1], got {t.gpu_data_share}")
     if t.weight_decay < 0:

@@ -105,7 +105,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype for training, or ``None`` for plain fp32."""
     if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
         return None
-    return torch.bfloat16
+    return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
 def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
@@ -362,7 +362,9 @@ def _train(
         optimizers[0].add_param_group({"params": weighting.extra_parameters(), "weight_decay": 0.0})
     shared_params, last_shared = model.shared_parameters(), model.last_shared_parameters()
     n_params = sum(p.numel() for p in model.parameters())
-    precision = "bf16 autocast" if resolve_precision(t.precision, device) is not None else "fp32"
+    precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[
+        resolve_precision(t.precision, device)
+    ]
     where = ", training data resident on the GPU" if getattr(batches, "resident", False) else ""
     compiled = ", torch.compile" if t.compile else ""
     _say(
@@ -407,6 +409,7 @@ def _train(
         _compile_backbones(model)
     forward = replica
     amp_dtype = resolve_precision(t.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
     dense_params = model.dense_parameters()
 
@@ -422,6 +425,8 @@ def _train(
             opt.load_state_dict(state)
         weighting.load_state_dict(resume["weighting"])
         generator.set_state(resume["generator"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["torch_rng"])
         if device.type == "cuda" and resume["cuda_rng"]:
             torch.cuda.set_rng_state_all(resume["cuda_rng"])
@@ -457,15 +462,32 @@ def _train(
                 aux = model.auxiliary_loss(logits, batch)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                loss = weighting.backward(parts, shared=shared_params, last_shared=last_shared, extra=aux)
+                if scaler is None:
+                    loss = weighting.backward(parts, shared=shared_params, last_shared=last_shared, extra=aux)
+                else:
+                    # fp16: the objective is linear in the losses (fixed/dwa weighting), so
+                    # scaling each loss is scaling the objective, as GradScaler.scale does.
+                    factor = scaler.scale(torch.ones((), device=device))
+                    scaled = {name: part * factor for name, part in parts.items()}
+                    extra = None if aux is None else aux * factor
+                    loss = weighting.backward(scaled, shared=shared_params, last_shared=last_shared, extra=extra)
+                    loss = loss / factor
                 sync_sparse_grads(embedding_params, ctx)
                 all_reduce_grads(weighting.extra_parameters(), ctx)
                 for name, part in parts.items():
                     epoch_task_loss[name] += float(part.detach()) * len(batch)
+                if scaler is not None:
+                    for opt in optimizers:
+                        scaler.unscale_(opt)
                 if t.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
-                for opt in optimizers:
-                    opt.step()
+                if scaler is None:
+                    for opt in optimizers:
+                        opt.step()
+                else:
+                    for opt in optimizers:
+                        scaler.step(opt)  # skipped when a gradient overflowed
+                    scaler.update()
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise MtrecError(
@@ -535,6 +557,7 @@ def _train(
                         "optimizers": [opt.state_dict() for opt in optimizers],
                         "weighting": weighting.state_dict(),
                         "generator": generator.get_state(),
+                        "scaler": None if scaler is None else scaler.state_dict(),
                         "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                         "best_value": best_value,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -130,3 +131,29 @@ def test_compiled_backbone_trains_like_eager_and_saves_the_same_names(clicks, tm
     names = set(load_file(str(tmp_path / "compiled" / "model.safetensors")))
     assert names == set(load_file(str(tmp_path / "eager" / "model.safetensors")))
     assert abs(compiled.best_metrics["ctr"]["auc"] - eager.best_metrics["ctr"]["auc"]) < 0.03
+
+
+def test_fp16_with_a_grad_scaler_trains_like_fp32(clicks, tmp_path):
+    def with_precision(precision: str):
+        cfg = _config(clicks, mode="memory")
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+
+    fp32, _, _ = _run(with_precision("fp32"), tmp_path / "fp32")
+    fp16, meta, _ = _run(with_precision("fp16"), tmp_path / "fp16")
+    assert meta["precision"] == "fp16 autocast + grad scaler"
+    assert all(math.isfinite(h["train_loss"]) for h in fp16.history)
+    assert abs(fp16.best_metrics["ctr"]["auc"] - fp32.best_metrics["ctr"]["auc"]) < 0.03
+    assert [h["train_loss"] for h in fp16.history] == pytest.approx([h["train_loss"] for h in fp32.history], rel=0.05)
+
+
+def test_fp16_refuses_nonlinear_loss_weighting(clicks):
+    raw_error = "fp16 scales the losses, which needs loss_weighting fixed or dwa, not uncertainty"
+    with pytest.raises(ConfigError, match=raw_error):
+        config_from_dict(
+            {
+                "data": {"train": str(clicks)},
+                "features": synthetic_features(),
+                "tasks": synthetic_tasks(),
+                "train": {"precision": "fp16", "loss_weighting": {"name": "uncertainty"}},
+            }
+        )
