@@ -23,6 +23,7 @@ from torch import nn
 from mtrec import __version__
 from mtrec.batch import Batch
 from mtrec.checkpoint import (
+    RESUME,
     WEIGHTS,
     build_model,
     has_resume_state,
@@ -41,7 +42,7 @@ from mtrec.data.loading import (
     load_training_data,
     resolve_data_mode,
 )
-from mtrec.data.preprocess import EncodedColumns
+from mtrec.data.preprocess import EncodedColumns, Preprocessor
 from mtrec.data.streaming import ParquetStream
 from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.distributed import (
@@ -232,7 +233,8 @@ def train(
             if resume:
                 if not has_resume_state(staging_dir(out_dir)):
                     raise MtrecError(f"{out_dir}: nothing to resume (no {staging_dir(out_dir)}/resume/state.json)")
-                state = load_resume_state(staging_dir(out_dir), map_location=str(device))
+                # On the CPU: generator states must be CPU tensors; load_state_dict moves the rest.
+                state = load_resume_state(staging_dir(out_dir), map_location="cpu")
                 staging = staging_dir(out_dir) if ctx.is_main else None
             else:
                 if has_resume_state(staging_dir(out_dir)) and not overwrite:
@@ -388,12 +390,7 @@ def _train(
     }
     log_fh: TextIO | None = None
     if resume is not None:
-        saved = json.loads((staging_dir(out_dir) / "meta.json").read_text())
-        if saved["layout"] != json.loads(json.dumps(meta["layout"])):
-            raise DataError(
-                f"{d.train}: the training data no longer gives the input layout of the run being resumed "
-                "(vocabularies or features changed)"
-            )
+        _check_resumable(resume, staging_dir(out_dir), config, data.preprocessor, mode, ctx)
     elif staging is not None:  # rank 0 writes the model directory and its log
         save_model_files(staging, config, data.preprocessor, meta)
     if staging is not None:
@@ -428,12 +425,13 @@ def _train(
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["torch_rng"])
-        if device.type == "cuda" and resume["cuda_rng"]:
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        if device.type == "cuda" and resume["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(torch.as_tensor(resume["cuda_rng"][ctx.rank]), device)
         history = list(resume["history"])
         best_value, best_epoch = resume["best_value"], resume["best_epoch"]
         best_metrics, bad_epochs = resume["best_metrics"], resume["bad_epochs"]
-        first_epoch = resume["epoch"] + 1
+        # A run that had already stopped early (and was interrupted while finishing) stays stopped.
+        first_epoch = resume["epoch"] + 1 if bad_epochs <= t.patience else t.epochs + 1
         _say(stream, progress, f"resuming after epoch {resume['epoch']} (best epoch so far {best_epoch})")
         log({"event": "resume", "after_epoch": resume["epoch"], "time": time.time()})
     else:
@@ -448,7 +446,10 @@ def _train(
             rows = 0
             epoch_task_loss = dict.fromkeys(task_names, 0.0)
             e0 = time.perf_counter()
-            for step, batch in enumerate(prefetch_to_device(batches.iter_batches(epoch), device), start=1):
+            source = batches.iter_batches(epoch)
+            if not getattr(batches, "resident", False):  # resident batches are already on the GPU
+                source = prefetch_to_device(source, device)
+            for step, batch in enumerate(source, start=1):
                 if autocast is not None:
                     with autocast:
                         logits = forward(batch)
@@ -547,6 +548,10 @@ def _train(
                     save_weights(model, staging / WEIGHTS)
             else:
                 bad_epochs += 1
+            # Every rank's own CUDA generator (a collective: called on all ranks).
+            cuda_rng = (
+                gather_rows(torch.cuda.get_rng_state(device).numpy()[None], ctx) if device.type == "cuda" else None
+            )
             if staging is not None:
                 # Everything needed to continue after this epoch as if never interrupted.
                 save_resume_state(
@@ -559,7 +564,9 @@ def _train(
                         "generator": generator.get_state(),
                         "scaler": None if scaler is None else scaler.state_dict(),
                         "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                        "cuda_rng": None if cuda_rng is None else torch.from_numpy(cuda_rng),
+                        "world_size": ctx.world_size,
+                        "data_mode": mode,
                         "best_value": best_value,
                         "best_epoch": best_epoch,
                         "best_metrics": best_metrics,
@@ -597,6 +604,8 @@ def _train(
         if log_fh is not None:
             log_fh.close()
     if staging is not None:
+        # The resume state (last weights, optimiser moments) is not part of the model.
+        shutil.rmtree(staging / RESUME, ignore_errors=True)
         finalize_dir(staging, out_dir)
     # Every rank returns only once the model directory exists.
     barrier(ctx)
@@ -634,6 +643,25 @@ def _finish_dir(
     atomic_write_text(staging / "metrics.json", json.dumps(summary, indent=2))
     meta["best_epoch"] = best_epoch
     atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
+
+
+def _check_resumable(
+    state: dict[str, Any], staging: Path, config: Config, pre: Preprocessor, mode: str, ctx: DistContext
+) -> None:
+    """Refuses to resume on other data, preprocessing or process layout than the saved run."""
+    if state.get("world_size", 1) != ctx.world_size or state.get("data_mode", mode) != mode:
+        raise ConfigError(
+            f"{staging}: the run was trained with {state.get('world_size', 1)} process(es) in "
+            f"{state.get('data_mode')} mode; resume it the same way (now {ctx.world_size}, {mode})"
+        )
+    saved = Preprocessor.load(config.schema, staging / "preprocess")
+    same = saved.vocabs.keys() == pre.vocabs.keys() and all(saved.vocabs[k].equals(pre.vocabs[k]) for k in pre.vocabs)
+    same = same and json.dumps(saved.dense_stats, sort_keys=True) == json.dumps(pre.dense_stats, sort_keys=True)
+    if not same:
+        raise DataError(
+            f"{config.data.train}: the training data no longer gives the preprocessing of the run being resumed "
+            f"(vocabularies or statistics changed since {staging / 'preprocess'} was fitted)"
+        )
 
 
 def _compile_backbones(model: nn.Module) -> None:

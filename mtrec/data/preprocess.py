@@ -116,6 +116,9 @@ def _id_values(source: str, name: str, col: pa.ChunkedArray | pa.Array, *, is_li
     if not _is_id_type(arr.type):
         what = "a list of ints or strings" if is_list else "int or string IDs"
         raise DataError(f"{source}: column {name!r} has type {arr.type}, expected {what}")
+    if pa.types.is_large_string(arr.type):
+        # polars writes large_string, pyarrow string: one type, so files of both mix.
+        return arr.cast(pa.string())
     return arr
 
 

@@ -71,8 +71,13 @@ def test_resumed_run_equals_the_uninterrupted_run(files, tmp_path, mode, weighti
         train(_config(data, mode, weighting), output=tmp_path / "cut", progress=False)
     assert has_resume_state(staging)  # starting again by mistake destroys nothing
 
+    other = "memory" if mode == "stream" else "stream"
+    with pytest.raises(MtrecError, match=f"resume it the same way \\(now 1, {other}\\)"):
+        train(_config(data, other, weighting), output=tmp_path / "cut", progress=False, resume=True)
+
     resumed = train(_config(data, mode, weighting), output=tmp_path / "cut", progress=False, resume=True)
     assert not staging.exists()
+    assert not (tmp_path / "cut" / "resume").exists()  # optimiser moments are not part of the model
     assert resumed.best_epoch == whole.best_epoch
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
     assert resumed.best_metrics == whole.best_metrics
