@@ -948,3 +948,14 @@ def test_fit_stream_clean_violation_counts_every_chunk() -> None:
     parts = [make_table(price=[1.0, math.nan]), make_table(price=[2.0]), make_table(price=[None, math.inf])]
     with pytest.raises(DataError, match=r"^f: column 'price' has 3 null/NaN/inf values but is declared clean$"):
         Preprocessor.fit_stream(schema, parts, source="f")
+
+
+def test_streamed_fit_accepts_string_and_large_string_parts_like_one_table():
+    # pyarrow writes string, polars large_string: files of both kinds make one dataset.
+    schema = Schema(sparse=(SparseFeature("city"),), tasks=(Task("ctr", label="click"),))
+    a = pa.table({"city": pa.array(["x", "y", "x"], pa.string()), "click": [1, 0, 1]})
+    b = pa.table({"city": pa.array(["y", "z", "y"], pa.large_string()), "click": [0, 0, 1]})
+    streamed = Preprocessor.fit_stream(schema, [a, b], source="parts")
+    assert streamed.vocabs["city"].to_pylist() == ["y", "x", "z"]  # most frequent first
+    assert streamed.transform(b).sparse[:, 0].tolist() == [1, 3, 1]
+    assert streamed.transform(a).sparse[:, 0].tolist() == [2, 1, 2]
