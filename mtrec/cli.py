@@ -397,23 +397,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         keep_predictions=args.report is not None,
     )
     predictions = result.pop("predictions", None)
+    out = args.output
+    if out is None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(args.data).rstrip("/")).stem) or "data"
+        out = args.model / "evaluations" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The file first: a reader of stdout that stops early (`| head`) must not lose it.
+    atomic_write_text(out, json.dumps(result, indent=2))
+    page = None
+    if args.report is not None and predictions is not None:
+        from mtrec.report import write_report
+
+        page = write_report(args.report, result, predictions, args.model)
     print(format_metrics(result["tasks"]))
     if "gates" in result:
         from mtrec.diagnostics import format_gates
 
         print()
         print(format_gates(result["gates"]))
-    out = args.output
-    if out is None:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(args.data).rstrip("/")).stem) or "data"
-        out = args.model / "evaluations" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=2))
     print(f"metrics written to {out}")
-    if args.report is not None and predictions is not None:
-        from mtrec.report import write_report
-
-        page = write_report(args.report, result, predictions, args.model)
+    if page is not None:
         print(f"report written to {page}")
     return 0
 
@@ -531,6 +534,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mtrec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `mtrec evaluate ... | head`: the reader left; stop quietly like other Unix tools.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -190,12 +190,14 @@ def init_distributed(
                 "use 'cuda' or 'auto' (rank r trains on cuda:LOCAL_RANK)"
             )
         count = torch.cuda.device_count()
-        if local_rank >= count:
+        # One process per node may pick its GPU (cuda:N); otherwise rank r uses cuda:LOCAL_RANK.
+        index = device.index if device.index is not None and local_world_size == 1 else local_rank
+        if index >= count:
             raise ConfigError(
-                f"rank {rank}: LOCAL_RANK {local_rank} but only {count} CUDA device(s) are visible; "
+                f"rank {rank}: GPU {index} requested but only {count} CUDA device(s) are visible; "
                 f"start at most {count} processes per node (--nproc-per-node)"
             )
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         backend = "nccl"
         available = dist.is_nccl_available()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,22 @@ def test_evaluate_default_output_goes_into_model_dir(trained: Path, clicks: Path
     written = trained / "evaluations" / "clicks.json"
     assert written.exists()
     assert json.loads(written.read_text())["rows"] == 60000
+
+
+def test_evaluate_into_a_pipe_that_closes_early_keeps_its_json(trained: Path, clicks: Path, work: Path):
+    out = work / "piped.json"
+    cmd = [sys.executable, "-m", "mtrec", "evaluate", "--model", str(trained), "--data", str(clicks)]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line, like `| head -0`
+    try:
+        proc = subprocess.run(
+            [*cmd, "--output", str(out)], stdout=write_end, stderr=subprocess.PIPE, cwd=ROOT, timeout=600
+        )
+    finally:
+        os.close(write_end)
+    err = proc.stderr.decode()
+    assert "Traceback" not in err and proc.returncode == 141, err
+    assert json.loads(out.read_text())["rows"] == 60000
 
 
 def test_existing_output_is_not_overwritten(trained: Path, clicks: Path):
