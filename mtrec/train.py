@@ -432,6 +432,8 @@ def _train(
         best_metrics, bad_epochs = resume["best_metrics"], resume["bad_epochs"]
         # A run that had already stopped early (and was interrupted while finishing) stays stopped.
         first_epoch = resume["epoch"] + 1 if bad_epochs <= t.patience else t.epochs + 1
+        if best_epoch == resume["epoch"] and staging is not None:
+            save_weights(model, staging / WEIGHTS)  # the state's own weights are the best ones
         _say(stream, progress, f"resuming after epoch {resume['epoch']} (best epoch so far {best_epoch})")
         log({"event": "resume", "after_epoch": resume["epoch"], "time": time.time()})
     else:
@@ -544,8 +546,6 @@ def _train(
             if improved:
                 best_value, best_epoch, best_metrics = value, epoch, metrics
                 bad_epochs = 0
-                if staging is not None:
-                    save_weights(model, staging / WEIGHTS)
             else:
                 bad_epochs += 1
             # Every rank's own CUDA generator (a collective: called on all ranks).
@@ -574,6 +574,10 @@ def _train(
                         "history": history,
                     },
                 )
+            if improved and staging is not None:
+                # After the resume state: a crash in between leaves a state whose best epoch is
+                # its own epoch, and resuming rewrites the best weights from it.
+                save_weights(model, staging / WEIGHTS)
             if on_epoch is not None:
                 on_epoch(record)
             if bad_epochs > t.patience:

@@ -75,6 +75,8 @@ def test_resumed_run_equals_the_uninterrupted_run(files, tmp_path, mode, weighti
     with pytest.raises(MtrecError, match=f"resume it the same way \\(now 1, {other}\\)"):
         train(_config(data, other, weighting), output=tmp_path / "cut", progress=False, resume=True)
 
+    # As if the process died between saving the state and the best weights of epoch 1.
+    (staging / "model.safetensors").unlink()
     resumed = train(_config(data, mode, weighting), output=tmp_path / "cut", progress=False, resume=True)
     assert not staging.exists()
     assert not (tmp_path / "cut" / "resume").exists()  # optimiser moments are not part of the model
