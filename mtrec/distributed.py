@@ -779,6 +779,10 @@ def _die(
     if line is not None:
         print(text + line, file=sys.stderr, flush=True)
         _write_elastic_error_file(line, text, consequence)
+    else:
+        # A rank that leaves the report of an error every rank raised to rank 0 waits a
+        # moment, so that torchrun does not stop rank 0 before it has printed the line.
+        time.sleep(2.0)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
