@@ -10,13 +10,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 
 from mtrec.batch import Batch
 from mtrec.data.preprocess import EncodedColumns
 
-__all__ = ["TensorColumns", "prefetch_to_device"]
+__all__ = ["TensorColumns", "prefetch_to_device", "run_ahead"]
+
+T = TypeVar("T")
 
 
 class TensorColumns:
@@ -108,36 +111,69 @@ class TensorColumns:
             yield self.gather(order[start : start + batch_size])
 
 
-_END = object()
+def run_ahead(items: Iterable[T], depth: int, *, name: str) -> Iterator[T]:
+    """Runs ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
 
-
-def prefetch_to_device(batches: Iterable[Batch], device: torch.device, *, depth: int = 2) -> Iterator[Batch]:
-    """Batches copied to a CUDA device ahead of use; on other devices, ``batches`` as they are.
-
-    A background thread pins each batch and copies it with ``non_blocking=True`` on a
-    side CUDA stream, up to ``depth`` batches ahead, so host-to-device copies overlap the
-    training step. The consumer's stream waits on each copy's event before using it, and
-    the tensors are marked as used by that stream so the allocator never reuses them
-    early. An exception in the thread is raised in the consumer; closing the generator
-    stops the thread.
+    Exceptions in the thread are re-raised in the consumer; closing this generator stops
+    the thread (after the item it is producing) and closes ``items``.
     """
-    if device.type != "cuda":
-        yield from batches
-        return
-    copy_stream = torch.cuda.Stream(device)
-    slots: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    source = iter(items)
+    slots: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=max(depth, 1))
     stop = threading.Event()
 
-    def put(item: object) -> bool:
+    def put(kind: str, value: object) -> bool:
         while not stop.is_set():
             try:
-                slots.put(item, timeout=0.1)
+                slots.put((kind, value), timeout=0.05)
                 return True
             except queue.Full:
                 continue
         return False
 
     def work() -> None:
+        try:
+            for item in source:
+                if not put("item", item):
+                    return
+            put("done", None)
+        except BaseException as exc:  # noqa: BLE001 - handed over to the consumer, which re-raises it
+            put("error", exc)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # e.g. a stream's own reader
+
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "item":
+                yield value  # type: ignore[misc]
+            elif kind == "error":
+                raise value  # type: ignore[misc]
+            else:
+                return
+    finally:
+        stop.set()
+        thread.join()
+
+
+def prefetch_to_device(batches: Iterable[Batch], device: torch.device, *, depth: int = 2) -> Iterator[Batch]:
+    """Batches copied to a CUDA device ahead of use; on other devices, ``batches`` as they are.
+
+    A background thread (:func:`run_ahead`) pins each batch and copies it with
+    ``non_blocking=True`` on a side CUDA stream, up to ``depth`` batches ahead, so
+    host-to-device copies overlap the training step. The consumer's stream waits on each
+    copy's event before using it, and the tensors are marked as used by that stream so the
+    allocator never reuses them early.
+    """
+    if device.type != "cuda":
+        yield from batches
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def copies() -> Iterator[tuple[Batch, torch.cuda.Event]]:
         source = iter(batches)
         try:
             with torch.cuda.stream(copy_stream):
@@ -145,31 +181,15 @@ def prefetch_to_device(batches: Iterable[Batch], device: torch.device, *, depth:
                     moved = batch.pin_memory().to(device, non_blocking=True)
                     done = torch.cuda.Event()
                     done.record(copy_stream)
-                    if not put((moved, done)):
-                        return
-            put(_END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(exc)
+                    yield moved, done
         finally:
             close = getattr(source, "close", None)
             if close is not None:
-                close()  # stops a stream's own read-ahead thread
+                close()
 
-    thread = threading.Thread(target=work, name="mtrec-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            moved, done = item
-            current = torch.cuda.current_stream(device)
-            current.wait_event(done)
-            for tensor in moved.tensors():
-                tensor.record_stream(current)
-            yield moved
-    finally:
-        stop.set()
-        thread.join()
+    for moved, done in run_ahead(copies(), depth, name="mtrec-prefetch"):
+        current = torch.cuda.current_stream(device)
+        current.wait_event(done)
+        for tensor in moved.tensors():
+            tensor.record_stream(current)
+        yield moved

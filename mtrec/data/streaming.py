@@ -26,8 +26,6 @@ Example:
 from __future__ import annotations
 
 import heapq
-import queue
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtrec.batch import Batch
-from mtrec.data.batches import TensorColumns
+from mtrec.data.batches import TensorColumns, run_ahead
 from mtrec.data.loading import _columns
 from mtrec.data.parquet import _check_columns, open_parquet
 from mtrec.data.preprocess import EncodedColumns, Preprocessor
@@ -293,53 +291,6 @@ class _ShuffleBuffer:
             yield cols.gather(index[start : start + bs])
 
 
-def _read_ahead(items: Iterator[EncodedColumns], depth: int) -> Iterator[EncodedColumns]:
-    """Runs ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
-
-    Exceptions in the thread are re-raised here; closing this generator stops and joins
-    the thread (after the row group it is reading).
-    """
-    slots: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(kind: str, value: object) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put((kind, value), timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put("item", item):
-                    return
-            put("done", None)
-        except BaseException as exc:  # noqa: BLE001 - handed over to the consumer, which re-raises it
-            put("error", exc)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=work, name=_THREAD_NAME, daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = slots.get()
-            if kind == "item":
-                yield value  # type: ignore[misc]
-            elif kind == "error":
-                raise value  # type: ignore[misc]
-            else:
-                return
-    finally:
-        stop.set()
-        thread.join()
-
-
 class _WorkerShares(IterableDataset):
     """One epoch of one rank, for a DataLoader: each worker streams its share of row groups."""
 
@@ -544,7 +495,7 @@ class ParquetStream:
         buffer = _ShuffleBuffer(self.batch_size, capacity, rng, drop_last=self.drop_last)
         chunks: Iterator[EncodedColumns] = self._encoded(groups)
         if workers == 1 and self.num_workers == 0 and self.read_ahead > 0:
-            chunks = _read_ahead(chunks, self.read_ahead)
+            chunks = run_ahead(chunks, self.read_ahead, name=_THREAD_NAME)
         try:
             for enc in chunks:
                 buffer.add(enc)
