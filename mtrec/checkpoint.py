@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,8 @@ from torch import nn
 
 from mtrec.config import Config, config_from_dict, config_to_dict
 from mtrec.data.preprocess import Preprocessor
-from mtrec.errors import ConfigError, ModelError, MtrecError
-from mtrec.files import FILE_MODE, atomic_write_text, staging_dir
+from mtrec.errors import ConfigError, ModelError
+from mtrec.files import FILE_MODE, atomic_write_text, fresh_staging
 from mtrec.models import create_model
 from mtrec.models.esmm import EsmmModel
 from mtrec.schema import InputLayout
@@ -87,22 +86,7 @@ def build_model(config: Config, layout: InputLayout) -> nn.Module:
 
 def prepare_output(output: Path, *, overwrite: bool) -> Path:
     """Checks ``output`` may be written and returns a fresh staging folder beside it."""
-    output = output.resolve()
-    if output.exists() and not overwrite:
-        raise MtrecError(f"{output}: already exists (pass --overwrite to replace it)")
-    if output.exists() and not output.is_dir():
-        raise MtrecError(f"{output}: exists and is not a folder")
-    if output.exists() and any(output.iterdir()) and not is_model_dir(output):
-        # --overwrite replaces models, never an arbitrary folder (data, home, ...).
-        raise MtrecError(f"{output}: is not an mtrec model directory; refusing to replace it")
-    for parent in output.parents:
-        if parent.exists() and not parent.is_dir():
-            raise MtrecError(f"{parent}: is a file, so {output} cannot be a folder")
-    staging = staging_dir(output)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
+    return fresh_staging(output, overwrite=overwrite, owned=is_model_dir, what="an mtrec model directory")
 
 
 def is_model_dir(path: Path) -> bool:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from mtrec.errors import MtrecError
 
-__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write_text", "finalize_dir", "staging_dir"]
+__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write_text", "finalize_dir", "fresh_staging", "staging_dir"]
 
 
 def _umask() -> int:
@@ -49,6 +50,35 @@ def staging_dir(output: Path) -> Path:
     """Where a model directory is built before it is complete."""
     output = output.resolve()
     return output.with_name(output.name + ".incomplete")
+
+
+def fresh_staging(output: Path, *, overwrite: bool, owned: Callable[[Path], bool], what: str) -> Path:
+    """Checks that folder ``output`` may be written and returns a fresh staging folder beside it.
+
+    ``--overwrite`` only ever replaces a folder that ``owned`` recognises (a model
+    directory, a prepared dataset), never an arbitrary folder (data, home, ...).
+
+    Args:
+        output: The folder to create or replace.
+        overwrite: Whether an existing ``output`` may be replaced.
+        owned: Whether an existing folder is one this kind of output may replace.
+        what: Names that kind of folder in the refusal, e.g. ``"an mtrec model directory"``.
+    """
+    output = output.resolve()
+    if output.exists() and not overwrite:
+        raise MtrecError(f"{output}: already exists (pass --overwrite to replace it)")
+    if output.exists() and not output.is_dir():
+        raise MtrecError(f"{output}: exists and is not a folder")
+    if output.exists() and any(output.iterdir()) and not owned(output):
+        raise MtrecError(f"{output}: is not {what}; refusing to replace it")
+    for parent in output.parents:
+        if parent.exists() and not parent.is_dir():
+            raise MtrecError(f"{parent}: is a file, so {output} cannot be a folder")
+    staging = staging_dir(output)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
 
 
 def finalize_dir(staging: Path, output: Path) -> None:

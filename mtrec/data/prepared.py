@@ -17,8 +17,8 @@ from typing import Any
 
 import polars as pl
 
-from mtrec.errors import DataError, MtrecError
-from mtrec.files import DIR_MODE, FILE_MODE, finalize_dir, staging_dir
+from mtrec.errors import DataError
+from mtrec.files import FILE_MODE, finalize_dir, fresh_staging
 
 __all__ = ["MANIFEST", "file_md5", "is_prepared_dir", "read_source", "write_prepared"]
 
@@ -67,18 +67,9 @@ def write_prepared(
         The manifest as written.
     """
     output = output.resolve()
-    if output.exists() and not overwrite:
-        raise MtrecError(f"{output}: already exists (pass --overwrite to replace it)")
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not is_prepared_dir(output))):
-        raise MtrecError(f"{output}: is not a folder written by `mtrec datasets`; refusing to replace it")
-    for parent in output.parents:
-        if parent.exists() and not parent.is_dir():
-            raise MtrecError(f"{parent}: is a file, so {output} cannot be a folder")
-    staging = staging_dir(output)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    staging.chmod(DIR_MODE)
+    staging = fresh_staging(
+        output, overwrite=overwrite, owned=is_prepared_dir, what="a folder written by `mtrec datasets`"
+    )
     try:
         info = dict(manifest)
         info["splits"] = {}
