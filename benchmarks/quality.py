@@ -130,8 +130,9 @@ def _census_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     return data, json.loads((data / "dataset.json").read_text())
 
 
-def _census_runs(args: argparse.Namespace, work: Path, folder: Path, name: str) -> dict[str, dict[str, Any]]:
-    data, _ = _census_data(args)
+def _census_runs(
+    args: argparse.Namespace, data: Path, work: Path, folder: Path, name: str
+) -> dict[str, dict[str, Any]]:
     configs = sorted(folder.glob("*.yaml"))
     if args.census_models:
         configs = [c for c in configs if c.stem in args.census_models.split(",")]
@@ -141,8 +142,8 @@ def _census_runs(args: argparse.Namespace, work: Path, folder: Path, name: str) 
 
 
 def census(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    _, manifest = _census_data(args)
-    results = _census_runs(args, work, ROOT / "configs" / "census_income", "census")
+    data, manifest = _census_data(args)
+    results = _census_runs(args, data, work, ROOT / "configs" / "census_income", "census")
     for model, res in results.items():
         res["published"] = PUBLISHED.get(model, {})
     checks = _census_checks(results)
@@ -155,8 +156,8 @@ def census(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def census_group2(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The MMoE paper's group 2: college and never married, without education as an input."""
-    _, manifest = _census_data(args)
-    results = _census_runs(args, work, ROOT / "configs" / "census_income" / "group2", "census-group2")
+    data, manifest = _census_data(args)
+    results = _census_runs(args, data, work, ROOT / "configs" / "census_income" / "group2", "census-group2")
     return {"data": {"splits": manifest["splits"], "protocol": manifest["protocol"]}, "models": results}
 
 
@@ -325,7 +326,7 @@ def main() -> None:
                 section["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
                 section["seconds"] = time.perf_counter() - s0
                 result[name.replace("-", "_")] = section
-    if args.only is None:
+    if args.only is None or "seconds" not in result:  # a run that updated one section keeps the full run's
         result["seconds"] = time.perf_counter() - t0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
