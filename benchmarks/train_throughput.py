@@ -37,7 +37,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _config(data: str, threads: int, epochs: int, precision: str = "auto", device: str = "cpu", batch_size: int = 2048):
+def _config(
+    data: str,
+    threads: int,
+    epochs: int,
+    precision: str = "auto",
+    device: str = "cpu",
+    batch_size: int = 2048,
+    embedding_optimizer: str = "auto",
+):
     from mtrec.config import config_from_dict
     from mtrec.quickstart import synthetic_features, synthetic_tasks
 
@@ -62,19 +70,26 @@ def _config(data: str, threads: int, epochs: int, precision: str = "auto", devic
                 "seed": 0,
                 "device": device,
                 "precision": precision,
+                "embedding_optimizer": embedding_optimizer,
             },
         }
     )
 
 
 def run_mtrec(
-    data: str, threads: int, workdir: str, precision: str, device: str = "cpu", batch_size: int = 2048
+    data: str,
+    threads: int,
+    workdir: str,
+    precision: str,
+    device: str = "cpu",
+    batch_size: int = 2048,
+    embedding_optimizer: str = "auto",
 ) -> dict:
     import torch
 
     import mtrec
 
-    cfg = _config(data, threads, epochs=1, precision=precision, device=device, batch_size=batch_size)
+    cfg = _config(data, threads, 1, precision, device, batch_size, embedding_optimizer)
     t0 = time.perf_counter()
     result = mtrec.train(cfg, output=Path(workdir) / "model", overwrite=True, progress=False)
     total = time.perf_counter() - t0
@@ -83,6 +98,7 @@ def run_mtrec(
     train_rows = meta["train_rows"]
     return {
         "precision": meta["precision"],
+        "embedding_optimizer": meta["embedding_optimizer"],
         "end_to_end_seconds": total,
         "end_to_end_rows_per_s": train_rows / total,
         "train_loop_seconds": epoch["train_seconds"],
@@ -182,10 +198,17 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, or cuda: mtrec alone at batch 2048 and --large-batch")
     p.add_argument("--large-batch", type=int, default=16384, help="the large batch of --device cuda")
     p.add_argument("--batch-size", type=int, default=2048, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--embedding-optimizer",
+        choices=["auto", "sparse", "dense"],
+        default="auto",
+        help="train.embedding_optimizer of the mtrec runs (auto: dense on CUDA, sparse on CPU)",
+    )
     args = p.parse_args()
 
     if args.part == "mtrec":
-        result = run_mtrec(args.data, args.threads, args.workdir, args.precision, args.device, args.batch_size)
+        a = args
+        result = run_mtrec(a.data, a.threads, a.workdir, a.precision, a.device, a.batch_size, a.embedding_optimizer)
         print(json.dumps(result))
         return
     if args.part == "baseline":
@@ -203,7 +226,7 @@ def main() -> None:
         def part(name: str, precision: str = "auto", batch_size: int = 2048) -> dict:
             cmd = [sys.executable, __file__, "--part", name, "--data", data, "--threads", str(args.threads)]
             cmd += ["--workdir", tmp, "--precision", precision, "--device", args.device]
-            cmd += ["--batch-size", str(batch_size)]
+            cmd += ["--batch-size", str(batch_size), "--embedding-optimizer", args.embedding_optimizer]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
             return json.loads(out.stdout.strip().splitlines()[-1])
 

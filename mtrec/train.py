@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -67,9 +68,19 @@ from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
 from mtrec.files import atomic_write_text, finalize_dir, staging_dir
 from mtrec.losses import multitask_loss, task_losses
 from mtrec.models.base import MultiTaskModel
+from mtrec.optim import LazyAdam
+from mtrec.profiling import STEP_RANGE
 from mtrec.weighting import create_weighting
 
-__all__ = ["TrainResult", "make_optimizers", "native_bf16", "resolve_device", "resolve_precision", "train"]
+__all__ = [
+    "TrainResult",
+    "make_optimizers",
+    "native_bf16",
+    "resolve_device",
+    "resolve_embedding_optimizer",
+    "resolve_precision",
+    "train",
+]
 
 
 @dataclass
@@ -109,23 +120,38 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
+# Largest table (values) that ``embedding_optimizer: auto`` updates densely on a GPU: a few
+# passes over 2^25 fp32 values move ~1 GB, ~0.2 ms at H100/H200 memory bandwidth.
+DENSE_EMBEDDING_MAX_VALUES = 2**25
+
+
+def resolve_embedding_optimizer(name: str, device: torch.device, table_values: int) -> str:
+    """``sparse`` or ``dense`` for ``train.embedding_optimizer`` (see :class:`mtrec.config.TrainConfig`)."""
+    if name != "auto":
+        return name
+    return "dense" if device.type == "cuda" and table_values <= DENSE_EMBEDDING_MAX_VALUES else "sparse"
+
+
 def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
-    """Adam (fused where supported) for dense weights, sparse Adam for embedding rows.
+    """Adam (fused where supported) for dense weights, Adam on touched rows for the embedding.
 
     Sparse Adam updates only the rows a batch touched, so its cost follows the batch, not
     the size of the tables (a dense Adam step over millions of embedding rows costs more
-    than the whole MLP on a CPU).
+    than the whole MLP on a CPU). With a dense table gradient (``model.features.embedding``
+    built with ``sparse=False``), :class:`mtrec.optim.LazyAdam` applies the same update.
     """
     t = config.train
-    dense = model.dense_parameters()
+    table = model.embedding_table()
+    dense = [p for p in model.dense_parameters() if p is not table]
     try:
         opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay)
     optimizers: list[torch.optim.Optimizer] = [opt]
-    sparse = model.embedding_parameters()
-    if sparse:
-        optimizers.append(torch.optim.SparseAdam(sparse, lr=t.embedding_lr or t.lr))
+    if table is not None:
+        lr = t.embedding_lr or t.lr
+        sparse = bool(model.embedding_parameters())
+        optimizers.append(torch.optim.SparseAdam([table], lr=lr) if sparse else LazyAdam([table], lr=lr))
     return optimizers
 
 
@@ -134,6 +160,40 @@ def _seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+class _LossSums:
+    """Row-weighted sums of the training loss and task losses of an epoch, kept on the device.
+
+    Adding is asynchronous; the values are read (one host sync) only when asked for, and a
+    read that finds a non-finite sum stops the run.
+    """
+
+    def __init__(self, task_names: tuple[str, ...], device: torch.device) -> None:
+        self.task_names = task_names
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.tasks = torch.zeros(len(task_names), dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], rows: int) -> None:
+        self.total += loss.detach().to(torch.float64) * rows
+        self.tasks += torch.stack([parts[name].detach() for name in self.task_names]).to(torch.float64) * rows
+        self.rows += rows
+
+    def loss_sum(self, epoch: int, step: int) -> float:
+        value = float(self.total)
+        if not math.isfinite(value):
+            raise MtrecError(
+                f"training diverged in epoch {epoch} by step {step} (loss {value}); "
+                "lower train.lr or set train.grad_clip"
+            )
+        return value
+
+    def mean_loss(self, epoch: int, step: int) -> float:
+        return self.loss_sum(epoch, step) / max(self.rows, 1)
+
+    def task_sums(self) -> dict[str, float]:
+        return dict(zip(self.task_names, self.tasks.tolist(), strict=True))
 
 
 def _fmt_seconds(s: float) -> str:
@@ -160,6 +220,7 @@ class _Progress:
         self.total, self.epoch, self.epochs, self.every = total, epoch, epochs, every
         self.stream = stream
         self.start = time.perf_counter()
+        self.shown = self.start
         self.bar = None
         if enabled and stream.isatty():
             from tqdm import tqdm
@@ -167,17 +228,21 @@ class _Progress:
             self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", file=stream, leave=False)
         self.enabled = enabled
 
-    def update(self, step: int, rows: int, loss: float) -> None:
-        elapsed = time.perf_counter() - self.start
+    def update(self, step: int, rows: int, loss: Callable[[], float]) -> None:
+        """Moves the bar to ``step``; ``loss()`` (a host read of a device value) is called
+        only when the loss is shown: every ``every`` steps, or every 0.5 s on a terminal."""
+        now = time.perf_counter()
+        elapsed = now - self.start
         rate = rows / elapsed if elapsed > 0 else 0.0
         if self.bar is not None:
-            self.bar.update(1)
-            if step % 10 == 0 or step == self.total:
-                self.bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{rate:,.0f}")
+            self.bar.update(step - self.bar.n)
+            if now - self.shown >= 0.5 or step == self.total:
+                self.shown = now
+                self.bar.set_postfix(loss=f"{loss():.4f}", rows_s=f"{rate:,.0f}")
         elif self.enabled and (step % self.every == 0 or step == self.total):
             eta = elapsed / step * (self.total - step)
             print(
-                f"epoch {self.epoch}/{self.epochs} step {step}/{self.total} loss {loss:.4f} "
+                f"epoch {self.epoch}/{self.epochs} step {step}/{self.total} loss {loss():.4f} "
                 f"rows/s {rate:,.0f} eta {_fmt_seconds(eta)}",
                 file=self.stream,
                 flush=True,
@@ -353,8 +418,12 @@ def _train(
     weighting = create_weighting(
         weighting_cfg.pop("name"), task_names, tuple(task.weight for task in tasks), **weighting_cfg
     ).to(device)
-    # DDP for the dense weights; the embedding table is kept out of DDP and its sparse
-    # gradient averaged by sync_sparse_grads (see mtrec.distributed).
+    table = model.embedding_table()
+    table_values = 0 if table is None else table.numel()
+    embedding_optimizer = resolve_embedding_optimizer(t.embedding_optimizer, device, table_values)
+    model.use_sparse_embedding_grads(embedding_optimizer == "sparse")
+    # DDP for the dense weights (and a table with dense gradients); a table with sparse
+    # gradients is kept out of DDP and averaged by sync_sparse_grads (see mtrec.distributed).
     replica = wrap_model(model, ctx, device)
     broadcast_parameters(weighting, ctx)
     embedding_params = model.embedding_parameters()
@@ -372,7 +441,8 @@ def _train(
     _say(
         stream,
         progress,
-        f"model: {config.model.name}, {n_params:,} parameters, device {device}, {precision}{compiled}{where}",
+        f"model: {config.model.name}, {n_params:,} parameters, device {device}, {precision}, "
+        f"{embedding_optimizer} embedding gradients{compiled}{where}",
     )
 
     meta = {
@@ -386,11 +456,12 @@ def _train(
         "valid_rows": data.valid.num_rows,
         "train_files": [str(p) for p in data.train_files],
         "precision": precision,
+        "embedding_optimizer": embedding_optimizer,
         "label_correlations": correlations,
     }
     log_fh: TextIO | None = None
     if resume is not None:
-        _check_resumable(resume, staging_dir(out_dir), config, data.preprocessor, mode, ctx)
+        _check_resumable(resume, staging_dir(out_dir), config, data.preprocessor, mode, embedding_optimizer, ctx)
     elif staging is not None:  # rank 0 writes the model directory and its log
         save_model_files(staging, config, data.preprocessor, meta)
     if staging is not None:
@@ -408,7 +479,7 @@ def _train(
     amp_dtype = resolve_precision(t.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
-    dense_params = model.dense_parameters()
+    dense_params = [p for p in model.dense_parameters() if p is not table]  # what grad_clip clips
 
     history: list[dict[str, Any]] = []
     best_value: float | None = None
@@ -444,64 +515,59 @@ def _train(
             model.train()
             steps = batches.num_batches(epoch)
             bar = _Progress(steps, epoch, t.epochs, t.log_every, stream, progress)
-            loss_sum = 0.0
-            rows = 0
-            epoch_task_loss = dict.fromkeys(task_names, 0.0)
+            # Loss sums stay on the device: reading them (a host sync that stalls the GPU
+            # queue) happens only where a progress line or log record needs them.
+            sums = _LossSums(task_names, device)
             e0 = time.perf_counter()
             source = batches.iter_batches(epoch)
             if not getattr(batches, "resident", False):  # resident batches are already on the GPU
                 source = prefetch_to_device(source, device)
+            step = 0
             for step, batch in enumerate(source, start=1):
-                if autocast is not None:
-                    with autocast:
+                with torch.profiler.record_function(STEP_RANGE):  # see mtrec.profiling
+                    if autocast is not None:
+                        with autocast:
+                            logits = forward(batch)
+                    else:
                         logits = forward(batch)
-                else:
-                    logits = forward(batch)
-                parts = task_losses(logits, batch.labels, batch.label_mask, tasks, batch.sample_weight)
-                if ctx.enabled:
-                    # Each task's loss becomes the mean over all ranks' rows of its sample space.
-                    scale = global_mean_scale(_space_weights(batch), ctx).to(torch.float32)
-                    parts = {name: part * scale[j] for j, (name, part) in enumerate(parts.items())}
-                aux = model.auxiliary_loss(logits, batch)
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss = weighting.backward(parts, shared=shared_params, last_shared=last_shared, extra=aux)
-                else:
-                    # fp16: the objective is linear in the losses (fixed/dwa weighting), so
-                    # scaling each loss is scaling the objective, as GradScaler.scale does.
-                    factor = scaler.scale(torch.ones((), device=device))
-                    scaled = {name: part * factor for name, part in parts.items()}
-                    extra = None if aux is None else aux * factor
-                    loss = weighting.backward(scaled, shared=shared_params, last_shared=last_shared, extra=extra)
-                    loss = loss / factor
-                sync_sparse_grads(embedding_params, ctx)
-                all_reduce_grads(weighting.extra_parameters(), ctx)
-                for name, part in parts.items():
-                    epoch_task_loss[name] += float(part.detach()) * len(batch)
-                if scaler is not None:
+                    parts = task_losses(logits, batch.labels, batch.label_mask, tasks, batch.sample_weight)
+                    if ctx.enabled:
+                        # Each task's loss becomes the mean over all ranks' rows of its sample space.
+                        scale = global_mean_scale(_space_weights(batch), ctx).to(torch.float32)
+                        parts = {name: part * scale[j] for j, (name, part) in enumerate(parts.items())}
+                    aux = model.auxiliary_loss(logits, batch)
                     for opt in optimizers:
-                        scaler.unscale_(opt)
-                if t.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
-                if scaler is None:
-                    for opt in optimizers:
-                        opt.step()
-                else:
-                    for opt in optimizers:
-                        scaler.step(opt)  # skipped when a gradient overflowed
-                    scaler.update()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise MtrecError(
-                        f"training diverged at epoch {epoch} step {step} (loss {value}); "
-                        "lower train.lr or set train.grad_clip"
-                    )
-                loss_sum += value * len(batch)
-                rows += len(batch)
-                bar.update(step, rows, loss_sum / rows)
+                        opt.zero_grad(set_to_none=True)
+                    if scaler is None:
+                        loss = weighting.backward(parts, shared=shared_params, last_shared=last_shared, extra=aux)
+                    else:
+                        # fp16: the objective is linear in the losses (fixed/dwa weighting), so
+                        # scaling each loss is scaling the objective, as GradScaler.scale does.
+                        factor = scaler.scale(torch.ones((), device=device))
+                        scaled = {name: part * factor for name, part in parts.items()}
+                        extra = None if aux is None else aux * factor
+                        loss = weighting.backward(scaled, shared=shared_params, last_shared=last_shared, extra=extra)
+                        loss = loss / factor
+                    sync_sparse_grads(embedding_params, ctx)
+                    all_reduce_grads(weighting.extra_parameters(), ctx)
+                    sums.add(loss, parts, len(batch))
+                    if scaler is not None:
+                        for opt in optimizers:
+                            scaler.unscale_(opt)
+                    if t.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
+                    if scaler is None:
+                        for opt in optimizers:
+                            opt.step()
+                    else:
+                        for opt in optimizers:
+                            scaler.step(opt)  # skipped when a gradient overflowed
+                        scaler.update()
+                bar.update(step, sums.rows, functools.partial(sums.mean_loss, epoch, step))
                 if step % t.log_every == 0:
-                    log({"event": "step", "epoch": epoch, "step": step, "loss": loss_sum / rows})
+                    log({"event": "step", "epoch": epoch, "step": step, "loss": sums.mean_loss(epoch, step)})
+            loss_sum, rows = sums.loss_sum(epoch, step), sums.rows
+            epoch_task_loss = sums.task_sums()
             bar.close()
             train_s = time.perf_counter() - e0
             if ctx.enabled:  # every rank logs and balances with the totals of all ranks
@@ -567,6 +633,7 @@ def _train(
                         "cuda_rng": None if cuda_rng is None else torch.from_numpy(cuda_rng),
                         "world_size": ctx.world_size,
                         "data_mode": mode,
+                        "embedding_optimizer": embedding_optimizer,
                         "best_value": best_value,
                         "best_epoch": best_epoch,
                         "best_metrics": best_metrics,
@@ -650,13 +717,26 @@ def _finish_dir(
 
 
 def _check_resumable(
-    state: dict[str, Any], staging: Path, config: Config, pre: Preprocessor, mode: str, ctx: DistContext
+    state: dict[str, Any],
+    staging: Path,
+    config: Config,
+    pre: Preprocessor,
+    mode: str,
+    embedding_optimizer: str,
+    ctx: DistContext,
 ) -> None:
     """Refuses to resume on other data, preprocessing or process layout than the saved run."""
     if state.get("world_size", 1) != ctx.world_size or state.get("data_mode", mode) != mode:
         raise ConfigError(
             f"{staging}: the run was trained with {state.get('world_size', 1)} process(es) in "
             f"{state.get('data_mode')} mode; resume it the same way (now {ctx.world_size}, {mode})"
+        )
+    saved_opt = state.get("embedding_optimizer", "sparse")
+    if saved_opt != embedding_optimizer:
+        raise ConfigError(
+            f"{staging}: the run updated its embedding with {saved_opt} gradients, this device would use "
+            f"{embedding_optimizer} ones; set train.embedding_optimizer: {saved_opt} in "
+            f"{staging / 'config.yaml'} to resume it"
         )
     saved = Preprocessor.load(config.schema, staging / "preprocess")
     same = saved.vocabs.keys() == pre.vocabs.keys() and all(saved.vocabs[k].equals(pre.vocabs[k]) for k in pre.vocabs)

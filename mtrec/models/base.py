@@ -138,8 +138,20 @@ class MultiTaskModel(nn.Module):
         fn = getattr(self.backbone, "last_shared_parameters", None)
         return list(fn()) if fn is not None else []
 
+    def embedding_table(self) -> nn.Parameter | None:
+        """The fused embedding table (the rows of every feature), if the model has one."""
+        emb = self.features.embedding
+        return None if emb is None else emb.weight
+
+    def use_sparse_embedding_grads(self, sparse: bool) -> None:
+        """Whether the embedding lookup produces a sparse gradient (for ``SparseAdam``) or a
+        dense one; the forward pass is the same either way."""
+        if self.features.embedding is not None:
+            self.features.embedding.sparse = sparse
+
     def embedding_parameters(self) -> list[nn.Parameter]:
-        """Parameters with sparse gradients (the fused embedding table)."""
+        """Parameters with sparse gradients (the fused embedding table, unless it was set to
+        dense gradients with :meth:`use_sparse_embedding_grads`)."""
         emb = self.features.embedding
         return [emb.weight] if emb is not None and emb.sparse else []
 

@@ -68,6 +68,12 @@ class EsmmModel(nn.Module):
     def last_shared_parameters(self) -> list[nn.Parameter]:
         return self.inner.last_shared_parameters()
 
+    def embedding_table(self) -> nn.Parameter | None:
+        return self.inner.embedding_table()
+
+    def use_sparse_embedding_grads(self, sparse: bool) -> None:
+        self.inner.use_sparse_embedding_grads(sparse)
+
     def embedding_parameters(self) -> list[nn.Parameter]:
         return self.inner.embedding_parameters()
 

@@ -35,6 +35,7 @@ from mtrec.distributed import (
 from mtrec.errors import ConfigError, DataError, MtrecError
 from mtrec.losses import multitask_loss, task_losses
 from mtrec.models import create_model
+from mtrec.optim import LazyAdam
 from mtrec.schema import InputLayout, Task
 
 pytestmark = pytest.mark.skipif(
@@ -183,10 +184,10 @@ def _concat(a: Batch, b: Batch) -> Batch:
 
 
 def _optimizers(model) -> list[torch.optim.Optimizer]:
-    return [
-        torch.optim.Adam(model.dense_parameters(), lr=0.01),
-        torch.optim.SparseAdam(model.embedding_parameters(), lr=0.01),
-    ]
+    table = model.embedding_table()
+    dense = [p for p in model.dense_parameters() if p is not table]
+    lazy = LazyAdam([table], lr=0.01) if not model.embedding_parameters() else None
+    return [torch.optim.Adam(dense, lr=0.01), lazy or torch.optim.SparseAdam([table], lr=0.01)]
 
 
 def _flat(model) -> torch.Tensor:
@@ -219,12 +220,14 @@ def test_ranks_start_identical_after_wrap():
     _spawn(_start_identical)
 
 
-def _step_equals_single_process(ctx: DistContext) -> None:
+def _step_equals_single_process(ctx: DistContext, sparse_table: bool) -> None:
     torch.manual_seed(100 + ctx.rank)
     model = create_model("mmoe", LAYOUT, TASK_NAMES, embedding_dim=4)
+    model.use_sparse_embedding_grads(sparse_table)  # dense: DDP owns the table and all-reduces it
     ddp = wrap_model(model, ctx, torch.device("cpu"))
     torch.manual_seed(100)  # rank 0's initialisation, which wrap_model gave every rank
     ref = create_model("mmoe", LAYOUT, TASK_NAMES, embedding_dim=4)
+    ref.use_sparse_embedding_grads(sparse_table)
     opts, ref_opts = _optimizers(model), _optimizers(ref)
     for step in range(3):
         shards = [_batch(seed=10 * step + r, rank=r) for r in range(WORLD)]
@@ -240,9 +243,13 @@ def _step_equals_single_process(ctx: DistContext) -> None:
         ref_loss.backward()
 
         emb_grad = model.features.embedding.weight.grad
-        assert emb_grad.is_sparse and emb_grad.is_coalesced()
-        ref_emb_grad = ref.features.embedding.weight.grad.coalesce().to_dense()
-        torch.testing.assert_close(emb_grad.to_dense(), ref_emb_grad, rtol=1e-5, atol=1e-7)
+        ref_emb_grad = ref.features.embedding.weight.grad
+        if sparse_table:
+            assert emb_grad.is_sparse and emb_grad.is_coalesced()
+            emb_grad, ref_emb_grad = emb_grad.to_dense(), ref_emb_grad.coalesce().to_dense()
+        else:
+            assert not emb_grad.is_sparse
+        torch.testing.assert_close(emb_grad, ref_emb_grad, rtol=1e-5, atol=1e-7)
         for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
             if not p.grad.is_sparse:
                 torch.testing.assert_close(
@@ -258,14 +265,17 @@ def _step_equals_single_process(ctx: DistContext) -> None:
     # weight by up to ~3e-6 over these steps (lr 1e-2: a missing or wrong sync moves it ~1e-2).
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    # Rows no batch touched never moved (SparseAdam touches only the averaged rows).
-    touched = ref.features.embedding.weight.grad.coalesce().indices()[0]
-    assert touched.numel() < model.features.embedding.weight.shape[0]
+    # Rows no batch touched never moved (both optimisers update only the averaged rows).
+    torch.manual_seed(100)
+    initial = create_model("mmoe", LAYOUT, TASK_NAMES, embedding_dim=4).features.embedding.weight.detach()
+    still = (model.features.embedding.weight.detach() == initial).all(dim=1)
+    assert 0 < int(still.sum()) < still.numel()
 
 
 @pytest.mark.slow  # 2 fresh processes importing torch: 4-11 s
-def test_step_on_two_ranks_equals_one_process_on_the_whole_batch():
-    _spawn(_step_equals_single_process)
+@pytest.mark.parametrize("sparse_table", [True, False], ids=["sparse-table", "dense-table"])
+def test_step_on_two_ranks_equals_one_process_on_the_whole_batch(sparse_table: bool):
+    _spawn(_step_equals_single_process, sparse_table)
 
 
 # --------------------------------------------------------------------------- failures

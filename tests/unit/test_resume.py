@@ -22,7 +22,7 @@ from mtrec.train import train
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _config(data: Path, mode: str, weighting: str = "fixed"):
+def _config(data: Path, mode: str, weighting: str = "fixed", embedding: str = "auto"):
     return config_from_dict(
         {
             "data": {"train": str(data), "mode": mode, "shuffle_buffer": 4096},
@@ -36,6 +36,7 @@ def _config(data: Path, mode: str, weighting: str = "fixed"):
                 "threads": 1,
                 "patience": 5,
                 "loss_weighting": {"name": weighting},
+                "embedding_optimizer": embedding,
             },
         }
     )
@@ -54,17 +55,20 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
-@pytest.mark.parametrize(("mode", "weighting"), [("stream", "fixed"), ("memory", "dwa")])
-def test_resumed_run_equals_the_uninterrupted_run(files, tmp_path, mode, weighting):
+@pytest.mark.parametrize(
+    ("mode", "weighting", "embedding"),
+    [("stream", "fixed", "auto"), ("memory", "dwa", "auto"), ("memory", "fixed", "dense")],
+)
+def test_resumed_run_equals_the_uninterrupted_run(files, tmp_path, mode, weighting, embedding):
     data = files[0].parent
-    whole = train(_config(data, mode, weighting), output=tmp_path / "whole", progress=False)
+    whole = train(_config(data, mode, weighting, embedding), output=tmp_path / "whole", progress=False)
 
     def interrupt(record):
         if record["epoch"] == 1:
             raise KeyboardInterrupt  # the process is stopped after epoch 1 was saved
 
     with pytest.raises(KeyboardInterrupt):
-        train(_config(data, mode, weighting), output=tmp_path / "cut", progress=False, on_epoch=interrupt)
+        train(_config(data, mode, weighting, embedding), output=tmp_path / "cut", progress=False, on_epoch=interrupt)
     staging = tmp_path / "cut.incomplete"
     assert has_resume_state(staging) and not (tmp_path / "cut").exists()
     with pytest.raises(MtrecError, match="holds an interrupted run; continue it with `mtrec train --resume"):
@@ -73,11 +77,15 @@ def test_resumed_run_equals_the_uninterrupted_run(files, tmp_path, mode, weighti
 
     other = "memory" if mode == "stream" else "stream"
     with pytest.raises(MtrecError, match=f"resume it the same way \\(now 1, {other}\\)"):
-        train(_config(data, other, weighting), output=tmp_path / "cut", progress=False, resume=True)
+        train(_config(data, other, weighting, embedding), output=tmp_path / "cut", progress=False, resume=True)
+    # The optimiser state of one embedding update does not load into the other.
+    flipped, was = ("sparse", "dense") if embedding == "dense" else ("dense", "sparse")
+    with pytest.raises(MtrecError, match=f"updated its embedding with {was} gradients"):
+        train(_config(data, mode, weighting, flipped), output=tmp_path / "cut", progress=False, resume=True)
 
     # As if the process died between saving the state and the best weights of epoch 1.
     (staging / "model.safetensors").unlink()
-    resumed = train(_config(data, mode, weighting), output=tmp_path / "cut", progress=False, resume=True)
+    resumed = train(_config(data, mode, weighting, embedding), output=tmp_path / "cut", progress=False, resume=True)
     assert not staging.exists()
     assert not (tmp_path / "cut" / "resume").exists()  # optimiser moments are not part of the model
     assert resumed.best_epoch == whole.best_epoch
