@@ -141,8 +141,9 @@ class TrainConfig:
             the batch (the CPU's choice), but which reads the number of touched rows back
             to the host every step (a stall on a GPU). ``dense``: a dense gradient and
             :class:`mtrec.optim.LazyAdam`, no host read, a few passes over the table per
-            step. ``auto``: ``dense`` on CUDA for tables of at most 2^25 values (128 MiB
-            in fp32), else ``sparse``.
+            step. ``auto``: ``dense`` for one process on CUDA with a table of at most
+            2^24 values (64 MiB in fp32), else ``sparse`` (also under DDP, where a dense
+            table would be all-reduced whole). A run may be resumed with the other one.
         weight_decay: L2 penalty on the dense parameters.
         grad_clip: Clip the norm of the dense parameters' gradient to this value.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.

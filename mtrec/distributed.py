@@ -7,8 +7,10 @@ each with its own shard of the data and a full copy of the model. This module ho
 - :func:`init_distributed` reads torchrun's environment, joins the process group (gloo on
   CPU, NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``) and says who this rank is;
 - :func:`wrap_model` wraps the model in ``DistributedDataParallel`` for its dense weights
-  and makes DDP *ignore* the embedding tables, whose sparse gradients
-  :func:`sync_sparse_grads` averages itself (see below);
+  and makes DDP *ignore* embedding tables with sparse gradients, which
+  :func:`sync_sparse_grads` averages itself (see below); a table set to dense gradients
+  (``train.embedding_optimizer: dense``, never chosen by ``auto`` under DDP) is an
+  ordinary DDP parameter, all-reduced whole every step;
 - :func:`all_reduce_grads` averages the gradients of parameters outside the model (the
   uncertainty weighting's log-variances);
 - :func:`gather_rows` concatenates every rank's validation predictions so that metrics
@@ -19,8 +21,8 @@ each with its own shard of the data and a full copy of the model. This module ho
   an immediate non-zero exit, which makes torchrun stop the other ranks at once instead of
   leaving them blocked in a collective.
 
-Why DDP ignores the embedding tables
-------------------------------------
+Why DDP ignores the (sparse-gradient) embedding tables
+------------------------------------------------------
 The fused embedding table produces a sparse gradient (the rows a batch touched) that
 ``torch.optim.SparseAdam`` applies. DDP only reduces sparse gradients with gloo (NCCL has
 no sparse all-reduce), and densifying them would all-reduce the whole table every step:

@@ -45,6 +45,7 @@ SYNC_OPS = {
     "aten::bincount": "output size depends on the data",
     "aten::equal": "returns a host bool",
     "aten::allclose": "returns a host bool",
+    "aten::lift_fresh": "a tensor made from Python data (torch.tensor): a blocking copy to a GPU",
 }
 
 # Indexing with a boolean mask (``x[mask]``, ``x[mask] = v``) runs ``nonzero`` inside the kernel.

@@ -120,16 +120,26 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
-# Largest table (values) that ``embedding_optimizer: auto`` updates densely on a GPU: a few
-# passes over 2^25 fp32 values move ~1 GB, ~0.2 ms at H100/H200 memory bandwidth.
-DENSE_EMBEDDING_MAX_VALUES = 2**25
+# Largest table (values) that ``embedding_optimizer: auto`` updates densely on a GPU. An
+# estimate, not yet measured on a GPU: the dense gradient (a zero fill and the lookup's
+# backward) and LazyAdam make ~25 table-sized reads and writes per step; at 2^24 fp32 values
+# (64 MiB) that is ~1.7 GB, ~0.5 ms at H100/H200 memory bandwidth, against a sync per step
+# (the GPU idles while the host launches the next step's ~350 kernels) for sparse Adam.
+DENSE_EMBEDDING_MAX_VALUES = 2**24
 
 
-def resolve_embedding_optimizer(name: str, device: torch.device, table_values: int) -> str:
-    """``sparse`` or ``dense`` for ``train.embedding_optimizer`` (see :class:`mtrec.config.TrainConfig`)."""
+def resolve_embedding_optimizer(name: str, device: torch.device, table_values: int, world_size: int = 1) -> str:
+    """``sparse`` or ``dense`` for ``train.embedding_optimizer`` (see :class:`mtrec.config.TrainConfig`).
+
+    ``auto`` is ``dense`` for one process on CUDA with a table of at most
+    :data:`DENSE_EMBEDDING_MAX_VALUES` values. Under DDP it stays ``sparse``: a dense table
+    would be all-reduced whole every step, where ``sync_sparse_grads`` moves only the rows
+    the ranks touched.
+    """
     if name != "auto":
         return name
-    return "dense" if device.type == "cuda" and table_values <= DENSE_EMBEDDING_MAX_VALUES else "sparse"
+    dense = device.type == "cuda" and world_size == 1 and table_values <= DENSE_EMBEDDING_MAX_VALUES
+    return "dense" if dense else "sparse"
 
 
 def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
@@ -420,7 +430,7 @@ def _train(
     ).to(device)
     table = model.embedding_table()
     table_values = 0 if table is None else table.numel()
-    embedding_optimizer = resolve_embedding_optimizer(t.embedding_optimizer, device, table_values)
+    embedding_optimizer = resolve_embedding_optimizer(t.embedding_optimizer, device, table_values, ctx.world_size)
     model.use_sparse_embedding_grads(embedding_optimizer == "sparse")
     # DDP for the dense weights (and a table with dense gradients); a table with sparse
     # gradients is kept out of DDP and averaged by sync_sparse_grads (see mtrec.distributed).
@@ -461,7 +471,9 @@ def _train(
     }
     log_fh: TextIO | None = None
     if resume is not None:
-        _check_resumable(resume, staging_dir(out_dir), config, data.preprocessor, mode, embedding_optimizer, ctx)
+        # SparseAdam and LazyAdam keep the same state (step, exp_avg, exp_avg_sq), so a run
+        # may continue with the other embedding update (e.g. on a GPU after a CPU start).
+        _check_resumable(resume, staging_dir(out_dir), config, data.preprocessor, mode, ctx)
     elif staging is not None:  # rank 0 writes the model directory and its log
         save_model_files(staging, config, data.preprocessor, meta)
     if staging is not None:
@@ -717,13 +729,7 @@ def _finish_dir(
 
 
 def _check_resumable(
-    state: dict[str, Any],
-    staging: Path,
-    config: Config,
-    pre: Preprocessor,
-    mode: str,
-    embedding_optimizer: str,
-    ctx: DistContext,
+    state: dict[str, Any], staging: Path, config: Config, pre: Preprocessor, mode: str, ctx: DistContext
 ) -> None:
     """Refuses to resume on other data, preprocessing or process layout than the saved run."""
     if state.get("world_size", 1) != ctx.world_size or state.get("data_mode", mode) != mode:
@@ -731,13 +737,7 @@ def _check_resumable(
             f"{staging}: the run was trained with {state.get('world_size', 1)} process(es) in "
             f"{state.get('data_mode')} mode; resume it the same way (now {ctx.world_size}, {mode})"
         )
-    saved_opt = state.get("embedding_optimizer", "sparse")
-    if saved_opt != embedding_optimizer:
-        raise ConfigError(
-            f"{staging}: the run updated its embedding with {saved_opt} gradients, this device would use "
-            f"{embedding_optimizer} ones; set train.embedding_optimizer: {saved_opt} in "
-            f"{staging / 'config.yaml'} to resume it"
-        )
+
     saved = Preprocessor.load(config.schema, staging / "preprocess")
     same = saved.vocabs.keys() == pre.vocabs.keys() and all(saved.vocabs[k].equals(pre.vocabs[k]) for k in pre.vocabs)
     same = same and json.dumps(saved.dense_stats, sort_keys=True) == json.dumps(pre.dense_stats, sort_keys=True)

@@ -176,11 +176,14 @@ class UncertaintyWeighting(LossWeighting):
     def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...]) -> None:
         super().__init__(task_names, base_weights)
         self.log_vars = nn.Parameter(torch.zeros(self.num_tasks))
+        # Built once and moved with the module: a tensor made from Python numbers in every
+        # step would be a blocking host-to-device copy on a GPU. Not part of the state.
+        self.register_buffer("_w", torch.tensor(self.base_weights), persistent=False)
 
     def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
         dtype = self.log_vars.dtype
         stacked = torch.stack([loss.to(dtype) for loss in losses])
-        w = torch.tensor(self.base_weights, dtype=dtype, device=self.log_vars.device)
+        w = self._w.to(dtype)
         s = self.log_vars
         # A task whose configured weight is 0 (e.g. ESMM's CVR) takes no part: its s_t term
         # alone would drive s_t to -inf.

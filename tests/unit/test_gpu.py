@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from mtrec.config import config_from_dict
 from mtrec.data.batches import TensorColumns, prefetch_to_device
 from mtrec.data.preprocess import EncodedColumns
 from mtrec.data.synthetic import write_click_log
+from mtrec.profiling import HostSyncCounter
 from mtrec.quickstart import synthetic_features, synthetic_tasks
 from mtrec.train import train
 
@@ -79,3 +81,34 @@ def test_training_on_the_gpu_matches_the_cpu_run(tmp_path: Path, share: float):
     for task in ("ctr", "cvr", "satisfaction"):
         assert gpu.best_metrics[task]["count"] == cpu.best_metrics[task]["count"]
     assert abs(gpu.best_metrics["ctr"]["auc"] - cpu.best_metrics["ctr"]["auc"]) < 0.03
+
+
+def test_training_steps_on_the_gpu_never_wait_for_the_device(tmp_path: Path):
+    """CUDA's own sync detector, over the trainer's steps (the first one may set things up)."""
+    data = tmp_path / "clicks.parquet"
+    write_click_log(data, 20_000, seed=1)
+    cfg = config_from_dict(
+        {
+            "data": {"train": str(data), "mode": "memory"},
+            "features": synthetic_features(),
+            "tasks": synthetic_tasks(),
+            "model": {"name": "mmoe", "embedding_dim": 8},
+            "train": {"epochs": 1, "batch_size": 1024, "device": "cuda", "gpu_data_share": 0.5, "seed": 2},
+        }
+    )
+    hits: list[str] = []
+    with HostSyncCounter() as counter, warnings.catch_warnings():
+        warnings.simplefilter("always")
+
+        def record(message, category, *args, **kwargs):
+            if counter.steps > 1 and counter._in_step():
+                hits.append(str(message))
+
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(cfg, output=tmp_path / "m", progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert counter.steps > 10
+    assert hits == []

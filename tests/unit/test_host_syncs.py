@@ -52,6 +52,7 @@ def test_the_counter_sees_host_reads_and_sync_operators_only_inside_steps():
                 _ = float(loss)
                 _ = x[x > 0]  # boolean indexing: nonzero in the kernel
                 _ = torch.where(x > 0, x, 0.0)  # the same selection without a sync
+                _ = x * torch.tensor([1.0, 2.0, 3.0])  # Python numbers copied to the device
                 with torch.profiler.record_function("inner"):  # a nested range stays inside the step
                     _ = loss.item()
         _ = float(loss)  # outside any step
@@ -59,6 +60,7 @@ def test_the_counter_sees_host_reads_and_sync_operators_only_inside_steps():
     assert counter.per_step() == {
         "Tensor.__float__": 1.0,
         "Tensor.item": 1.0,
+        "aten::lift_fresh": 1.0,
         BOOLEAN_INDEXING: 1.0,
     }
 
@@ -95,12 +97,14 @@ def test_sparse_and_dense_embedding_gradients_train_the_same_model(clicks, tmp_p
         assert math.isclose(ha["train_loss"], hb["train_loss"], rel_tol=1e-4)
 
 
-def test_auto_picks_dense_gradients_only_for_moderate_tables_on_cuda(clicks, tmp_path):
+def test_auto_picks_dense_gradients_only_for_one_process_and_moderate_tables_on_cuda(clicks, tmp_path):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_embedding_optimizer("auto", cuda, DENSE_EMBEDDING_MAX_VALUES) == "dense"
     assert resolve_embedding_optimizer("auto", cuda, DENSE_EMBEDDING_MAX_VALUES + 1) == "sparse"
     assert resolve_embedding_optimizer("auto", cpu, 10) == "sparse"
     assert resolve_embedding_optimizer("dense", cpu, 10**9) == "dense"
+    # Under DDP a dense table would be all-reduced whole every step: the touched rows only.
+    assert resolve_embedding_optimizer("auto", cuda, 10, world_size=2) == "sparse"
     _, meta = _syncs(_config(clicks), tmp_path / "m")
     assert meta["embedding_optimizer"] == "sparse"  # this machine has no GPU
 

@@ -72,6 +72,8 @@ def test_lazy_adam_rejects_sparse_gradients_and_bad_settings():
         opt.step()
     with pytest.raises(ValueError, match="invalid lr"):
         LazyAdam(emb.parameters(), lr=0.0)
+    with pytest.raises(ValueError, match="eps=0.0"):  # untouched rows would divide 0 by 0
+        LazyAdam(emb.parameters(), eps=0.0)
 
 
 def test_lazy_adam_state_round_trips_through_state_dict():
