@@ -69,6 +69,9 @@ class LazyAdam(torch.optim.Optimizer):
                     continue
                 if grad.is_sparse:
                     raise RuntimeError("LazyAdam takes dense gradients; use torch.optim.SparseAdam for sparse ones")
+                if p.dtype == torch.float16:
+                    # eps (1e-8) rounds to 0 in fp16: untouched rows would divide 0 by 0.
+                    raise RuntimeError("LazyAdam keeps fp32 (or bf16) weights; got a float16 parameter")
                 state = self.state[p]
                 if not state:
                     state["step"] = 0  # a host counter: the bias correction needs no device read
@@ -76,14 +79,15 @@ class LazyAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                g = grad.reshape(p.shape[0], -1)
-                m2, v2 = m.view_as(g), v.view_as(g)
-                # (rows, 1): 1 where the row has a gradient. Every full-table operation is
-                # in place or fused (lerp, addcdiv): about 20 table-sized reads and writes.
-                touched = g.ne(0).any(dim=1, keepdim=True).to(p.dtype)
-                m2.lerp_(g, touched * (1 - beta1))  # m += (1 - b1) (g - m) on touched rows
-                v2.lerp_(g.square(), touched * (1 - beta2))
+                # 1 where the row has a gradient, shaped (rows, 1, ...) to broadcast over a row.
+                rows = grad.shape[0]
+                touched = grad.ne(0).reshape(rows, -1).any(dim=1).to(p.dtype)
+                touched = touched.view(rows, *([1] * (p.dim() - 1)))
+                # The moments update in place (lerp_) and the weights in one addcdiv_; g^2,
+                # m * touched and sqrt(v) are temporaries: ~20 table-sized reads and writes.
+                m.lerp_(grad, touched * (1 - beta1))  # m += (1 - b1) (g - m) on touched rows
+                v.lerp_(grad.square(), touched * (1 - beta2))
                 step = state["step"]
                 step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-                p.view_as(g).addcdiv_(m2 * touched, v2.sqrt().add_(group["eps"]), value=-step_size)
+                p.addcdiv_(m * touched, v.sqrt().add_(group["eps"]), value=-step_size)
         return loss
