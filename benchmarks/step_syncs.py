@@ -24,8 +24,9 @@ import json
 import tempfile
 from pathlib import Path
 
-# The throughput benchmark's MMoE (benchmarks/train_throughput.py).
-MMOE = {"name": "mmoe", "num_experts": 4, "expert_hidden": [256, 128], "tower_hidden": [64]}
+from mtrec.quickstart import benchmark_model
+
+MMOE = benchmark_model()  # the throughput benchmark's MMoE
 
 CASES: dict[str, dict] = {
     "mmoe_sparse_embedding": {"model": MMOE, "train": {"embedding_optimizer": "sparse"}},

@@ -54,7 +54,7 @@ def _status_mb(key: str) -> float:
 
 def _config(data: str, args: argparse.Namespace, mode: str | None = None, valid: str | None = None) -> Any:
     from mtrec.config import config_from_dict
-    from mtrec.quickstart import synthetic_features, synthetic_tasks
+    from mtrec.quickstart import benchmark_model, synthetic_features, synthetic_tasks
 
     section: dict[str, Any] = {"train": data, "valid_fraction": 0.1}
     if mode is not None:
@@ -66,13 +66,7 @@ def _config(data: str, args: argparse.Namespace, mode: str | None = None, valid:
             "data": section,
             "features": synthetic_features(history=False),
             "tasks": synthetic_tasks(),
-            "model": {
-                "name": "mmoe",
-                "embedding_dim": 16,
-                "num_experts": 4,
-                "expert_hidden": [256, 128],
-                "tower_hidden": [64],
-            },
+            "model": benchmark_model(),
             "train": {
                 "epochs": 1,
                 "batch_size": args.batch_size,

@@ -47,20 +47,14 @@ def _config(
     embedding_optimizer: str = "auto",
 ):
     from mtrec.config import config_from_dict
-    from mtrec.quickstart import synthetic_features, synthetic_tasks
+    from mtrec.quickstart import benchmark_model, synthetic_features, synthetic_tasks
 
     return config_from_dict(
         {
             "data": {"train": data, "valid_fraction": 0.1},
             "features": synthetic_features(history=False),
             "tasks": synthetic_tasks(),
-            "model": {
-                "name": "mmoe",
-                "embedding_dim": 16,
-                "num_experts": 4,
-                "expert_hidden": [256, 128],
-                "tower_hidden": [64],
-            },
+            "model": benchmark_model(),
             "train": {
                 "epochs": epochs,
                 "batch_size": batch_size,

@@ -48,6 +48,12 @@ def synthetic_tasks() -> list[dict[str, Any]]:
     ]
 
 
+def benchmark_model() -> dict[str, Any]:
+    """The ``model:`` section of the benchmark configuration (README, benchmarks/): MMoE,
+    embedding dim 16, 4 experts [256, 128], towers [64]."""
+    return {"name": "mmoe", "embedding_dim": 16, "num_experts": 4, "expert_hidden": [256, 128], "tower_hidden": [64]}
+
+
 def quickstart_config(train_path: str, *, model: str = "mmoe", epochs: int = 2, seed: int = 0) -> Config:
     """A ready-to-train config for a synthetic log at ``train_path``."""
     return config_from_dict(

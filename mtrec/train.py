@@ -152,7 +152,7 @@ def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimi
     """
     t = config.train
     table = model.embedding_table()
-    dense = [p for p in model.dense_parameters() if p is not table]
+    dense = model.dense_parameters()
     try:
         opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     except (RuntimeError, TypeError):
@@ -491,7 +491,7 @@ def _train(
     amp_dtype = resolve_precision(t.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
-    dense_params = [p for p in model.dense_parameters() if p is not table]  # what grad_clip clips
+    dense_params = model.dense_parameters()  # what grad_clip clips (never the table)
 
     history: list[dict[str, Any]] = []
     best_value: float | None = None

@@ -156,6 +156,7 @@ class MultiTaskModel(nn.Module):
         return [emb.weight] if emb is not None and emb.sparse else []
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        """Every other parameter (MLPs, gates, towers)."""
-        sparse = {id(p) for p in self.embedding_parameters()}
-        return [p for p in self.parameters() if id(p) not in sparse]
+        """Every parameter but the embedding table (MLPs, gates, towers), whichever
+        gradient the table produces."""
+        table = self.embedding_table()
+        return [p for p in self.parameters() if p is not table]

@@ -5,21 +5,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.helpers import ROOT
+from tests.integration.helpers import mtrec as run_mtrec
+
 SOURCE = ROOT.parent / "shared" / "data" / "census-income-kdd"
 pytestmark = pytest.mark.skipif(not (SOURCE / "census-income.test.gz").is_file(), reason=f"{SOURCE} not present")
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 
 
 def mtrec(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mtrec", *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600
-    )
+    return run_mtrec(*args, env=ENV)
 
 
 def test_prepare_train_and_evaluate_the_mmoe_config(tmp_path: Path):

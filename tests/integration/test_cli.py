@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.helpers import ROOT, assert_one_line_error, mtrec
+
 SMALL_MODEL = [
     "train.epochs=2",
     "train.batch_size=1024",
@@ -21,23 +22,6 @@ SMALL_MODEL = [
     "model.tower_hidden=[16]",
     "train.log_every=10",
 ]
-
-
-def mtrec(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mtrec", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=600
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("mtrec: error:"), lines[0]
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.helpers import ROOT, assert_one_line_error
+
 SAMPLES = ROOT.parent / "shared" / "data" / "samples"
 pytestmark = pytest.mark.skipif(
     not SAMPLES.is_dir(), reason=f"the real sample logs are not at {SAMPLES} (../shared/data/samples)"
@@ -74,16 +75,6 @@ def run_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
         out, err = p.communicate(timeout=300)
         results.append(subprocess.CompletedProcess(c, p.returncode, out, err))
     return results
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("mtrec: error:") and "Traceback" not in proc.stderr, lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("name", CASES, ids=list(CASES))

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.helpers import assert_one_line_error
+from tests.integration.helpers import mtrec as cli
+
 SMALL_MODEL = [
     "train.epochs=1",
     "train.batch_size=1024",
@@ -18,20 +18,6 @@ SMALL_MODEL = [
     "model.tower_hidden=[16]",
 ]
 RANK = "ctr^1*cvr^0.5*satisfaction^2"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtrec", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("mtrec: error:") and "Traceback" not in proc.stderr, lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

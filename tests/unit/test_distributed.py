@@ -185,9 +185,8 @@ def _concat(a: Batch, b: Batch) -> Batch:
 
 def _optimizers(model) -> list[torch.optim.Optimizer]:
     table = model.embedding_table()
-    dense = [p for p in model.dense_parameters() if p is not table]
     lazy = LazyAdam([table], lr=0.01) if not model.embedding_parameters() else None
-    return [torch.optim.Adam(dense, lr=0.01), lazy or torch.optim.SparseAdam([table], lr=0.01)]
+    return [torch.optim.Adam(model.dense_parameters(), lr=0.01), lazy or torch.optim.SparseAdam([table], lr=0.01)]
 
 
 def _flat(model) -> torch.Tensor:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,7 @@ from mtrec.data.synthetic import write_click_log
 from mtrec.errors import MtrecError
 from mtrec.quickstart import synthetic_features, synthetic_tasks
 from mtrec.train import train
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.helpers import mtrec
 
 
 def _config(data: Path, mode: str, weighting: str = "fixed", embedding: str = "auto"):
@@ -144,11 +141,6 @@ def test_a_file_that_disappears_mid_run_keeps_the_last_good_epoch(files, tmp_pat
 def test_cli_resume_continues_and_refuses_what_it_cannot(files, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(files[0].parent, data)
-
-    def mtrec(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "mtrec", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
-        )
 
     proc = mtrec("train", "--resume", str(tmp_path / "none"))
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr
