@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -42,17 +43,82 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "parse_yaml_text",
 ]
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config text read (1 MiB): real configs are a few KiB, and the bound caps what the
+parser and the validation below can be made to spend."""
+MAX_NESTING = 32
+"""Deepest nesting of lists and mappings in a config or ``--set`` value (real configs use 5):
+the YAML composer and the copies below recurse once per level."""
+
+
+class _LimitError(yaml.MarkedYAMLError):
+    """A YAML text that breaks a bound of :func:`parse_yaml_text` (size, nesting, anchors).
+
+    Not a plain parse error: ``--set`` reads a value that is not valid YAML as its raw text,
+    but a value that breaks a bound must be refused, not taken as a string.
+    """
 
 
 class StrictLoader(yaml.SafeLoader):
-    """Safe YAML that rejects duplicate keys and reads ``1e-4`` as a float (YAML 1.1 would not)."""
+    """Safe YAML that rejects duplicate keys, anchors/aliases and deep nesting, and reads
+    ``1e-4`` as a float (YAML 1.1 would not).
+
+    Anchors and aliases are refused when the composer first meets them, before any node is
+    built: an alias shares one node between places, and the config copies and checks below
+    would expand a document of nested aliases exponentially ("billion laughs": 1 KB, 10^7
+    nodes). Nesting is bounded because the composer recurses once per level. A value whose
+    construction fails in Python (an unhashable key, a day 30 of February, an integer of
+    5,000 digits) becomes a YAML error with its line instead of a traceback.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise _LimitError(
+                problem=f"YAML anchors and aliases are not allowed in a config (found {sign}{event.anchor})",
+                problem_mark=event.start_mark,
+            )
+        if self._depth >= MAX_NESTING:
+            raise _LimitError(
+                problem=f"lists and mappings nested deeper than {MAX_NESTING} levels", problem_mark=event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:int" and len(node.value) > 100:
+            # No config value needs 100 digits, and 0x<5,000 digits> would be read (only
+            # decimal strings are limited) into an int that no error message can print.
+            raise _LimitError(problem="integers of more than 100 digits are not allowed", problem_mark=node.start_mark)
+        try:
+            return super().construct_object(node, deep=deep)  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value ({exc})", node.start_mark
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key in seen:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a scalar, got {type(key).__name__}", key_node.start_mark
+                ) from None
+            if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -66,7 +132,52 @@ StrictLoader.add_implicit_resolver(
 
 
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.load`` with :class:`StrictLoader`; every failure is a :class:`yaml.YAMLError`."""
+    if len(text) > MAX_CONFIG_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise _LimitError(problem=f"text larger than {MAX_CONFIG_BYTES // 2**20} MiB")
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except (RecursionError, MemoryError):
+        # Unreachable with the nesting bound; kept so that no such error escapes as a traceback.
+        raise _LimitError(problem="too deeply nested or too large to read") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # Python errors outside construct_object (e.g. while merging a mapping's items).
+        raise yaml.constructor.ConstructorError(None, None, f"cannot read this value ({exc})", None) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
+    """``(" line N", problem)`` of a YAML error, on one line (``str(exc)`` spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return where, problem
+
+
+def parse_yaml_text(text: str, source: str) -> Any:
+    """Parses config text (a config file, a model directory's ``config.yaml``) into plain
+    Python values, safely against hostile input.
+
+    The text is at most :data:`MAX_CONFIG_BYTES`, nests lists and mappings at most
+    :data:`MAX_NESTING` deep and holds no anchors or aliases (refused before anything is
+    expanded or copied); tags that would run code, duplicate keys and unreadable values are
+    refused too. Every failure is a one-line :class:`~mtrec.errors.ConfigError` that starts
+    with ``source`` (a file name) and names the line where there is one.
+
+    Example:
+        >>> parse_yaml_text("train: {epochs: 2, lr: 1e-3}", "cfg.yaml")
+        {'train': {'epochs': 2, 'lr': 0.001}}
+        >>> parse_yaml_text("a: [&x 1, *x]", "cfg.yaml")
+        Traceback (most recent call last):
+        mtrec.errors.ConfigError: cfg.yaml: line 1 YAML anchors and aliases are not allowed in a config (found &x)
+    """
+    try:
+        return _yaml_load(text)
+    except _LimitError as exc:
+        where, problem = _yaml_problem(exc)
+        raise ConfigError(f"{source}:{where} {problem}") from None
+    except yaml.YAMLError as exc:
+        where, problem = _yaml_problem(exc)
+        raise ConfigError(f"{source}:{where} invalid YAML ({problem})") from None
 
 
 @dataclass(frozen=True)
@@ -220,21 +331,166 @@ class Config:
         )
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+_SEED_MAX = 2**32 - 1
+_WIDTH_MAX = 65536
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The allowed values of one numeric config key.
+
+    Every float must also be finite (``nan <= 0`` is False, so a plain ``x <= 0`` test lets
+    ``nan`` through) and every int fit in int64. ``cap`` is an upper limit on a size,
+    reported on its own (``expected at most 4096``), so that the lower bound's message stays
+    short (``expected a positive number``). For a list (hidden-layer widths) the range holds
+    for every item, and ``non_empty`` asks for at least one.
+    """
+
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+    cap: float | None = None
+    why: str = ""
+    non_empty: bool = False
+
+    def describe(self, finite: bool = False) -> str:
+        """The expectation as an error states it, e.g. ``a positive number``, ``>= 0``."""
+        a = "a finite" if finite else "a"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{a} number in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        if self.low == 0 and self.low_open:
+            return f"{a} positive number"
+        if self.low is not None:
+            bound = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+            return f"a finite number {bound}" if finite else bound
+        return "a finite number"
+
+    def check(self, key: str, value: Any, nullable: bool = False) -> None:
+        """Raises ConfigError naming ``key`` unless ``value`` (already type-checked) is allowed."""
+        if isinstance(value, (list, tuple)):
+            if self.non_empty and not value:
+                raise ConfigError(f"{key}: expected a non-empty list of widths, got []")
+            for i, item in enumerate(value):
+                self.check(f"{key}.{i}", item)
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        null = " or null" if nullable else ""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected {self.describe(finite=True)}{null}, got {value}")
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (low_ok and high_ok):
+            raise ConfigError(f"{key}: expected {self.describe()}{null}, got {_show(value)}")
+        if self.cap is not None and value > self.cap:
+            raise ConfigError(f"{key}: expected at most {_num(self.cap)}{self.why}, got {_show(value)}")
+        if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+            raise ConfigError(f"{key}: expected an integer in [{_INT64[0]}, {_INT64[1]}], got {_show(value)}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+_ANY = _Range()
+_POSITIVE = _Range(low=0, low_open=True)
+_NON_NEGATIVE = _Range(low=0)
+_AT_LEAST_1 = _Range(low=1)
+_ROWS = _Range(low=0, low_open=True, cap=2**31 - 1)
+_SEED = _Range(low=0, cap=_SEED_MAX, why=" (numpy's seed limit)")
+_UNIT = _Range(low=0, high=1)
+_WIDTHS = _Range(low=1, cap=_WIDTH_MAX)
+
+_FIELD_RULES: dict[tuple[type, str], _Range] = {
+    (DataConfig, "valid_fraction"): _Range(low=0, low_open=True, high=1, high_open=True),
+    (DataConfig, "memory_budget_mb"): _POSITIVE,
+    (DataConfig, "shuffle_buffer"): _Range(low=0, cap=2**31 - 1),
+    (DataConfig, "read_ahead"): _Range(low=0, cap=1024),
+    (DataConfig, "num_workers"): _Range(low=0, cap=1024),
+    (TrainConfig, "epochs"): _Range(low=0, low_open=True, cap=1_000_000),
+    (TrainConfig, "batch_size"): _ROWS,
+    (TrainConfig, "eval_batch_size"): _ROWS,
+    (TrainConfig, "lr"): _POSITIVE,
+    (TrainConfig, "embedding_lr"): _POSITIVE,
+    (TrainConfig, "weight_decay"): _NON_NEGATIVE,
+    (TrainConfig, "grad_clip"): _POSITIVE,
+    (TrainConfig, "seed"): _SEED,
+    (TrainConfig, "patience"): _Range(low=0, cap=1_000_000),
+    (TrainConfig, "threads"): _Range(low=1, cap=4096),
+    (TrainConfig, "log_every"): _Range(low=1, cap=2**31 - 1),
+    (TrainConfig, "gpu_data_share"): _UNIT,
+    # timedelta(seconds=...) overflows past ~3e13 s; a year is already far past any use.
+    (TrainConfig, "dist_timeout_s"): _Range(low=0, low_open=True, cap=365 * 86400, why=" (a year)"),
+    (SparseFeature, "min_freq"): _AT_LEAST_1,
+    (SparseFeature, "hash_buckets"): _Range(low=1, cap=2**31 - 1),
+    (SparseFeature, "max_vocab"): _AT_LEAST_1,
+    (SequenceFeature, "max_len"): _Range(low=1, cap=_WIDTH_MAX),
+    (SequenceFeature, "min_freq"): _AT_LEAST_1,
+    (Task, "weight"): _NON_NEGATIVE,
+    (Task, "huber_delta"): _POSITIVE,
+    (Task, "num_classes"): _Range(cap=1_000_000),  # the lower bound (>= 2) is the schema's
+    (Esmm, "weight"): _NON_NEGATIVE,
+}
+"""Ranges of the typed sections' numeric keys, by (section class, field); a float key not
+listed must still be finite."""
+
+_PARAM_RULES: dict[str, _Range] = {
+    # model parameters (the keyword parameters of the builders in mtrec/models)
+    "embedding_dim": _Range(low=1, cap=4096),
+    "dropout": _Range(low=0, high=1, high_open=True),
+    "num_experts": _Range(low=1, cap=64),
+    "num_shared_experts": _Range(low=0, cap=64),
+    "num_task_experts": _Range(low=0, cap=64),
+    "num_levels": _Range(low=1, cap=64),
+    "calibration_weight": _NON_NEGATIVE,
+    "stitch_self_weight": _UNIT,
+    # loss weighting parameters (mtrec.weighting)
+    "alpha": _NON_NEGATIVE,
+    "lr": _POSITIVE,
+    "temperature": _POSITIVE,
+    "seed": _SEED,
+}
+"""Ranges of model and loss-weighting parameters, by parameter name: one owner for every
+architecture (``hidden`` and ``*_hidden``, layer widths as a list or one int, are handled by
+:func:`_param_rule`). A parameter not listed is only checked for finiteness and int64."""
+
+_NEEDS_LAYERS = {"expert_hidden", "hidden", "aitm.tower_hidden"}
+"""Width lists the network needs at least one layer of (an expert, a cross-stitch column, an
+AITM tower); other towers and the shared bottom may be empty (a linear layer)."""
+
+
+def _param_rule(owner: str, name: str) -> _Range:
+    """The range of parameter ``name`` of model or weighting ``owner``."""
+    if name == "hidden" or name.endswith("_hidden"):
+        needs = name in _NEEDS_LAYERS or f"{owner}.{name}" in _NEEDS_LAYERS
+        return dataclasses.replace(_WIDTHS, non_empty=needs)
+    return _PARAM_RULES.get(name, _ANY)
+
+
+def _allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp)
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Reads a YAML config file, applies ``a.b=value`` overrides and validates it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        # At most one byte past the bound is read: a huge file (or /dev/zero) is refused
+        # without being read into memory.
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES // 2**20} MiB")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    try:
-        raw = _yaml_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = parse_yaml_text(text, str(path))
     if raw is None:
         raw = {}
     try:
@@ -291,43 +547,13 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def _check_train(cfg: Config) -> None:
+    """Checks that span keys; each key's own range was checked as it was read (``_FIELD_RULES``)."""
     t = cfg.train
-    positive = {"epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size, "lr": t.lr}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"train.{key}: expected a positive number, got {value}")
-    if t.patience < 0:
-        raise ConfigError(f"train.patience: expected >= 0, got {t.patience}")
-    at_least = {"log_every": (t.log_every, 1), "threads": (t.threads, 1)}
-    for key, (value, low) in at_least.items():
-        if value is not None and value < low:
-            raise ConfigError(f"train.{key}: expected >= {low}, got {value}")
-    for key, value in {"grad_clip": t.grad_clip, "embedding_lr": t.embedding_lr}.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"train.{key}: expected a positive number or null, got {value}")
-    if t.dist_timeout_s <= 0:
-        raise ConfigError(f"train.dist_timeout_s: expected a positive number, got {t.dist_timeout_s}")
     if t.precision == "fp16" and t.loss_weighting.get("name") not in ("fixed", "dwa"):
         raise ConfigError(
             f"train.precision: fp16 scales the losses, which needs loss_weighting fixed or dwa, "
             f"not {t.loss_weighting.get('name')}"
         )
-    if not 0.0 <= t.gpu_data_share <= 1.0:
-        raise ConfigError(f"train.gpu_data_share: expected a number in [0, 1], got {t.gpu_data_share}")
-    if t.weight_decay < 0:
-        raise ConfigError(f"train.weight_decay: expected >= 0, got {t.weight_decay}")
-    if not 0.0 < cfg.data.valid_fraction < 1.0:
-        raise ConfigError(f"data.valid_fraction: expected a number in (0, 1), got {cfg.data.valid_fraction}")
-    d = cfg.data
-    for key, value in {
-        "shuffle_buffer": d.shuffle_buffer,
-        "read_ahead": d.read_ahead,
-        "num_workers": d.num_workers,
-    }.items():
-        if value < 0:
-            raise ConfigError(f"data.{key}: expected >= 0, got {value}")
-    if d.memory_budget_mb <= 0:
-        raise ConfigError(f"data.memory_budget_mb: expected a positive number, got {d.memory_budget_mb}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
     metrics_of = {"binary": ("auc", "logloss"), "regression": ("rmse", "mae"), "multiclass": ("accuracy", "logloss")}
@@ -337,8 +563,6 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(f"train.monitor: expected one of {', '.join(choices)}, got {t.monitor!r}")
     if t.monitor == "mean_auc" and not any(task.type == "binary" for task in tasks):
         raise ConfigError("train.monitor: mean_auc needs a binary task; use loss or <task>.rmse")
-    if cfg.model.embedding_dim < 1:
-        raise ConfigError(f"model.embedding_dim: expected >= 1, got {cfg.model.embedding_dim}")
 
 
 def _model_config(raw: Any) -> ModelConfig:
@@ -349,20 +573,34 @@ def _model_config(raw: Any) -> ModelConfig:
     raw = dict(raw)
     name = raw.pop("name", "mmoe")
     if not isinstance(name, str):
-        raise ConfigError(f"model.name: expected a string, got {name!r}")
+        raise ConfigError(f"model.name: expected a string, got {_show(name)}")
     dim = _coerce(raw.pop("embedding_dim", 16), int, "model.embedding_dim")
+    _PARAM_RULES["embedding_dim"].check("model.embedding_dim", dim)
     try:
         spec = model_parameters(name)
     except KeyError as exc:
         raise ConfigError(f"model.name: {exc.args[0]}") from None
-    params = _checked_params(raw, spec, prefix="model", owner=f"model {name!r}", fixed=("name", "embedding_dim"))
+    params = _checked_params(
+        raw, spec, prefix="model", owner=f"model {name!r}", fixed=("name", "embedding_dim"), rules=name
+    )
+    if params.get("num_shared_experts") == 0 and params.get("num_task_experts") == 0:
+        raise ConfigError("model.num_task_experts: expected >= 1 when num_shared_experts is 0 (no expert at all)")
     return ModelConfig(name=name, embedding_dim=dim, params=params)
 
 
 def _checked_params(
-    raw: Mapping[str, Any], spec: Mapping[str, tuple[Any, Any]], *, prefix: str, owner: str, fixed: Sequence[str]
+    raw: Mapping[str, Any],
+    spec: Mapping[str, tuple[Any, Any]],
+    *,
+    prefix: str,
+    owner: str,
+    fixed: Sequence[str],
+    rules: str,
 ) -> dict[str, Any]:
-    """Keyword parameters checked against ``spec`` (from :func:`parameter_spec`), defaults filled in."""
+    """Keyword parameters checked against ``spec`` (from :func:`parameter_spec`) and against
+    the ranges of :func:`_param_rule` for ``rules`` (the model or weighting name), defaults
+    filled in: a value that would fail (or allocate without bound) when the model or the
+    weighting is built is a config error now, also when it comes from a saved model."""
     params: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in spec:
@@ -370,6 +608,7 @@ def _checked_params(
                 f"{prefix}.{key}: unknown parameter for {owner} (expected one of {', '.join([*fixed, *spec])})"
             )
         params[key] = _coerce(value, spec[key][0], f"{prefix}.{key}")
+        _param_rule(rules, key).check(f"{prefix}.{key}", params[key], nullable=_allows_none(spec[key][0]))
     for key, (_, default) in spec.items():
         params.setdefault(key, default)
     return params
@@ -380,10 +619,10 @@ def _weighting_config(raw: Mapping[str, Any]) -> dict[str, Any]:
 
     raw = dict(raw)
     name = raw.pop("name", "fixed")
-    if name not in WEIGHTINGS:
-        raise ConfigError(f"train.loss_weighting.name: expected one of {', '.join(WEIGHTINGS)}, got {name!r}")
+    if not isinstance(name, str) or name not in WEIGHTINGS:
+        raise ConfigError(f"train.loss_weighting.name: expected one of {', '.join(WEIGHTINGS)}, got {_show(name)}")
     spec = parameter_spec(WEIGHTINGS[name].__init__, skip=("task_names", "base_weights"))
-    params = _checked_params(raw, spec, prefix="train.loss_weighting", owner=repr(name), fixed=("name",))
+    params = _checked_params(raw, spec, prefix="train.loss_weighting", owner=repr(name), fixed=("name",), rules=name)
     return {"name": name, **params}
 
 
@@ -399,23 +638,48 @@ def _check_weighting_values(params: Mapping[str, Any], schema: Schema) -> None:
         raise ConfigError(f"train.loss_weighting: {exc}") from None
 
 
-def _deepcopy(x: Any) -> Any:
+_MAX_VALUES = MAX_CONFIG_BYTES
+"""Most lists, mappings and values a raw config may hold: more than a text of
+:data:`MAX_CONFIG_BYTES` can (each takes 2 bytes or more), so only shared lists expand past it."""
+
+
+def _deepcopy(x: Any, depth: int = 0, count: list[int] | None = None) -> Any:
+    """Copies the lists and dicts of a raw config, within the bounds of :func:`parse_yaml_text`.
+
+    A raw dict may come from another loader (``yaml.safe_load``) or from Python, where one
+    list can sit at many places (what a YAML alias makes): copying nested shared lists would
+    expand them exponentially ("billion laughs"), so the copy stops at :data:`_MAX_VALUES`.
+    Nesting is bounded so that no RecursionError can escape from this copy or the checks
+    after it. (A list shared a few times, e.g. one width list for two keys, is fine.)
+    """
+    count = [0] if count is None else count
+    count[0] += 1
+    if count[0] > _MAX_VALUES:
+        raise ConfigError(
+            f"config: more than {_MAX_VALUES} values (shared lists expanding? YAML aliases are not allowed)"
+        )
+    if not isinstance(x, (dict, list)):
+        return x
+    if depth >= MAX_NESTING:
+        raise ConfigError(f"config: lists and mappings nested deeper than {MAX_NESTING} levels")
     if isinstance(x, dict):
-        return {k: _deepcopy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_deepcopy(v) for v in x]
-    return x
+        return {k: _deepcopy(v, depth + 1, count) for k, v in x.items()}
+    return [_deepcopy(v, depth + 1, count) for v in x]
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example train.epochs=3")
+        raise ConfigError(f"--set {_show(item)}: expected KEY=VALUE, for example train.epochs=3")
     try:
         value = _yaml_load(text) if text else None
+    except _LimitError as exc:
+        raise ConfigError(f"--set {_show_key(key)}: {_yaml_problem(exc)[1]}") from None
     except yaml.YAMLError:
-        value = text
+        value = text  # not YAML (e.g. "a: b: c"): the text itself, as a string
     parts = key.split(".")
+    if len(parts) > MAX_NESTING:
+        raise ConfigError(f"--set {_show_key(key)}: a key of at most {MAX_NESTING} parts expected")
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -471,7 +735,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -483,16 +747,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+                errors.append((arg, exc))
+        if len(errors) == 1 and dataclasses.is_dataclass(errors[0][0]) and isinstance(value, dict):
+            # A mapping for a section that may be null (esmm): the section's own error
+            # names the key inside it (``esmm.weight: ...``), not just the section.
+            raise errors[0][1]
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
         (item_tp, *_) = typing.get_args(tp)
         return tuple(_coerce(v, item_tp, f"{key}.{_item_label(v, i)}") for i, v in enumerate(value))
     if origin is not None and issubclass(origin, Mapping):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return _coerce_dataclass(value, tp, key)
@@ -504,13 +772,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int of 400 digits
+                raise ConfigError(f"{key}: expected a finite number, got {_show(value)}") from None
     elif tp is str:
         if isinstance(value, str):
             return value
     elif tp is Any:
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value for an error message, cut short: the message must stay one
+    readable line even when the value is a list of a million items."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (from Python; YAML ints are bounded)
+        return "a value too large to print"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _show_key(key: str, limit: int = 80) -> str:
+    return key if len(key) <= limit else f"{key[: limit - 3]}..."
 
 
 def _item_label(value: Any, index: int) -> str:
@@ -523,7 +808,7 @@ def _coerce_dataclass(value: Any, cls: Any, key: str) -> Any:
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{key or 'config'}: expected a mapping, got {value!r}")
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {_show(value)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     prefix = f"{key}." if key else ""
@@ -534,6 +819,8 @@ def _coerce_dataclass(value: Any, cls: Any, key: str) -> Any:
     for name, f in fields.items():
         if name in value:
             kwargs[name] = _coerce(value[name], hints[name], f"{prefix}{name}")
+            rule = _FIELD_RULES.get((cls, name), _ANY)
+            rule.check(f"{prefix}{name}", kwargs[name], nullable=_allows_none(hints[name]))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{prefix}{name}: required key is missing")
     try:

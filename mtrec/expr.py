@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["WhereExpr", "parse_where"]
+__all__ = ["MAX_WHERE_DEPTH", "MAX_WHERE_LENGTH", "WhereExpr", "parse_where"]
+
+MAX_WHERE_LENGTH = 1000
+"""Longest expression accepted, in characters: a sample space is a few comparisons, and the
+bound keeps Python's parser (which recurses per nesting level and raises RecursionError or
+MemoryError on ``not`` x 3,000) far from its limits."""
+MAX_WHERE_DEPTH = 32
+"""Deepest nesting of ``and`` / ``or`` / ``not`` / comparisons accepted: checking and
+evaluating the tree recurse once per level."""
 
 _COMPARE: dict[type, Callable[[object, object], object]] = {
     ast.Eq: operator.eq,
@@ -60,15 +68,37 @@ class WhereExpr:
 
 
 def parse_where(text: str) -> WhereExpr:
-    """Parses and checks an expression; raises ValueError with the reason."""
+    """Parses and checks an expression; raises ValueError with the reason (one line).
+
+    At most :data:`MAX_WHERE_LENGTH` characters and :data:`MAX_WHERE_DEPTH` levels, so that
+    no RecursionError or MemoryError can come out of parsing, checking or evaluating it.
+    """
+    if len(text) > MAX_WHERE_LENGTH:
+        raise ValueError(f"expected an expression of at most {MAX_WHERE_LENGTH} characters, got {len(text)}")
     try:
         tree = ast.parse(text, mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError):
         raise ValueError(f'cannot parse {text!r} (expected e.g. "click == 1")') from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"expected an expression nested at most {MAX_WHERE_DEPTH} levels deep") from None
+    depth = _depth(tree)
+    if depth > MAX_WHERE_DEPTH:
+        raise ValueError(f"expected an expression nested at most {MAX_WHERE_DEPTH} levels deep, got {depth}")
     cols: list[str] = []
     kinds: list[tuple[str, str]] = []
     _check(tree, cols, text, kinds)
     return WhereExpr(text, tree, tuple(dict.fromkeys(cols)), tuple(dict.fromkeys(kinds)))
+
+
+def _depth(tree: ast.expr) -> int:
+    """Deepest chain of expression nodes, counted without recursion (the tree may be deep)."""
+    deepest = 0
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node) if isinstance(child, ast.expr))
+    return deepest
 
 
 def _check(node: ast.expr, cols: list[str], text: str, kinds: list[tuple[str, str]]) -> None:
