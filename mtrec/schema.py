@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import numpy as np
+
 from mtrec.errors import SchemaError
 from mtrec.expr import parse_where
 
@@ -136,7 +138,12 @@ class Esmm:
 
     Args:
         ctr: Name of the binary click task (no ``where``: it covers every impression).
-        cvr: Name of the binary conversion task (usually ``where: "click == 1"``).
+        cvr: Name of the binary conversion task, with ``where`` exactly the click condition
+            (``"click == 1"`` for a click label ``click``, or an equivalent such as
+            ``"click > 0"``) or no ``where``. A narrower space (e.g. ``"click == 1 and pos < 2"``)
+            is refused: the CTCVR label is built from the CVR label, which is 0 outside its
+            space, so it would drop the conversions outside it instead of being click AND
+            conversion on every impression.
         name: Name of the derived CTCVR task in predictions and metrics.
         weight: Loss weight of the CTCVR task.
     """
@@ -220,6 +227,13 @@ class Schema:
             raise SchemaError(f"esmm.ctr: the click task {e.ctr!r} must cover every impression (no where:)")
         if e.ctr == e.cvr:
             raise SchemaError("esmm: ctr and cvr must be different tasks")
+        ctr, cvr = by_name[e.ctr], by_name[e.cvr]
+        if cvr.where is not None and not _is_click_condition(cvr.where, ctr.label):
+            raise SchemaError(
+                f"esmm.cvr: task {cvr.name!r} has where: {cvr.where!r}; ESMM needs the conversion task's sample "
+                f"space to be exactly the click condition ({ctr.label} == 1) or absent (the CTCVR label, click AND "
+                f"conversion on every impression, is built from the CVR label, which is 0 outside that space)"
+            )
         if e.name in by_name or not _NAME.fullmatch(e.name):
             raise SchemaError(f"esmm.name: {e.name!r} must be a new task name (letters, digits, '_', '-')")
 
@@ -256,6 +270,20 @@ class Schema:
             if t.where is not None:
                 cols.extend(parse_where(t.where).columns)
         return list(dict.fromkeys(cols))
+
+
+def _is_click_condition(where: str, click: str) -> bool:
+    """Whether ``where`` reads the binary column ``click`` only and selects exactly its 1s."""
+    expr = parse_where(where)
+    if expr.columns != (click,):
+        return False
+    for values in (np.array([0, 1], dtype=np.int64), np.array([0.0, 1.0])):
+        try:
+            if expr.evaluate({click: values}).tolist() != [False, True]:
+                return False
+        except (TypeError, ValueError):
+            return False
+    return True
 
 
 def _check_task(t: Task) -> None:

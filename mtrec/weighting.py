@@ -32,7 +32,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -44,9 +44,29 @@ __all__ = [
     "GradNorm",
     "LossWeighting",
     "PCGrad",
+    "ParameterSlice",
+    "SharedLayer",
     "UncertaintyWeighting",
     "create_weighting",
 ]
+
+
+class ParameterSlice(NamedTuple):
+    """Part of a batched parameter: the entries ``param[rows]`` along its first dimension.
+
+    A model's ``last_shared_parameters()`` returns one where only some blocks of a batched
+    tensor are shared, e.g. the shared experts of a CGC/PLE expert group stored with the
+    task-specific ones in one ``(E, in, H)`` tensor. GradNorm differentiates w.r.t. the
+    whole ``param`` (a leaf, so :func:`torch.autograd.grad` applies) and takes the norm of
+    ``grad[rows]`` only: exactly the gradient w.r.t. those blocks' weights.
+    """
+
+    param: nn.Parameter
+    rows: slice
+
+
+SharedLayer = nn.Parameter | ParameterSlice
+"""An entry of ``last_shared``: a whole parameter or a :class:`ParameterSlice` of one."""
 
 
 class LossWeighting(nn.Module):
@@ -100,7 +120,7 @@ class LossWeighting(nn.Module):
         losses: Mapping[str, torch.Tensor],
         *,
         shared: Sequence[nn.Parameter],
-        last_shared: Sequence[nn.Parameter],
+        last_shared: Sequence[SharedLayer],
         extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Computes every parameter's gradient and returns the objective, detached.
@@ -109,7 +129,8 @@ class LossWeighting(nn.Module):
             losses: ``{task: scalar loss}`` for every task, attached to the graph (a task with
                 no row in the batch may be a constant ``0``).
             shared: Dense parameters shared by the tasks (the backbone), never embeddings.
-            last_shared: The last shared layer (used by GradNorm).
+            last_shared: The last shared layer (used by GradNorm): parameters, or slices of
+                them (:class:`ParameterSlice`), that every task's gradient reaches.
             extra: An additional scalar term (e.g. an architecture's auxiliary loss), added
                 with weight 1 and never rebalanced.
 
@@ -281,7 +302,7 @@ class GradNorm(LossWeighting):
     At each step, for the tasks present in the batch (loss not exactly 0; the others get
     ``G_t = 0`` and are left out of the balancing):
 
-        G_t      = || d (w_t L_t) / d W ||_2         W = the ``last_shared`` parameters
+        G_t      = || d (w_t L_t) / d W ||_2         W = the ``last_shared`` parameters (or slices)
         r_t      = (L_t / L_t(0)) / mean_s (L_s / L_s(0))
         target_t = mean_s(G_s) * r_t ** alpha        (a constant: no gradient flows into it)
         L_grad   = sum_t | G_t - target_t |
@@ -297,7 +318,10 @@ class GradNorm(LossWeighting):
     ``||d L_t / d W||`` is computed without ``create_graph`` and ``d L_grad / d w`` is taken
     through that product: the same gradient as differentiating through the graph of the
     gradient, without the double backward. The per-task gradients are taken on
-    ``last_shared`` only, never on the embeddings, so they stop at that layer.
+    ``last_shared`` only, never on the embeddings, so they stop at that layer. ``W`` must be
+    what every task shares (e.g. only the shared experts of a CGC/PLE level, given as a
+    :class:`ParameterSlice`): a block that one task reaches alone would make that task's
+    norm incomparable with the others'.
 
     With an empty ``last_shared`` (e.g. a model without a shared layer) GradNorm has
     nothing to measure: it warns once and behaves exactly like ``fixed``.
@@ -344,11 +368,12 @@ class GradNorm(LossWeighting):
         losses: Mapping[str, torch.Tensor],
         *,
         shared: Sequence[nn.Parameter],
-        last_shared: Sequence[nn.Parameter],
+        last_shared: Sequence[SharedLayer],
         extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         stacked = self._stack(losses)
-        last = [p for p in last_shared if p.requires_grad]
+        entries = [e if isinstance(e, ParameterSlice) else ParameterSlice(e, slice(None)) for e in last_shared]
+        last = [e for e in entries if e.param.requires_grad]
         if not last:
             if not self._warned:
                 warnings.warn("gradnorm: the model has no last shared layer; using fixed weights", stacklevel=2)
@@ -358,9 +383,11 @@ class GradNorm(LossWeighting):
         # Per-task gradient norms on the last shared layer; the graph is kept for the
         # model's backward below.
         norms = []
+        params = [e.param for e in last]
         for loss in stacked:
-            grads = _dense_grads(loss, last, what="gradnorm: last_shared")
-            norms.append(torch.stack([g.float().square().sum() for g in grads]).sum().sqrt())
+            grads = _dense_grads(loss, params, what="gradnorm: last_shared")
+            squares = [g[e.rows].float().square().sum() for e, g in zip(last, grads, strict=True)]
+            norms.append(torch.stack(squares).sum().sqrt())
         w = self.task_weights
         values = torch.stack([loss.detach().float() for loss in stacked]).to(w.device)
         norms_t = torch.stack(norms).to(w.device)
@@ -481,7 +508,7 @@ class PCGrad(LossWeighting):
         losses: Mapping[str, torch.Tensor],
         *,
         shared: Sequence[nn.Parameter],
-        last_shared: Sequence[nn.Parameter],
+        last_shared: Sequence[SharedLayer],
         extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         stacked = self._stack(losses)

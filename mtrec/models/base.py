@@ -11,6 +11,7 @@ from mtrec.batch import Batch
 from mtrec.nn.embedding import FusedEmbedding, masked_pool
 from mtrec.nn.mlp import Tower
 from mtrec.schema import InputLayout
+from mtrec.weighting import SharedLayer
 
 __all__ = ["FeatureInput", "MultiTaskModel"]
 
@@ -133,8 +134,9 @@ class MultiTaskModel(nn.Module):
         """Dense parameters shared by several tasks (the backbone), never embeddings."""
         return list(self.backbone.parameters())
 
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        """The last shared layer, where GradNorm measures per-task gradient norms."""
+    def last_shared_parameters(self) -> list[SharedLayer]:
+        """The last shared layer, where GradNorm measures per-task gradient norms: parameters,
+        or slices of batched ones (:class:`~mtrec.weighting.ParameterSlice`), every task reaches."""
         fn = getattr(self.backbone, "last_shared_parameters", None)
         return list(fn()) if fn is not None else []
 

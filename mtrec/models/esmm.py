@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mtrec.batch import Batch
+from mtrec.weighting import SharedLayer
 
 __all__ = ["EsmmModel", "product_logit"]
 
@@ -65,7 +66,7 @@ class EsmmModel(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return self.inner.shared_parameters()
 
-    def last_shared_parameters(self) -> list[nn.Parameter]:
+    def last_shared_parameters(self) -> list[SharedLayer]:
         return self.inner.last_shared_parameters()
 
     def embedding_table(self) -> nn.Parameter | None:

@@ -101,8 +101,14 @@ class CrossStitchNetwork(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
-        """The last cross-stitch matrix: the last place where the tasks are coupled."""
-        return [self.stitches[-1].alpha] if len(self.stitches) else []
+        """The last layer of every column (weights and biases): the input of the last stitch.
+
+        Task ``t``'s output is ``sum_s alpha[t, s] h_s`` of that layer's activations, so every
+        task's gradient reaches every column's last layer (through ``alpha[t, s] != 0``). The
+        last ``alpha`` itself is not shared: its row ``t`` is reached by task ``t`` alone.
+        Nothing with one task (no stitch units, no coupling).
+        """
+        return [self.weights[-1], self.biases[-1]] if len(self.stitches) else []
 
     def _stitch(self, i: int, h: torch.Tensor) -> torch.Tensor:
         return self.stitches[i](h) if len(self.stitches) else h

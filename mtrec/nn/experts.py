@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from mtrec.weighting import ParameterSlice, SharedLayer
+
 __all__ = ["CGCLayer", "ExpertGroup", "Gate", "MMoELayer", "PLE"]
 
 
@@ -244,10 +246,19 @@ class PLE(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.out_dim = width
 
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        """The output layer of the last level's experts."""
-        experts = self.levels[-1].experts
-        return [experts.weights[-1], experts.biases[-1]]
+    def last_shared_parameters(self) -> list[SharedLayer]:
+        """The output layer of the last level's *shared* experts, the only experts every task's
+        gate mixes (a task-specific expert reaches its own task alone).
+
+        The experts are one batched tensor ordered ``[shared (S) | task experts]``, so this is
+        the first ``S`` rows of its weight and bias (:class:`~mtrec.weighting.ParameterSlice`);
+        nothing (GradNorm then falls back to fixed weights) without shared experts.
+        """
+        last = self.levels[-1]
+        if last.num_shared == 0:
+            return []
+        rows = slice(0, last.num_shared)
+        return [ParameterSlice(last.experts.weights[-1], rows), ParameterSlice(last.experts.biases[-1], rows)]
 
     def gate_report(
         self, x: torch.Tensor, task_names: tuple[str, ...] | None = None
