@@ -12,6 +12,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
         "--gauc-weighting", choices=["impressions", "clicks"], default="impressions", help="GAUC group weights"
     )
     e.add_argument("--report", type=Path, default=None, metavar="DIR", help="write an HTML report into DIR")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --output file or --report folder")
 
     c = sub.add_parser(
         "compare",
@@ -187,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--group-by", default=None, metavar="COLUMN", help="also compare group AUC")
     c.add_argument("--output", type=Path, default=None, help="also write the comparison as JSON")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     sc = sub.add_parser(
         "score",
@@ -338,16 +341,13 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 def _cmd_synthetic(args: argparse.Namespace) -> int:
     from mtrec.data.synthetic import write_click_log
+    from mtrec.files import claim_output
 
-    if args.output.is_dir():
-        raise MtrecError(f"{args.output}: is a folder, expected a Parquet file name")
-    if args.output.exists() and not args.overwrite:
-        raise MtrecError(f"{args.output}: already exists (pass --overwrite to replace it)")
     if args.rows < 1:
         raise MtrecError(f"--rows: expected a positive number, got {args.rows}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    truth = write_click_log(args.output, args.rows, seed=args.seed, sample_seed=args.sample_seed)
+    with claim_output(args.output, kind=None, overwrite=args.overwrite) as out:
+        truth = write_click_log(out, args.rows, seed=args.seed, sample_seed=args.sample_seed)
     best = ", ".join(f"{k} {v:.4f}" for k, v in truth["best_auc"].items())
     print(f"wrote {args.rows:,} rows to {args.output} in {time.perf_counter() - t0:.1f}s")
     print(f"click rate {truth['rates']['click']:.4f}; best achievable AUC: {best}")
@@ -359,12 +359,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mtrec.train import train
 
     if args.resume is not None:
-        from mtrec.files import staging_dir
+        from mtrec.files import read_marker, recover, staging_dir
 
         if args.config is not None or args.overrides or args.output is not None:
             raise MtrecError("--resume DIR: continues with the run's own config; drop --config, --set and --output")
+        recover(args.resume)  # a run that was killed while it swapped its model in is finished first
         saved = staging_dir(args.resume) / "config.yaml"
         if not saved.is_file():
+            done = read_marker(Path(args.resume))
+            if done is not None and done["complete"]:
+                raise MtrecError(f"{args.resume}: the run has finished (the model directory is complete)")
             raise MtrecError(f"{args.resume}: nothing to resume (no {saved})")
         config = load_config(saved)
         train(config, output=args.resume, progress=not args.quiet, debug=args.debug, resume=True)
@@ -378,37 +382,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mtrec.evaluate import evaluate_model_dir
-    from mtrec.files import atomic_write_text
+    from mtrec.files import atomic_write_text, claim_member, claim_output
 
     if args.batch_size is not None and args.batch_size < 1:
         raise MtrecError(f"--batch-size: expected a positive number, got {args.batch_size}")
-    if args.output is not None and args.output.is_dir():
-        raise MtrecError(f"{args.output}: is a folder, expected a JSON file name")
-    if args.report is not None:
-        for path in (args.report, *args.report.parents):
-            if path.exists() and not path.is_dir():
-                raise MtrecError(f"--report {args.report}: {path} is a file, not a folder")
-    result = evaluate_model_dir(
-        args.model,
-        args.data,
-        batch_size=args.batch_size,
-        group_by=args.group_by,
-        gauc_weighting=args.gauc_weighting,
-        keep_predictions=args.report is not None,
-    )
-    predictions = result.pop("predictions", None)
-    out = args.output
-    if out is None:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(args.data).rstrip("/")).stem) or "data"
-        out = args.model / "evaluations" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # The file first: a reader of stdout that stops early (`| head`) must not lose it.
-    atomic_write_text(out, json.dumps(result, indent=2))
-    page = None
-    if args.report is not None and predictions is not None:
-        from mtrec.report import write_report
+    inputs = [args.model, *_literal_paths(args.data)]
+    with ExitStack() as claims:
+        # Every output is claimed (checked, locked) before the work, so a refusal costs nothing.
+        if args.output is not None:
+            out = claims.enter_context(claim_output(args.output, kind=None, overwrite=args.overwrite, inputs=inputs))
+        else:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(args.data).rstrip("/")).stem) or "data"
+            out = claims.enter_context(claim_member(args.model, f"evaluations/{name}.json"))
+        report = None
+        if args.report is not None:
+            report = claims.enter_context(
+                claim_output(
+                    args.report, kind="report", overwrite=args.overwrite, inputs=inputs, what="an mtrec report"
+                )
+            )
+        result = evaluate_model_dir(
+            args.model,
+            args.data,
+            batch_size=args.batch_size,
+            group_by=args.group_by,
+            gauc_weighting=args.gauc_weighting,
+            keep_predictions=report is not None,
+        )
+        predictions = result.pop("predictions", None)
+        # The file first: a reader of stdout that stops early (`| head`) must not lose it.
+        atomic_write_text(out, json.dumps(result, indent=2))
+        page = None
+        if report is not None and predictions is not None:
+            from mtrec.files import staged_dir
+            from mtrec.report import write_report
 
-        page = write_report(args.report, result, predictions, args.model)
+            with staged_dir(report, "report") as staging:
+                write_report(staging, result, predictions, args.model)
+            page = report / "report.html"
     print(format_metrics(result["tasks"]))
     if "gates" in result:
         from mtrec.diagnostics import format_gates
@@ -421,34 +432,47 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _literal_paths(spec: str) -> list[str]:
+    """A data argument as paths the outputs may not touch (a glob has none of its own)."""
+    return [] if any(c in spec for c in "*?[") else [spec]
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mtrec.compare import compare_models, format_comparison
-    from mtrec.files import atomic_write_text
+    from mtrec.files import atomic_write_text, claim_output
 
-    comparison = compare_models(args.models, args.data, baseline=args.baseline, group_by=args.group_by)
-    print(format_comparison(comparison))
-    if args.output is not None:
-        atomic_write_text(args.output, json.dumps(comparison, indent=2))
-        print(f"comparison written to {args.output}")
+    with ExitStack() as claims:
+        out = None
+        if args.output is not None:
+            inputs = [*args.models, *_literal_paths(args.data)]
+            out = claims.enter_context(claim_output(args.output, kind=None, overwrite=args.overwrite, inputs=inputs))
+        comparison = compare_models(args.models, args.data, baseline=args.baseline, group_by=args.group_by)
+        print(format_comparison(comparison))
+        if out is not None:
+            atomic_write_text(out, json.dumps(comparison, indent=2))
+            print(f"comparison written to {args.output}")
     return 0
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from mtrec.data.synthetic import write_click_log
+    from mtrec.files import claim_output
     from mtrec.quickstart import quickstart_config
     from mtrec.train import train
 
     workdir: Path = args.workdir
     model_dir = workdir / "model"
-    if model_dir.exists() and not args.overwrite:
-        raise MtrecError(f"{model_dir}: already exists (pass --overwrite to replace it)")
     data = workdir / "clicks.parquet"
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"1/2 generating {args.rows:,} synthetic impressions -> {data}", flush=True)
-    truth = write_click_log(data, args.rows, seed=args.seed)
-    config = quickstart_config(str(data), model=args.model, epochs=args.epochs, seed=args.seed)
-    print(f"2/2 training {args.model} for up to {args.epochs} epoch(s)", flush=True)
-    result = train(config, output=model_dir, overwrite=args.overwrite)
+    # Both outputs are checked (and held) before anything is generated.
+    with (
+        claim_output(model_dir, kind="model", overwrite=args.overwrite, what="an mtrec model directory"),
+        claim_output(data, kind=None, overwrite=args.overwrite) as data_out,
+    ):
+        print(f"1/2 generating {args.rows:,} synthetic impressions -> {data}", flush=True)
+        truth = write_click_log(data_out, args.rows, seed=args.seed)
+        config = quickstart_config(str(data), model=args.model, epochs=args.epochs, seed=args.seed)
+        print(f"2/2 training {args.model} for up to {args.epochs} epoch(s)", flush=True)
+        result = train(config, output=model_dir, overwrite=args.overwrite)
     print()
     print("validation metrics of the best epoch (each task on its own sample space):")
     print(format_metrics(result.best_metrics))
@@ -531,15 +555,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mtrec: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mtrec: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # `mtrec evaluate ... | head`: the reader left; stop quietly like other Unix tools.
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # A full disk, a read-only folder, a vanished file: one line, like any bad input.
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mtrec: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtrec: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,10 +11,9 @@ objects.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,17 @@ from torch import nn
 from mtrec.batch import Batch
 from mtrec.checkpoint import load_model_dir
 from mtrec.data.batches import TensorColumns
-from mtrec.errors import MtrecError
-from mtrec.files import atomic_write_text
+from mtrec.errors import ModelError, MtrecError
+from mtrec.files import (
+    atomic_write_text,
+    claim_output,
+    fault_point,
+    output_path,
+    staged_dir,
+    write_file,
+)
 
-__all__ = ["EncodedInputModel", "export_model"]
+__all__ = ["EncodedInputModel", "export_model", "load_exported"]
 
 
 class EncodedInputModel(nn.Module):
@@ -58,84 +64,125 @@ def _example_inputs(loaded: Any, rows: int = 8) -> tuple[torch.Tensor, ...]:
     return (sparse, dense, lengths, *seqs)
 
 
+EXPORT_KIND = "export"
+
+
 def export_model(model_dir: str | Path, output: str | Path, *, fmt: str, overwrite: bool = False) -> dict[str, Any]:
     """Exports ``model_dir`` to ``output`` (``torchscript`` or ``onnx``).
 
     Writes ``output`` and the folder ``output.preprocess/`` (preprocessing state and
-    ``signature.json``); both only appear once complete.
+    ``signature.json``); each only appears once complete. Two paths cannot be replaced
+    in one step, so the pair is tied by content instead: ``signature.json`` records the
+    SHA-256 of the graph file, and :func:`load_exported` refuses a graph and a state
+    from different exports (a crash between the two renames; ``export`` again repairs it).
 
     Returns:
         The signature (input and output names, shapes and dtypes).
     """
-    output = Path(output)
-    state_dir = output.with_name(output.name + ".preprocess")
     if fmt not in ("torchscript", "onnx"):
         raise MtrecError(f"--format: expected torchscript or onnx, got {fmt!r}")
-    for path in (output, state_dir):
-        if path.exists() and not overwrite:
-            raise MtrecError(f"{path}: already exists (pass --overwrite to replace it)")
-    if output.is_dir():
-        raise MtrecError(f"{output}: is a folder, expected a file name")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    loaded = load_model_dir(model_dir)
+    output = output_path(output)
+    state_dir = output.with_name(output.name + ".preprocess")
+    inputs = [model_dir]
+    with claim_output(output, kind=None, overwrite=overwrite, inputs=inputs):
+        with claim_output(
+            state_dir, kind=EXPORT_KIND, overwrite=overwrite, inputs=inputs, what="an exported preprocessing state"
+        ):
+            loaded = load_model_dir(model_dir)
+            graph = _export_bytes(loaded, fmt)
+            signature = _signature(loaded, model_dir, fmt, hashlib.sha256(graph).hexdigest())
+
+            def write(tmp: Path) -> None:
+                # The graph is on disk (under its temporary name) before the state is swapped
+                # in, so a full disk fails before anything is replaced.
+                tmp.write_bytes(graph)
+                with staged_dir(state_dir, EXPORT_KIND) as staging:
+                    loaded.preprocessor.save(staging)
+                    atomic_write_text(staging / "signature.json", json.dumps(signature, indent=2))
+                fault_point("export:between-renames")
+
+            write_file(output, write)
+    return signature
+
+
+def _input_names(loaded: Any) -> list[str]:
+    return ["sparse", "dense", "seq_lengths"] + [f"seq_{s.name}" for s in loaded.config.schema.sequence]
+
+
+def _export_bytes(loaded: Any, fmt: str) -> bytes:
+    """The serialised graph, built in memory: a full disk can then only fail in Python, never inside torch."""
     tasks = loaded.config.schema.output_tasks
     names = tuple(t.name for t in tasks)
     wrapper = EncodedInputModel(loaded.model, names, len(tasks)).eval()
     example = _example_inputs(loaded)
-    input_names = ["sparse", "dense", "seq_lengths"] + [f"seq_{s.name}" for s in loaded.config.schema.sequence]
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with torch.no_grad():
-            if fmt == "torchscript":
-                traced = torch.jit.trace(wrapper, example, check_trace=False)
-                traced.save(tmp)
-            else:
-                try:
-                    import onnx  # noqa: F401
-                except ImportError:
-                    raise MtrecError('--format onnx needs the onnx package: pip install -e ".[export]"') from None
-                dynamic = {name: {0: "batch"} for name in [*input_names, *names]}
-                torch.onnx.export(
-                    wrapper,
-                    example,
-                    tmp,
-                    input_names=input_names,
-                    output_names=list(names),
-                    dynamic_axes=dynamic,
-                    dynamo=False,
-                )
-        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.preprocess."))
-        try:
-            loaded.preprocessor.save(staging)
-            signature = {
-                "format": fmt,
-                "model_dir": str(model_dir),
-                "inputs": [{"name": n, "dtype": "float32" if n == "dense" else "int64"} for n in input_names],
-                "outputs": [
-                    {
-                        "name": t.name,
-                        "type": t.type,
-                        "shape": ["batch", t.output_dim] if t.output_dim > 1 else ["batch"],
-                    }
-                    for t in tasks
-                ],
-                "sparse_features": [f.name for f in loaded.config.schema.sparse],
-                "dense_features": [f.name for f in loaded.config.schema.dense],
-                "sequence_features": [{"name": s.name, "max_len": s.max_len} for s in loaded.config.schema.sequence],
-                "note": "logits; apply sigmoid (binary), softmax (multiclass) or expm1 (log1p regression)",
+    input_names = _input_names(loaded)
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        if fmt == "torchscript":
+            traced = torch.jit.trace(wrapper, example, check_trace=False)
+            torch.jit.save(traced, buffer)
+        else:
+            try:
+                import onnx  # noqa: F401
+            except ImportError:
+                raise MtrecError('--format onnx needs the onnx package: pip install -e ".[export]"') from None
+            dynamic = {name: {0: "batch"} for name in [*input_names, *names]}
+            torch.onnx.export(
+                wrapper,
+                example,
+                buffer,
+                input_names=input_names,
+                output_names=list(names),
+                dynamic_axes=dynamic,
+                dynamo=False,
+            )
+    return buffer.getvalue()
+
+
+def _signature(loaded: Any, model_dir: str | Path, fmt: str, graph_sha256: str) -> dict[str, Any]:
+    schema = loaded.config.schema
+    return {
+        "format": fmt,
+        "model_dir": str(model_dir),
+        "graph_sha256": graph_sha256,
+        "inputs": [{"name": n, "dtype": "float32" if n == "dense" else "int64"} for n in _input_names(loaded)],
+        "outputs": [
+            {
+                "name": t.name,
+                "type": t.type,
+                "shape": ["batch", t.output_dim] if t.output_dim > 1 else ["batch"],
             }
-            atomic_write_text(staging / "signature.json", json.dumps(signature, indent=2))
-            if state_dir.exists():
-                shutil.rmtree(state_dir)
-            os.replace(staging, state_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        os.replace(tmp, output)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return signature
+            for t in schema.output_tasks
+        ],
+        "sparse_features": [f.name for f in schema.sparse],
+        "dense_features": [f.name for f in schema.dense],
+        "sequence_features": [{"name": s.name, "max_len": s.max_len} for s in schema.sequence],
+        "note": "logits; apply sigmoid (binary), softmax (multiclass) or expm1 (log1p regression)",
+    }
+
+
+def load_exported(path: str | Path) -> tuple[bytes, dict[str, Any]]:
+    """The graph file of an export and its ``signature.json``, checked to belong together.
+
+    Returns:
+        The graph's bytes (for ``torch.jit.load(io.BytesIO(...))`` or an ONNX runtime)
+        and the signature.
+
+    Raises:
+        ModelError: A missing file, or a graph and a state from different exports.
+    """
+    path = Path(path)
+    sig_path = path.with_name(path.name + ".preprocess") / "signature.json"
+    try:
+        graph = path.read_bytes()
+        signature = json.loads(sig_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a complete export ({exc})") from None
+    if not isinstance(signature, dict) or signature.get("graph_sha256") != hashlib.sha256(graph).hexdigest():
+        raise ModelError(
+            f"{path}: the graph and {sig_path} come from different exports; run `mtrec export --overwrite` again"
+        )
+    return graph, signature
 
 
 def _reference_logits(model_dir: str | Path, table: Any) -> dict[str, Any]:

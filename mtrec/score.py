@@ -20,9 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,12 +39,13 @@ from mtrec.data.batches import TensorColumns
 from mtrec.data.parquet import open_parquet, resolve_paths
 from mtrec.data.preprocess import EncodedColumns
 from mtrec.errors import DataError, MtrecError
-from mtrec.files import DIR_MODE, FILE_MODE, finalize_dir
+from mtrec.files import claim_output, staged_dir, write_file
 from mtrec.schema import Task
 
 __all__ = ["Ranker", "check_rank", "load_model", "parse_rank", "rank_score", "score_parquet"]
 
 RANK_COLUMN = "rank_score"
+SCORES_KIND = "scores"
 # Rows decoded and encoded at a time when streaming Parquet: large enough that the
 # per-call costs of the vocabulary lookups (a hash set per feature) vanish, small
 # enough that memory stays a few tens of MB whatever the row-group size of the input.
@@ -59,38 +58,64 @@ def _is_frame(data: Any, package: str) -> bool:
     return type(data).__module__.split(".")[0] == package
 
 
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OverflowError):
+        return "an integer does not fit in int64; pass IDs >= 2**63 as uint64 or as strings"
+    text = str(exc.args[0]) if isinstance(exc, pa.ArrowException) and exc.args else str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# What converting a column can raise: Arrow's errors, and pandas/Python ones for object columns.
+_CONVERSION_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
+
+
 def _to_table(data: Any, columns: Sequence[str], source: str) -> pa.Table:
-    """The ``columns`` of ``data`` as a pyarrow Table; every missing column listed at once."""
+    """The ``columns`` of ``data`` as a pyarrow Table; every missing column listed at once.
+
+    Raises:
+        DataError: A feature column is missing (all are listed), appears twice, or cannot be
+            converted to Arrow (mixed types in an object column, integers beyond int64).
+    """
     if isinstance(data, pa.RecordBatch):
         data = pa.Table.from_batches([data])
     if isinstance(data, pa.Table):
-        names = data.column_names
+        labels: list[Any] = list(data.column_names)
     elif _is_frame(data, "pandas") or _is_frame(data, "polars"):
-        names = [str(c) for c in data.columns]
+        labels = list(data.columns)
     elif isinstance(data, Mapping):
-        names = [str(c) for c in data]
+        labels = list(data)
     else:
         raise TypeError(
             f"expected a pandas/polars DataFrame, a pyarrow Table/RecordBatch or a dict of arrays, "
             f"got {type(data).__name__}"
         )
-    present = set(names)
-    missing = [c for c in columns if c not in present]
+    # Columns are found by their names as strings (a pandas column may be labelled by a number).
+    label_of: dict[str, Any] = {}
+    repeated = []
+    for label in labels:
+        if str(label) in label_of:
+            repeated.append(str(label))
+        label_of.setdefault(str(label), label)
+    missing = [c for c in columns if c not in label_of]
     if missing:
         raise DataError(f"{source}: missing feature column(s) {', '.join(map(repr, missing))}")
+    twice = [c for c in dict.fromkeys(repeated) if c in columns]
+    if twice:
+        raise DataError(f"{source}: duplicate column name {twice[0]!r}")
     # Only the feature columns are converted: extra columns (of any type) are ignored.
     if isinstance(data, pa.Table):
         return data.select(list(columns))
-    if _is_frame(data, "pandas"):
-        return pa.Table.from_pandas(data[list(columns)], preserve_index=False)
-    if _is_frame(data, "polars"):
-        return data.select(list(columns)).to_arrow()
     arrays = {}
     for c in columns:
         try:
-            arrays[c] = pa.array(data[c])
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
-            raise DataError(f"{source}: column {c!r} cannot be converted ({str(exc).splitlines()[0]})") from None
+            if _is_frame(data, "pandas"):
+                arrays[c] = pa.Table.from_pandas(data[[label_of[c]]], preserve_index=False).column(0)
+            elif _is_frame(data, "polars"):
+                arrays[c] = data.select(label_of[c]).to_arrow().column(0)
+            else:
+                arrays[c] = pa.array(data[label_of[c]])
+        except _CONVERSION_ERRORS as exc:
+            raise DataError(f"{source}: column {c!r} cannot be converted ({_reason(exc)})") from None
     lengths = {len(a) for a in arrays.values()}
     if len(lengths) > 1:
         raise DataError(f"{source}: columns have different lengths {sorted(lengths)}")
@@ -135,7 +160,36 @@ class Ranker:
 
     def _encode(self, data: Any, source: str) -> EncodedColumns:
         table = _to_table(data, self.feature_columns, source)
+        if table.num_rows == 0:
+            table = self._typed_empty(table)
         return self.preprocessor.transform(table, source=source, with_labels=False)
+
+    def _typed_empty(self, table: pa.Table) -> pa.Table:
+        """A 0-row table whose untyped columns (an empty pandas object column is ``null``) get the model's types.
+
+        Typed columns are kept, so a 0-row input is checked like a 0-row Parquet file.
+        """
+        s = self.config.schema
+        vocabs = self.preprocessor.vocabs
+
+        def fill(name: str, t: pa.DataType) -> None:
+            nonlocal table
+            i = table.column_names.index(name)
+            if pa.types.is_null(table.column(i).type):
+                table = table.set_column(i, name, pa.array([], t))
+
+        for f in s.sparse:
+            fill(f.name, vocabs[f.name].type if f.name in vocabs else pa.int64())
+        for d in s.dense:
+            fill(d.name, pa.float64())
+        for q in s.sequence:
+            vocab = q.vocab_from or q.name
+            if vocab in vocabs:
+                fill(q.name, pa.list_(vocabs[vocab].type))
+            else:  # hashed IDs: the type of the sparse column they share (checked by the encoding)
+                t = table.column(vocab).type if q.vocab_from is not None else pa.int64()
+                fill(q.name, pa.list_(t.value_type if pa.types.is_dictionary(t) else t))
+        return table
 
     def encode(self, data: Any, *, source: str = "input") -> Batch:
         """Encodes feature columns with the saved preprocessing into a :class:`~mtrec.batch.Batch`.
@@ -165,9 +219,12 @@ class Ranker:
             ``{task: array}`` in ``task_names`` order, float32: ``(N,)`` probabilities for
             binary tasks, ``(N,)`` values for regression tasks (``expm1`` applied when the
             task trained on ``log1p`` labels), ``(N, C)`` class probabilities for multiclass.
+            A 0-row input gives 0-row arrays of these shapes.
 
         Raises:
-            DataError: A feature column is missing (all are listed) or has the wrong type.
+            DataError: A feature column is missing (all are listed), appears twice, cannot
+                be converted (mixed types in an object column, integers beyond int64) or
+                has the wrong type.
         """
         return self.predict_encoded(self._encode(data, source), batch_size=batch_size)
 
@@ -370,20 +427,41 @@ def rank_score(preds: Mapping[str, np.ndarray], formula: Mapping[str, Any] | str
 
     Raises:
         MtrecError: The formula names a task that is not in ``preds`` or is multiclass.
+        DataError: The score is not finite for some row (``ctr^-1000`` overflows, a
+            negative value to a fractional power is NaN): checked like the predictions.
     """
+    text = formula if isinstance(formula, str) else None
     if isinstance(formula, str):
         formula = parse_rank(formula)
     coefs = _coefficients(formula, {name: "multiclass" if np.ndim(v) > 1 else "binary" for name, v in preds.items()})
     n = len(next(iter(preds.values()))) if preds else 0
-    if formula["type"] == "product":
-        score = np.ones(n, np.float64)
-        for name, a in coefs.items():
-            score *= np.power(np.asarray(preds[name], np.float64), a)
-    else:
-        score = np.zeros(n, np.float64)
-        for name, w in coefs.items():
-            score += w * np.asarray(preds[name], np.float64)
+    # Overflow and invalid powers are reported once, below, not as numpy warnings.
+    with np.errstate(all="ignore"):
+        if formula["type"] == "product":
+            score = np.ones(n, np.float64)
+            for name, a in coefs.items():
+                score *= np.power(np.asarray(preds[name], np.float64), a)
+        else:
+            score = np.zeros(n, np.float64)
+            for name, w in coefs.items():
+                score += w * np.asarray(preds[name], np.float64)
+    bad = ~np.isfinite(score)
+    if bad.any():
+        i = int(np.argmax(bad))
+        row = ", ".join(f"{name}={float(preds[name][i]):.6g}" for name in coefs)
+        shown = text.strip() if text is not None else _formula_text(formula["type"], coefs)
+        raise DataError(
+            f"rank formula {shown!r} gives a non-finite score for {int(bad.sum())} of {n} row(s) "
+            f"(e.g. {row} gives {score[i]})"
+        )
     return score
+
+
+def _formula_text(kind: str, coefs: Mapping[str, float]) -> str:
+    """A formula as the expression :func:`parse_rank` reads back: ``ctr^1*cvr^0.5``, ``0.7*ctr+0.3*cvr``."""
+    if kind == "product":
+        return "*".join(f"{name}^{a:g}" for name, a in coefs.items())
+    return "+".join(f"{w:g}*{name}" for name, w in coefs.items())
 
 
 # ----------------------------------------------------------------------------- Parquet scoring
@@ -459,7 +537,11 @@ def _output_fields(ranker: Ranker, keep_fields: list[pa.Field], rank: bool) -> l
 def _plan(
     ranker: Ranker, input: str | Path, output: Path, keep: Sequence[str], rank: bool, overwrite: bool
 ) -> tuple[list[_Job], bool]:
-    """Every input file, its output name and checked schema, before anything is written."""
+    """Every input file, its output name and checked schema, before anything is written.
+
+    The output's own checks (``--overwrite``, never an input, a folder only if mtrec
+    wrote it) are :func:`mtrec.files.claim_output`'s, made by the caller.
+    """
     text = str(input)
     as_folder = Path(text).is_dir()
     paths = resolve_paths(text)
@@ -471,26 +553,10 @@ def _plan(
         as_folder = True
     else:
         base = paths[0].parent
-    out_res = output.resolve()
-    for p in paths:
-        pr = p.resolve()
-        if pr == out_res or out_res in pr.parents or (as_folder and pr.parent == out_res):
-            raise MtrecError(f"{output}: the output would overwrite or sit among the input files")
-    if as_folder and (base.resolve() == out_res or base.resolve() in out_res.parents):
-        raise MtrecError(f"{output}: the output folder may not be inside the input folder {base}")
-    if output.exists() or output.is_symlink():
-        if not overwrite:
-            raise MtrecError(f"{output}: already exists (pass --overwrite to replace it)")
-        if as_folder and not output.is_dir():
-            raise MtrecError(f"{output}: exists and is not a folder (the input {text} is several files)")
-        if not as_folder and output.is_dir():
-            raise MtrecError(f"{output}: is a folder, expected a Parquet file name (the input is one file)")
-        if as_folder and any(p.is_file() and p.suffix != ".parquet" for p in output.rglob("*")):
-            # --overwrite replaces scores, never an arbitrary folder.
-            raise MtrecError(f"{output}: holds files other than *.parquet; refusing to replace it")
-    for parent in output.parents:
-        if parent.exists() and not parent.is_dir():
-            raise MtrecError(f"{parent}: is a file, so {output} cannot be written")
+    if as_folder and output.exists() and not output.is_dir():
+        raise MtrecError(f"{output}: exists and is not a folder (the input {text} is several files)")
+    if not as_folder and output.is_dir():
+        raise MtrecError(f"{output}: is a folder, expected a Parquet file name (the input is one file)")
     keep = list(dict.fromkeys(keep))
     produced = {f.name for f in _output_fields(ranker, [], rank)}
     clash = [c for c in keep if c in produced]
@@ -588,7 +654,10 @@ def _score_file(
                 else:
                     arrays.append(pa.array(v))
             if formula is not None:
-                arrays.append(pa.array(rank_score(preds, formula)))
+                try:
+                    arrays.append(pa.array(rank_score(preds, formula)))
+                except DataError as exc:
+                    raise DataError(f"{job.source}: {exc}") from None
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
             rows += table.num_rows
             progress.update(table.num_rows)
@@ -654,35 +723,29 @@ def score_parquet(
         formula = parse_rank(rank) if isinstance(rank, str) else dict(rank)
         check_rank(formula, ranker.tasks)
     jobs, as_folder = _plan(ranker, input, output, keep, formula is not None, overwrite)
+    inputs = [j.source for j in jobs] + ([input] if as_folder and Path(str(input)).is_dir() else [])
     total = sum(j.num_rows for j in jobs)
     bar = _Progress(total, stream or sys.stderr, progress)
-    output.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    if as_folder:
-        staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    kind = SCORES_KIND if as_folder else None
+    with claim_output(output, kind=kind, overwrite=overwrite, inputs=inputs, what="a folder of mtrec scores") as out:
         try:
-            os.chmod(staging, DIR_MODE)  # mkdtemp makes 0700; the output is an ordinary folder
-            for job in jobs:
-                target = staging / job.target.relative_to(output)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                rows += _score_file(ranker, job, target, formula=formula, batch_size=batch_size, progress=bar)
-            finalize_dir(staging, output)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            bar.close()
-    else:
-        fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        try:
-            os.fchmod(fd, FILE_MODE)
-            os.close(fd)
-            rows = _score_file(ranker, jobs[0], tmp, formula=formula, batch_size=batch_size, progress=bar)
-            os.replace(tmp, output)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            if as_folder:
+                with staged_dir(out, SCORES_KIND) as staging:
+                    for job in jobs:
+                        target = staging / job.target.relative_to(output)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        rows += _score_file(ranker, job, target, formula=formula, batch_size=batch_size, progress=bar)
+            else:
+
+                def write(tmp: Path) -> None:
+                    nonlocal rows
+                    rows = _score_file(ranker, jobs[0], tmp, formula=formula, batch_size=batch_size, progress=bar)
+
+                write_file(out, write)
+        except OSError as exc:
+            # A full disk while writing a folder of scores: the staging folder goes on the next run.
+            raise MtrecError(f"{output}: cannot write ({exc.strerror or exc}); nothing was replaced") from None
         finally:
             bar.close()
     seconds = time.perf_counter() - t0

@@ -8,10 +8,10 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,9 +27,11 @@ from mtrec.checkpoint import (
     RESUME,
     WEIGHTS,
     build_model,
+    check_state_tensors,
+    claim_model_dir,
+    commit_model_dir,
     has_resume_state,
     load_resume_state,
-    prepare_output,
     save_model_files,
     save_resume_state,
     save_weights,
@@ -63,9 +65,9 @@ from mtrec.distributed import (
     sync_sparse_grads,
     wrap_model,
 )
-from mtrec.errors import ConfigError, DataError, MtrecError
+from mtrec.errors import ConfigError, DataError, ModelError, MtrecError
 from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
-from mtrec.files import atomic_write_text, finalize_dir, staging_dir
+from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
 from mtrec.losses import multitask_loss, task_losses
 from mtrec.models.base import MultiTaskModel
 from mtrec.optim import LazyAdam
@@ -293,7 +295,7 @@ def train(
             same seed). ``config`` must be the run's own (``output.incomplete/config.yaml``).
     """
     stream = stream or sys.stderr
-    out_dir = Path(output or config.output or f"runs/{config.model.name}")
+    out_dir = output_path(output or config.output or f"runs/{config.model.name}")
     device = resolve_device(config.train.device)
     ctx, device = init_distributed(device, timeout_s=config.train.dist_timeout_s)
     try:
@@ -304,36 +306,44 @@ def train(
                     f"train.batch_size: {config.train.batch_size} is the global batch and must divide evenly "
                     f"among {ctx.world_size} ranks"
                 )
-            state = None
-            if resume:
-                if not has_resume_state(staging_dir(out_dir)):
-                    raise MtrecError(f"{out_dir}: nothing to resume (no {staging_dir(out_dir)}/resume/state.json)")
-                # On the CPU: generator states must be CPU tensors; load_state_dict moves the rest.
-                state = load_resume_state(staging_dir(out_dir), map_location="cpu")
-                staging = staging_dir(out_dir) if ctx.is_main else None
-            else:
-                if has_resume_state(staging_dir(out_dir)) and not overwrite:
-                    raise MtrecError(
-                        f"{staging_dir(out_dir)}: holds an interrupted run; continue it with "
-                        f"`mtrec train --resume {out_dir}` or pass --overwrite to start over"
+            with ExitStack() as claim:
+                staging = None
+                if ctx.is_main:
+                    # Rank 0 alone writes: it holds the output (one writer at a time) for the whole run.
+                    staging = claim.enter_context(
+                        claim_model_dir(out_dir, overwrite=overwrite, resume=resume, inputs=_data_inputs(config))
                     )
-                # A failed run leaves DIR.incomplete (with its log) and never touches DIR itself.
-                staging = prepare_output(out_dir, overwrite=overwrite) if ctx.is_main else None
-            try:
-                return _train(config, out_dir, staging, progress and ctx.is_main, stream, on_epoch, ctx, device, state)
-            except MtrecError as exc:
-                if staging is not None and has_resume_state(staging):
-                    # A file that vanished or broke mid-run: the last good epoch stays resumable.
-                    raise MtrecError(
-                        f"{exc} (the state after the last complete epoch is kept: "
-                        f"continue with `mtrec train --resume {out_dir}`)"
-                    ) from None
-                # Bad input before any epoch: nothing worth keeping. (A crash keeps DIR.incomplete.)
-                if staging is not None and not resume:
-                    shutil.rmtree(staging, ignore_errors=True)
-                raise
+                state = None
+                if resume:
+                    # On the CPU: generator states must be CPU tensors; load_state_dict moves the rest.
+                    resumable = staging_dir(out_dir)
+                    if not has_resume_state(resumable):
+                        raise MtrecError(f"{out_dir}: nothing to resume (no {resumable}/resume/state.json)")
+                    state = load_resume_state(resumable, map_location="cpu")
+                try:
+                    return _train(
+                        config, out_dir, staging, progress and ctx.is_main, stream, on_epoch, ctx, device, state
+                    )
+                except (MtrecError, OSError) as exc:
+                    if isinstance(exc, OSError):  # a full disk while writing the model: one line, like bad input
+                        exc = MtrecError(f"{exc.filename or out_dir}: cannot write ({exc.strerror or exc})")
+                    if staging is not None and has_resume_state(staging) and not isinstance(exc, ModelError):
+                        # A file that vanished or broke mid-run: the last good epoch stays resumable.
+                        raise MtrecError(
+                            f"{exc} (the state after the last complete epoch is kept: "
+                            f"continue with `mtrec train --resume {out_dir}`)"
+                        ) from None
+                    # Bad input before any epoch: nothing worth keeping. (A crash keeps DIR.incomplete.)
+                    if staging is not None and not resume and staging.exists() and not is_sealed(staging):
+                        remove_owned(staging)  # (a sealed one is the finished run: recover() swaps it in)
+                    raise exc from None
     finally:
         shutdown(ctx)
+
+
+def _data_inputs(config: Config) -> list[str]:
+    """The training and validation files or folders (not globs), which the output may not touch."""
+    return [spec for spec in (config.data.train, config.data.valid) if spec and not any(c in spec for c in "*?[")]
 
 
 def _say(stream: TextIO, enabled: bool, text: str) -> None:
@@ -422,8 +432,8 @@ def _train(
     torch.manual_seed(t.seed)
     try:
         model = build_model(config, layout).to(device)
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model: {str(exc).splitlines()[0]}") from None
     weighting_cfg = dict(t.loss_weighting)
     weighting = create_weighting(
         weighting_cfg.pop("name"), task_names, tuple(task.weight for task in tasks), **weighting_cfg
@@ -500,16 +510,23 @@ def _train(
     bad_epochs = 0
     first_epoch = 1
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        for opt, state in zip(optimizers, resume["optimizers"], strict=True):
-            opt.load_state_dict(state)
-        weighting.load_state_dict(resume["weighting"])
-        generator.set_state(resume["generator"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["torch_rng"])
-        if device.type == "cuda" and resume["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(torch.as_tensor(resume["cuda_rng"][ctx.rank]), device)
+        # load_resume_state checked the structure; whether it fits this model is known only here.
+        saved = staging_dir(out_dir) / RESUME
+        check_state_tensors(model.state_dict(), resume["model"], saved)
+        try:
+            model.load_state_dict(resume["model"])
+            for opt, state in zip(optimizers, resume["optimizers"], strict=True):
+                opt.load_state_dict(state)
+            weighting.load_state_dict(resume["weighting"])
+            generator.set_state(resume["generator"])
+            if scaler is not None and resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+            torch.set_rng_state(resume["torch_rng"])
+            if device.type == "cuda" and resume["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(torch.as_tensor(resume["cuda_rng"][ctx.rank]), device)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{saved}: the resume state does not fit the model or optimizers ({first})") from None
         history = list(resume["history"])
         best_value, best_epoch = resume["best_value"], resume["best_epoch"]
         best_metrics, bad_epochs = resume["best_metrics"], resume["bad_epochs"]
@@ -687,9 +704,7 @@ def _train(
         if log_fh is not None:
             log_fh.close()
     if staging is not None:
-        # The resume state (last weights, optimiser moments) is not part of the model.
-        shutil.rmtree(staging / RESUME, ignore_errors=True)
-        finalize_dir(staging, out_dir)
+        commit_model_dir(staging, out_dir)
     # Every rank returns only once the model directory exists.
     barrier(ctx)
     _say(stream, progress, f"best epoch {best_epoch}: {_fmt_metrics(best_metrics)}")
@@ -712,7 +727,9 @@ def _finish_dir(
     progress: bool,
 ) -> None:
     """Rank 0: gate diagnostics of the saved (best) weights, metrics.json and meta.json."""
-    model.load_state_dict(load_file(str(staging / WEIGHTS), device=str(device)))
+    best = load_file(str(staging / WEIGHTS), device=str(device))
+    check_state_tensors(model.state_dict(), best, staging / WEIGHTS)
+    model.load_state_dict(best)
     gates = gate_diagnostics(model, valid_cols, batch_size=eval_batch_size)
     if gates is not None:
         atomic_write_text(staging / "diagnostics.json", json.dumps({"gates": gates}, indent=2))

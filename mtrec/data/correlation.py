@@ -37,14 +37,14 @@ Example:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import polars as pl
+
+from mtrec.files import write_file
 
 __all__ = ["CorrelatedTaskWorld", "correlated_task_world", "generate_correlated_tasks", "write_correlated_tasks"]
 
@@ -266,15 +266,5 @@ def write_correlated_tasks(
         sinusoids=sinusoids,
     )
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        # mkstemp creates 0600 files; a dataset should get ordinary file permissions.
-        os.chmod(tmp, 0o644)
-        df.write_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_file(path, lambda tmp: df.write_parquet(tmp))
     return path

@@ -1,16 +1,15 @@
 """A prepared dataset folder: one Parquet file per split plus ``dataset.json``.
 
 Every ``mtrec datasets NAME --source ... --output DIR`` step ends here. The folder is
-built as ``DIR.incomplete`` and renamed into place, so an interrupted run leaves
-nothing behind, and ``--overwrite`` only ever replaces a folder that this module wrote
-(one with a ``dataset.json``), never an arbitrary folder.
+built under a temporary name, sealed and renamed into place by :mod:`mtrec.files`, so
+an interrupted run leaves nothing behind, and ``--overwrite`` only ever replaces a
+folder that mtrec wrote (its manifest checks out), never an arbitrary folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,12 @@ from typing import Any
 import polars as pl
 
 from mtrec.errors import DataError
-from mtrec.files import FILE_MODE, finalize_dir, fresh_staging
+from mtrec.files import atomic_write_text, claim_output, staged_dir, write_file
 
 __all__ = ["MANIFEST", "file_md5", "is_prepared_dir", "read_source", "write_prepared"]
 
 MANIFEST = "dataset.json"
+DATASET_KIND = "dataset"
 
 
 def is_prepared_dir(path: Path) -> bool:
@@ -66,23 +66,15 @@ def write_prepared(
     Returns:
         The manifest as written.
     """
-    output = output.resolve()
-    staging = fresh_staging(
-        output, overwrite=overwrite, owned=is_prepared_dir, what="a folder written by `mtrec datasets`"
-    )
-    try:
-        info = dict(manifest)
-        info["splits"] = {}
-        for name, frame in splits.items():
-            path = staging / f"{name}.parquet"
-            frame.write_parquet(path, row_group_size=65536)
-            path.chmod(FILE_MODE)
-            info["splits"][name] = {"file": path.name, "rows": frame.height}
-        info["columns"] = {c: str(t) for c, t in next(iter(splits.values())).schema.items()}
-        (staging / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
-        (staging / MANIFEST).chmod(FILE_MODE)
-        finalize_dir(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    what = "a folder written by `mtrec datasets`"
+    with claim_output(output, kind=DATASET_KIND, overwrite=overwrite, what=what) as out:
+        with staged_dir(out, DATASET_KIND) as staging:
+            info = dict(manifest)
+            info["splits"] = {}
+            for name, frame in splits.items():
+                path = staging / f"{name}.parquet"
+                write_file(path, lambda tmp, frame=frame: frame.write_parquet(tmp, row_group_size=65536))
+                info["splits"][name] = {"file": path.name, "rows": frame.height}
+            info["columns"] = {c: str(t) for c, t in next(iter(splits.values())).schema.items()}
+            atomic_write_text(staging / MANIFEST, json.dumps(info, indent=2) + "\n")
     return info

@@ -122,6 +122,37 @@ def _id_values(source: str, name: str, col: pa.ChunkedArray | pa.Array, *, is_li
     return arr
 
 
+def _id_type(col: pa.ChunkedArray | pa.Array, *, is_list: bool) -> pa.DataType | None:
+    """The type :func:`_id_values` gives a column's IDs (int64 or string), read off its type alone.
+
+    None when the column holds no IDs (the encoding then says what is wrong with it).
+    """
+    t = col.type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if is_list:
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+            return None
+        t = t.value_type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+    if pa.types.is_integer(t):
+        return pa.int64()
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.string()
+    return None
+
+
+def _check_shared(source: str, seq: SequenceFeature, f: SparseFeature, seq_type: pa.DataType, own: pa.DataType) -> None:
+    """A list column and the sparse feature whose IDs it shares (``vocab_from``) hold one ID type."""
+    if seq_type != own:
+        shared = "hashed IDs" if f.hash_buckets is not None else "vocabulary"
+        raise DataError(
+            f"{source}: list column {seq.name!r} holds {seq_type} but {f.name!r}, whose {shared} it shares "
+            f"(vocab_from), holds {own}"
+        )
+
+
 def _splitmix64(values: np.ndarray) -> np.ndarray:
     # A fixed integer mix so that hashed IDs are identical across processes, versions
     # and machines (Python's and polars' hashes are not).
@@ -277,18 +308,16 @@ class _FitState:
         self.rows += table.num_rows
         for f in self.schema.sparse:
             own = _id_values(source, f.name, table.column(f.name), is_list=False)
-            if f.hash_buckets is not None:
-                continue  # checked for its type only: hashing needs no state
-            counts = self.vocabs[f.name]
-            counts.add(source, f.name, own)
+            # A hashed feature is checked for its type only (hashing needs no state), and so
+            # are the lists sharing it: an int and a string ID hash differently.
+            counts = self.vocabs[f.name] if f.hash_buckets is None else None
+            if counts is not None:
+                counts.add(source, f.name, own)
             for seq in self.shared.get(f.name, []):
                 values = _id_values(source, seq.name, table.column(seq.name), is_list=True)
-                if values.type != own.type:
-                    raise DataError(
-                        f"{source}: list column {seq.name!r} holds {values.type} but {f.name!r}, whose "
-                        f"vocabulary it shares, holds {own.type}"
-                    )
-                counts.add(source, seq.name, values)
+                _check_shared(source, seq, f, values.type, own.type)
+                if counts is not None:
+                    counts.add(source, seq.name, values)
         for s in self.schema.sequence:
             if s.vocab_from is None:
                 self.vocabs[s.name].add(source, s.name, _id_values(source, s.name, table.column(s.name), is_list=True))
@@ -580,6 +609,16 @@ class Preprocessor:
         for j, f in enumerate(schema.dense):
             dense[:, j] = self._encode_dense(source, f, table.column(f.name))
         sequences, lengths = [], np.zeros((n, len(schema.sequence)), dtype=np.int64)
+        hashed = {f.name: f for f in schema.sparse if f.hash_buckets is not None}
+        for s in schema.sequence:
+            # Fitting checks lists sharing a vocabulary or hashed IDs; the hashed ones are checked
+            # again on every table, as an int and a string ID hash differently (vocabulary lookups
+            # convert the IDs to the vocabulary's type instead).
+            if s.vocab_from in hashed:
+                own = _id_type(table.column(s.vocab_from), is_list=False)
+                seq_type = _id_type(table.column(s.name), is_list=True)
+                if own is not None and seq_type is not None:
+                    _check_shared(source, s, hashed[s.vocab_from], seq_type, own)
         for j, s in enumerate(schema.sequence):
             ids, kept = self._encode_sequence(source, j, table.column(s.name))
             sequences.append(ids)

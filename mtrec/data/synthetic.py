@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mtrec.files import atomic_write_text, write_file
 
 __all__ = ["generate_click_log", "write_click_log"]
 
@@ -909,14 +909,6 @@ def generate_click_log(
     return table, acc.finish(rows, seed, sample_seed, num_sparse, num_dense)
 
 
-def _atomic_target(path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    # mkstemp creates 0600 files; a dataset should get ordinary file permissions.
-    os.chmod(tmp, 0o644)
-    return tmp
-
-
 def write_click_log(
     path: str | Path,
     rows: int,
@@ -957,28 +949,15 @@ def write_click_log(
     schema, chunk_ids, world = _prepare(rows, seed, num_sparse, num_dense)
     acc = _TruthAccumulator()
 
-    tmp = _atomic_target(path)
-    try:
+    def write(tmp: Path) -> None:
         with pq.ParquetWriter(tmp, schema) as writer:
             for i in chunk_ids:
                 chunk = _generate_chunk(world, schema, seed, sample_seed, i, rows)
                 acc.add(chunk)
                 writer.write_table(chunk.table, row_group_size=int(row_group_size))
                 del chunk
-        truth = acc.finish(rows, seed, sample_seed, num_sparse, num_dense)
-        tmp_truth = _atomic_target(truth_path)
-        try:
-            with open(tmp_truth, "w", encoding="utf-8") as f:
-                json.dump(truth, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-            os.replace(tmp_truth, truth_path)
-        except BaseException:
-            if os.path.exists(tmp_truth):
-                os.unlink(tmp_truth)
-            raise
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_file(path, write)
+    truth = acc.finish(rows, seed, sample_seed, num_sparse, num_dense)
+    atomic_write_text(truth_path, json.dumps(truth, indent=2) + "\n")
     return truth

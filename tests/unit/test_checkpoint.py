@@ -4,11 +4,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mtrec.checkpoint import prepare_output
+from mtrec.checkpoint import claim_model_dir, commit_model_dir
 from mtrec.config import config_from_dict
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import ConfigError, DataError, MtrecError
-from mtrec.files import atomic_write_text, finalize_dir
+from mtrec.files import atomic_write_text
 from mtrec.schema import DenseFeature, Schema, Task
 
 BASE = {
@@ -23,37 +23,41 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_model(tmp_path):
     precious.mkdir()
     (precious / "thesis.txt").write_text("important")
     with pytest.raises(MtrecError, match="not an mtrec model directory"):
-        prepare_output(precious, overwrite=True)
+        with claim_model_dir(precious, overwrite=True):
+            pass
     assert (precious / "thesis.txt").read_text() == "important"
     assert not (tmp_path / "precious.incomplete").exists()
 
 
 def test_overwrite_replaces_a_model_only_when_the_new_one_is_complete(tmp_path):
     out = tmp_path / "model"
-    out.mkdir()
-    for name in ("meta.json", "config.yaml"):
-        (out / name).write_text("old")
-    staging = prepare_output(out, overwrite=True)
-    assert (out / "meta.json").read_text() == "old"  # untouched while training
-    (staging / "meta.json").write_text("new")
-    (staging / "config.yaml").write_text("new")
-    finalize_dir(staging, out)
+    with claim_model_dir(out, overwrite=False) as staging:
+        for name in ("meta.json", "config.yaml"):
+            (staging / name).write_text("old")
+        commit_model_dir(staging, out)
+    with claim_model_dir(out, overwrite=True) as staging:
+        assert (out / "meta.json").read_text() == "old"  # untouched while training
+        (staging / "meta.json").write_text("new")
+        (staging / "config.yaml").write_text("new")
+        commit_model_dir(staging, out)
     assert (out / "meta.json").read_text() == "new"
-    assert not staging.exists() and not (tmp_path / "model.old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging, old copy or lock left
 
 
 def test_output_parents_are_created_but_not_through_a_file(tmp_path):
-    staging = prepare_output(tmp_path / "runs" / "new" / "model", overwrite=False)
-    assert staging.is_dir() and staging.name == "model.incomplete"
+    with claim_model_dir(tmp_path / "runs" / "new" / "model", overwrite=False) as staging:
+        assert staging.is_dir() and staging.name == "model.incomplete"
     (tmp_path / "data.parquet").write_text("x")
     with pytest.raises(MtrecError, match="is a file"):
-        prepare_output(tmp_path / "data.parquet" / "model", overwrite=False)
+        with claim_model_dir(tmp_path / "data.parquet" / "model", overwrite=False):
+            pass
 
 
 def test_existing_output_needs_overwrite(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(MtrecError, match="--overwrite"):
-        prepare_output(tmp_path / "m", overwrite=False)
+        with claim_model_dir(tmp_path / "m", overwrite=False):
+            pass
 
 
 def test_atomic_write_refuses_folders_and_leaves_no_temp_files(tmp_path):

@@ -14,6 +14,7 @@ import torch
 import mtrec
 from mtrec.config import config_from_dict
 from mtrec.errors import DataError, MtrecError
+from mtrec.files import MARKER
 from mtrec.score import Ranker, parse_rank, rank_score, score_parquet
 
 N = 3000
@@ -294,16 +295,16 @@ def test_globs_output_files_or_folders_and_overwrite_safety(model_dir: Path, tmp
     one = score_parquet(model_dir, str(data / "p0*.parquet"), tmp_path / "one.parquet", progress=False)
     assert one["files"] == 1 and (tmp_path / "one.parquet").is_file()
     score_parquet(model_dir, str(data / "p*.parquet"), tmp_path / "many", progress=False)
-    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["p0.parquet", "p1.parquet"]
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [MARKER, "p0.parquet", "p1.parquet"]
     with pytest.raises(MtrecError, match="--overwrite"):
         score_parquet(model_dir, data, tmp_path / "many", progress=False)
     score_parquet(model_dir, data, tmp_path / "many", overwrite=True, progress=False)
-    with pytest.raises(MtrecError, match="inside the input folder"):
+    with pytest.raises(MtrecError, match="lies inside\\) the input"):
         score_parquet(model_dir, data, data / "scores", progress=False)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.txt").write_text("keep me")
-    with pytest.raises(MtrecError, match="other than"):
+    with pytest.raises(MtrecError, match="refusing to replace it"):
         score_parquet(model_dir, data, precious, overwrite=True, progress=False)
     assert (precious / "thesis.txt").read_text() == "keep me"
     with pytest.raises(MtrecError, match="clash"):
