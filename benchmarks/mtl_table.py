@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-ARCHITECTURES = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "cross_stitch")
+ARCHITECTURES = ("independent", "shared_embedding", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "cross_stitch")
 WEIGHTINGS = ("fixed", "uncertainty", "gradnorm", "dwa", "pcgrad")
 
 

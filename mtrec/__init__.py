@@ -2,8 +2,9 @@
 
 Example:
     >>> import mtrec
-    >>> sorted(mtrec.list_models())
-    ['mmoe', 'ple', 'shared_bottom']
+    >>> sorted(mtrec.list_models())  # doctest: +NORMALIZE_WHITESPACE
+    ['aitm', 'cgc', 'cross_stitch', 'independent', 'mmoe', 'omoe', 'ple', 'shared_bottom',
+     'shared_embedding']
 """
 
 __version__ = "0.1.0"

@@ -7,11 +7,12 @@ from mtrec.models import (  # noqa: F401 - registration side effect
     aitm,
     cgc,
     cross_stitch,
+    independent,
     mmoe,
     omoe,
     ple,
     shared_bottom,
-    single_task,
+    shared_embedding,
 )
 from mtrec.models.base import FeatureInput, MultiTaskModel
 from mtrec.models.registry import create_model, list_models, register_model

@@ -22,17 +22,30 @@ class FeatureInput(nn.Module):
     Sparse features and list items are looked up together in one
     :class:`~mtrec.nn.FusedEmbedding` call; lists are masked-pooled; dense features
     are appended as they are.
+
+    With ``copies=C > 1`` the fused table holds ``C`` independent sets of every table
+    (copy ``c`` at its own offsets, still one lookup) and the output is ``(C, B, out_dim)``:
+    input ``c`` reads only copy ``c``'s rows, so a loss on ``out[c]`` alone puts gradient
+    on copy ``c`` alone (one table set per task for the independent baseline).
     """
 
-    def __init__(self, layout: InputLayout, embedding_dim: int) -> None:
+    def __init__(self, layout: InputLayout, embedding_dim: int, *, copies: int = 1) -> None:
         super().__init__()
+        if copies < 1:
+            raise ValueError(f"copies must be >= 1, got {copies}")
         self.layout = layout
+        self.copies = copies
         self.num_sparse = len(layout.sparse_tables)
         column_tables = list(layout.sparse_tables)
         for table, length in zip(layout.sequence_tables, layout.sequence_max_len, strict=True):
             column_tables += [table] * length
+        n = len(layout.table_sizes)
         self.embedding = (
-            FusedEmbedding(layout.table_sizes, embedding_dim, column_tables=tuple(column_tables))
+            FusedEmbedding(
+                tuple(layout.table_sizes) * copies,
+                embedding_dim,
+                column_tables=tuple(c * n + t for c in range(copies) for t in column_tables),
+            )
             if column_tables
             else None
         )
@@ -40,10 +53,15 @@ class FeatureInput(nn.Module):
         self.out_dim = num_embedded * embedding_dim + layout.num_dense
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        C = self.copies
+        B = batch.sparse.shape[0]
         parts = []
         if self.embedding is not None:
             ids = torch.cat([batch.sparse, *batch.sequences], dim=1) if batch.sequences else batch.sparse
-            emb = self.embedding(ids)  # (B, F + sum(L), D)
+            emb = self.embedding(ids.repeat(1, C) if C > 1 else ids)  # (B, C * (F + sum(L)), D)
+            if C > 1:  # copies side by side -> stacked along the batch: (C * B, F + sum(L), D)
+                emb = emb.view(B, C, ids.shape[1], -1).transpose(0, 1).reshape(C * B, ids.shape[1], -1)
+            lengths = batch.seq_lengths.repeat(C, 1) if C > 1 else batch.seq_lengths
             F = self.num_sparse
             if F:
                 parts.append(emb[:, :F].flatten(1))
@@ -51,11 +69,12 @@ class FeatureInput(nn.Module):
             for i, (length, mode) in enumerate(
                 zip(self.layout.sequence_max_len, self.layout.sequence_pooling, strict=True)
             ):
-                parts.append(masked_pool(emb[:, start : start + length], batch.seq_lengths[:, i], mode))
+                parts.append(masked_pool(emb[:, start : start + length], lengths[:, i], mode))
                 start += length
         if self.layout.num_dense:
-            parts.append(batch.dense)
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            parts.append(batch.dense.repeat(C, 1) if C > 1 else batch.dense)
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return out.view(C, B, -1) if C > 1 else out
 
 
 class MultiTaskModel(nn.Module):
@@ -105,10 +124,12 @@ class MultiTaskModel(nn.Module):
         tower_hidden: tuple[int, ...],
         dropout: float,
         backbone: Callable[[int], nn.Module],
+        embedding_copies: int = 1,
     ) -> MultiTaskModel:
         """The feature input for ``layout``, ``backbone(in_dim)`` on it and one tower per task
-        on the backbone's ``out_dim``: what every registered architecture builds."""
-        features = FeatureInput(layout, embedding_dim)
+        on the backbone's ``out_dim``: what every registered architecture builds
+        (``embedding_copies``: see :class:`FeatureInput`)."""
+        features = FeatureInput(layout, embedding_dim, copies=embedding_copies)
         net = backbone(features.out_dim)
         return cls(
             features=features,

@@ -12,10 +12,14 @@ from mtrec.schema import InputLayout
 __all__ = ["create_model", "list_models", "model_parameters", "register_model"]
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
+# Former names that saved model directories may still carry: built, never listed.
+_ALIASES: dict[str, str] = {}
 _FIXED = ("layout", "task_names", "embedding_dim", "output_dims")
 
 
-def register_model(name: str, description: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(
+    name: str, description: str, *, aliases: tuple[str, ...] = ()
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Registers a builder ``fn(layout, task_names, *, embedding_dim, output_dims, ...) -> nn.Module``.
 
     ``output_dims`` gives each task's number of outputs (``None``: one each); the other
@@ -24,9 +28,10 @@ def register_model(name: str, description: str) -> Callable[[Callable[..., nn.Mo
     """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
+        if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = (fn, description)
+        _ALIASES.update(dict.fromkeys(aliases, name))
         return fn
 
     return wrap
@@ -38,6 +43,7 @@ def list_models() -> dict[str, str]:
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:
+    name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r} (expected one of {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[name][0]

@@ -11,7 +11,7 @@ from mtrec.nn.cross_stitch import CrossStitch, CrossStitchNetwork
 from mtrec.nn.experts import PLE, Gate
 from tests.unit.test_models import LAYOUT, TASKS, _batch
 
-NEW = ("single_task", "omoe", "cgc", "cross_stitch", "aitm")
+NEW = ("shared_embedding", "independent", "omoe", "cgc", "cross_stitch", "aitm")
 
 
 def _grad(out: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -31,7 +31,7 @@ def test_every_new_model_is_listed_with_a_description():
         assert models[name].strip()
 
 
-@pytest.mark.parametrize("name", ["single_task", "omoe", "cgc", "cross_stitch"])
+@pytest.mark.parametrize("name", ["shared_embedding", "independent", "omoe", "cgc", "cross_stitch"])
 def test_multiclass_output_dims(name):
     model = _model(name, output_dims=(1, 5, 1))
     logits = model(_batch(8))
@@ -44,7 +44,7 @@ def test_multiclass_output_dims(name):
 def test_last_shared_layer_gets_gradient_from_every_task(name):
     model = _model(name)
     params = [getattr(p, "param", p) for p in model.last_shared_parameters()]  # a ParameterSlice's tensor
-    if name == "single_task":
+    if name in ("shared_embedding", "independent"):
         assert params == []
         assert model.shared_parameters() == []
         return
@@ -56,7 +56,7 @@ def test_last_shared_layer_gets_gradient_from_every_task(name):
         assert any(g.abs().sum() > 0 for g in _grad(logits[t], params)), f"{name}: {t} misses the last shared layer"
 
 
-@pytest.mark.parametrize("name", ["single_task", "omoe", "cross_stitch", "aitm"])
+@pytest.mark.parametrize("name", ["shared_embedding", "independent", "omoe", "cross_stitch", "aitm"])
 def test_single_task_configs_build_and_share_nothing(name):
     torch.manual_seed(0)
     model = create_model(name, LAYOUT, ("ctr",), embedding_dim=4)
@@ -64,11 +64,12 @@ def test_single_task_configs_build_and_share_nothing(name):
     assert model.last_shared_parameters() == []
 
 
-# --- single_task -----------------------------------------------------------------------
+# --- shared_embedding / independent ----------------------------------------------------
 
 
-def test_single_task_networks_are_independent():
-    model = _model("single_task")
+@pytest.mark.parametrize("name", ["shared_embedding", "independent"])
+def test_per_task_networks_are_independent(name):
+    model = _model(name)
     weights = list(model.backbone.networks.weights) + list(model.backbone.networks.biases)
     logits = model(_batch())
     for t, name in enumerate(TASKS):
@@ -80,6 +81,48 @@ def test_single_task_networks_are_independent():
         for s, tower in enumerate(model.towers):
             norm = sum(g.abs().sum() for g in _grad(logits[name], list(tower.parameters())))
             assert (norm > 0) == (s == t)
+
+
+def test_independent_tables_get_gradient_only_from_their_own_task():
+    model = _model("independent")
+    model.use_sparse_embedding_grads(False)
+    table = model.embedding_table()
+    rows = sum(LAYOUT.table_sizes)
+    assert table.shape[0] == len(TASKS) * rows  # one fused table, one set of tables per task
+    logits = model(_batch())
+    for t, name in enumerate(TASKS):
+        (grad,) = torch.autograd.grad(logits[name].sum(), [table], retain_graph=True)
+        for s in range(len(TASKS)):
+            assert (grad[s * rows : (s + 1) * rows].abs().sum() > 0) == (s == t), f"task {t} vs tables {s}"
+
+
+def test_independent_equals_separate_single_task_models():
+    """Task t of the independent model predicts exactly what a one-task model with its weights does."""
+    model = _model("independent")
+    batch = _batch()
+    logits = model(batch)
+    rows = sum(LAYOUT.table_sizes)
+    for t, name in enumerate(TASKS):
+        alone = create_model("independent", LAYOUT, (name,), embedding_dim=4)
+        state = {
+            "features.embedding.weight": model.embedding_table().detach()[t * rows : (t + 1) * rows],
+            **{
+                f"backbone.networks.weights.{i}": w.detach()[t : t + 1]
+                for i, w in enumerate(model.backbone.networks.weights)
+            },
+            **{
+                f"backbone.networks.biases.{i}": b.detach()[t : t + 1]
+                for i, b in enumerate(model.backbone.networks.biases)
+            },
+            **{f"towers.0.{k}": v for k, v in model.towers[t].state_dict().items()},
+        }
+        alone.load_state_dict(state)
+        torch.testing.assert_close(alone(batch)[name], logits[name], rtol=1e-6, atol=1e-6)
+
+
+def test_the_former_single_task_name_still_builds_the_shared_embedding_model():
+    assert type(_model("single_task")) is type(_model("shared_embedding"))
+    assert "single_task" not in list_models()
 
 
 # --- omoe ------------------------------------------------------------------------------
@@ -262,3 +305,18 @@ def test_aitm_rejects_multiclass_outputs():
         create_model("aitm", LAYOUT, TASKS, embedding_dim=4, output_dims=(1, 3, 1))
     model = create_model("aitm", LAYOUT, TASKS, embedding_dim=4, output_dims=(1, 1, 1))
     assert all(v.shape == (5,) for v in model(_batch(5)).values())
+
+
+def test_independent_with_esmm_is_one_config_error():
+    from mtrec.config import config_from_dict
+    from mtrec.errors import ConfigError
+
+    raw = {
+        "data": {"train": "x.parquet"},
+        "features": {"sparse": [{"name": "u"}]},
+        "tasks": [{"name": "ctr", "label": "click"}, {"name": "cvr", "label": "buy", "where": "click == 1"}],
+        "esmm": {"ctr": "ctr", "cvr": "cvr"},
+        "model": {"name": "independent"},
+    }
+    with pytest.raises(ConfigError, match="independent baseline shares nothing"):
+        config_from_dict(raw)

@@ -14,7 +14,7 @@ from mtrec.models.esmm import EsmmModel
 from tests.unit.test_models import LAYOUT, TASKS, _batch
 
 # Models that share no dense layer between tasks (GradNorm falls back to fixed weights).
-NOTHING_SHARED = {"single_task"}
+NOTHING_SHARED = {"shared_embedding", "independent"}
 # Must share a layer: the models of the issue, plus the other multi-task architectures.
 MUST_SHARE = ("cgc", "ple", "cross_stitch", "mmoe", "shared_bottom", "omoe", "aitm")
 

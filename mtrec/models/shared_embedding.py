@@ -1,13 +1,11 @@
-"""Single-task baseline: one independent network per task.
+"""Shared embedding: one MLP and tower per task over ONE shared embedding table.
 
-The reference point every multi-task paper compares against (e.g. Ma et al., KDD 2018;
-Tang et al., RecSys 2020): task ``t`` is predicted by its own MLP and tower, and no dense
-parameter is shared between tasks.
+Task ``t`` is predicted by its own MLP and tower, but every task reads, and trains on the
+summed loss, the same embedding tables: a hard-sharing multi-task model, not a baseline.
+On the synthetic log the shared table alone costs CTR about 0.013 AUC against separate
+tables (negative transfer). The single-task baseline is :mod:`mtrec.models.independent`.
 
-The embedding tables stay shared through :class:`~mtrec.models.base.FeatureInput`. That is
-the common practice for this baseline in the multi-task ranking literature, and it keeps
-one model (one directory, one preprocessing state) for all tasks; the tasks are coupled only
-through the embeddings' gradients.
+This model was called ``single_task`` before; that name still loads saved models.
 """
 
 from __future__ import annotations
@@ -20,17 +18,18 @@ from mtrec.models.registry import register_model
 from mtrec.nn.experts import ExpertGroup
 from mtrec.schema import InputLayout
 
-__all__ = ["SingleTaskModel", "TaskNetworks", "single_task"]
+__all__ = ["SharedEmbeddingModel", "TaskNetworks", "shared_embedding"]
 
 
 class TaskNetworks(nn.Module):
-    """``T`` independent ReLU MLPs on the same input, one per task.
+    """``T`` independent ReLU MLPs, one per task.
 
     Evaluated as one batched :class:`~mtrec.nn.ExpertGroup` whose expert ``t`` is task
     ``t``'s network.
 
     Shapes:
-        ``(B, in_dim) -> (B, T, H)``; ``out[:, t]`` depends on network ``t`` only.
+        ``(B, in_dim)`` (one input for all) or ``(T, B, in_dim)`` (network ``t`` reads
+        ``x[t]``) ``-> (B, T, H)``; ``out[:, t]`` depends on network ``t`` only.
 
     Example:
         >>> TaskNetworks(8, num_tasks=2, hidden=(16, 4))(torch.zeros(3, 8)).shape
@@ -50,16 +49,20 @@ class TaskNetworks(nn.Module):
         return self.networks(x)
 
 
-class SingleTaskModel(MultiTaskModel):
-    """A :class:`MultiTaskModel` whose backbone shares nothing between tasks."""
+class SharedEmbeddingModel(MultiTaskModel):
+    """A :class:`MultiTaskModel` whose backbone shares nothing between tasks (its table does)."""
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Nothing: every dense parameter belongs to one task (the embeddings are not counted)."""
         return []
 
 
-@register_model("single_task", "Single-task baseline: an independent MLP and tower per task (shared embeddings)")
-def single_task(
+@register_model(
+    "shared_embedding",
+    "One MLP and tower per task over one shared embedding table (hard sharing; the baseline is independent)",
+    aliases=("single_task",),
+)
+def shared_embedding(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
@@ -68,9 +71,9 @@ def single_task(
     hidden: tuple[int, ...] = (256, 128),
     tower_hidden: tuple[int, ...] = (64,),
     dropout: float = 0.0,
-) -> SingleTaskModel:
-    """Builds one independent network per task over shared embeddings."""
-    return SingleTaskModel.assemble(
+) -> SharedEmbeddingModel:
+    """Builds one network per task over one shared embedding table."""
+    return SharedEmbeddingModel.assemble(
         layout,
         task_names,
         embedding_dim=embedding_dim,
