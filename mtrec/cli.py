@@ -62,9 +62,10 @@ holds the vocabularies, statistics and signature.json.
 """,
     "compare": """\
 example:
-  mtrec compare runs/single_task runs/mmoe runs/ple --data data/synthetic/test.parquet --group-by user_id
-Lift is the AUC difference to the baseline (and relative, in %); "worse" marks a task where
-a model is below the baseline (negative transfer).
+  mtrec compare runs/independent runs/mmoe runs/ple --data data/synthetic/test.parquet --group-by user_id
+Lift is the AUC difference to the baseline (and relative, in %), on each task's own rows; its
+95% CI and p come from the paired DeLong test (GAUC: a paired bootstrap over groups). "negative
+transfer" / "positive transfer" only where the CI excludes 0, else "no significant difference".
 """,
     "evaluate": """\
 example:
@@ -176,18 +177,24 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "compare",
-        help="evaluate several models on the same data, with lift over a baseline",
+        help="evaluate several models on the same data, with lift over a baseline and its significance",
         description="Evaluate several models on the same labelled data: one table of per-task metrics, each "
-        "model's lift over a baseline, and tasks where a multi-task model does worse (negative transfer).",
+        "model's lift over a baseline with a 95% CI and p-value (paired DeLong for AUC, paired bootstrap over "
+        "groups for GAUC), and negative or positive transfer where the CI excludes 0.",
         epilog=EXAMPLES["compare"],
         formatter_class=fmt,
     )
     c.add_argument("models", nargs="+", type=Path, metavar="DIR", help="model directories")
     c.add_argument("--data", required=True, help="Parquet file, folder or glob with the label columns")
     c.add_argument(
-        "--baseline", type=Path, default=None, help="baseline model (default: a single_task model, else the first)"
+        "--baseline",
+        type=Path,
+        default=None,
+        help="baseline model (default: an independent model, else shared_embedding/single_task, else the first)",
     )
     c.add_argument("--group-by", default=None, metavar="COLUMN", help="also compare group AUC")
+    c.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="GAUC bootstrap resamples (default: 1000)")
+    c.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the GAUC bootstrap (default: 0)")
     c.add_argument("--output", type=Path, default=None, help="also write the comparison as JSON")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
@@ -446,7 +453,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if args.output is not None:
             inputs = [*args.models, *_literal_paths(args.data)]
             out = claims.enter_context(claim_output(args.output, kind=None, overwrite=args.overwrite, inputs=inputs))
-        comparison = compare_models(args.models, args.data, baseline=args.baseline, group_by=args.group_by)
+        comparison = compare_models(
+            args.models,
+            args.data,
+            baseline=args.baseline,
+            group_by=args.group_by,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+        )
         print(format_comparison(comparison))
         if out is not None:
             atomic_write_text(out, json.dumps(comparison, indent=2))

@@ -164,7 +164,9 @@ def evaluate_model_dir(
         batch_size: Rows per prediction batch (default: the config's eval batch size).
         group_by: Column for group AUC (e.g. ``user_id``), computed per binary task.
         gauc_weighting: ``impressions`` or ``clicks``: how groups are weighted in GAUC.
-        keep_predictions: Also return ``"predictions"`` (logits, labels, masks) for plots.
+        keep_predictions: Also return ``"predictions"`` (logits, labels, masks, tasks,
+            ``sample_weight`` and the ``group_by`` keys ``groups``, or ``None``) for plots
+            and paired tests.
     """
     from mtrec.checkpoint import load_model_dir
     from mtrec.data.parquet import iter_row_groups, resolve_paths
@@ -232,6 +234,7 @@ def evaluate_model_dir(
         result["gates"] = gates
     if keep_predictions:
         result["predictions"] = {"logits": z_all, "labels": y_all, "mask": m_all, "tasks": tasks}
+        result["predictions"].update(sample_weight=w_all, groups=keys if group_by is not None else None)
     return result
 
 

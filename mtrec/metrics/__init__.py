@@ -16,6 +16,7 @@ from mtrec.metrics.functional import (
     roc_curve_points,
 )
 from mtrec.metrics.grouped import gauc
+from mtrec.metrics.significance import bootstrap_gauc_paired, delong_paired
 from mtrec.metrics.streaming import BinaryAccumulator, GroupedBinaryAccumulator, RegressionAccumulator
 
 __all__ = [
@@ -24,7 +25,9 @@ __all__ = [
     "RegressionAccumulator",
     "accuracy",
     "auc",
+    "bootstrap_gauc_paired",
     "calibration",
+    "delong_paired",
     "gauc",
     "log_loss",
     "log_loss_from_logits",

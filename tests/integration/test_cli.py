@@ -243,7 +243,8 @@ def test_models_lists_registry():
     proc = mtrec("models")
     assert proc.returncode == 0
     listed = {line.split()[0] for line in proc.stdout.splitlines()}
-    expected = {"single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "aitm", "cross_stitch"}
+    expected = {"independent", "shared_embedding", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "aitm"}
+    expected.add("cross_stitch")
     assert listed == expected
     assert all(len(line.split()) > 3 for line in proc.stdout.splitlines())  # each with a description
 
@@ -339,7 +340,7 @@ def test_compare_flags_tasks_below_the_baseline(trained: Path, clicks: Path, wor
     other = work / "single"
     sets = [f"data.train={clicks}", "train.epochs=1", "model.hidden=[32]", "model.tower_hidden=[8]"]
     proc = mtrec(
-        "train", "--config", "configs/synthetic/single_task.yaml", *[f"--set={s}" for s in sets], "--output", str(other)
+        "train", "--config", "configs/synthetic/independent.yaml", *[f"--set={s}" for s in sets], "--output", str(other)
     )
     assert proc.returncode == 0, proc.stderr
     out = work / "compare.json"
@@ -351,6 +352,107 @@ def test_compare_flags_tasks_below_the_baseline(trained: Path, clicks: Path, wor
     base = comparison["models"][str(other)]["tasks"]
     for task, entry in rows.items():
         assert abs(entry["lift"] - (entry["value"] - base[task]["value"])) < 1e-12
-        assert entry["worse"] == (entry["lift"] < 0)
-        if entry["worse"]:
+        assert abs(entry["delta"] - entry["lift"]) < 1e-9  # the DeLong delta is the AUC difference
+        assert entry["ci_low"] < entry["delta"] < entry["ci_high"] and 0.0 <= entry["p_value"] <= 1.0
+        expected = "negative" if entry["ci_high"] < 0 else "positive" if entry["ci_low"] > 0 else "none"
+        assert entry["transfer"] == expected and "worse" not in entry
+        if entry["transfer"] == "negative":
             assert "negative transfer" in proc.stdout
+
+
+def _tiny_log(n: int, seed: int, *, conversions: bool = True) -> pa.Table:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    click = (rng.random(n) < 1 / (1 + np.exp(-(2 * x - 0.5)))).astype(np.int64)
+    conversion = np.where(click == 1, (rng.random(n) < 0.3 + 0.3 * np.tanh(x)).astype(np.int64), 0)
+    return pa.table(
+        {
+            "u": rng.integers(0, 60, n),
+            "cat": rng.choice(["a", "b", "c"], n),
+            "x": x,
+            "click": click,
+            "conversion": conversion if conversions else np.zeros(n, np.int64),
+        }
+    )
+
+
+TINY_TASKS = [{"name": "ctr", "label": "click"}, {"name": "cvr", "label": "conversion", "where": "click == 1"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models (in-process training) on one small log: two comparable, two that are not."""
+    import mtrec
+    from mtrec.config import config_from_dict
+
+    work = tmp_path_factory.mktemp("compare")
+    pq.write_table(_tiny_log(3000, 0), work / "train.parquet")
+    pq.write_table(_tiny_log(2000, 1), work / "test.parquet")
+    pq.write_table(_tiny_log(2000, 1, conversions=False), work / "no_conversions.parquet")
+    out = {"test": work / "test.parquet", "no_conversions": work / "no_conversions.parquet"}
+    models = {
+        "independent": ("independent", TINY_TASKS),
+        "shared_bottom": ("shared_bottom", TINY_TASKS),
+        "ctr_only": ("shared_bottom", TINY_TASKS[:1]),
+        "unclicked": ("shared_bottom", [TINY_TASKS[0], {**TINY_TASKS[1], "where": "click == 0"}]),
+    }
+    for name, (arch, tasks) in models.items():
+        hidden = {"hidden": [8]} if arch == "independent" else {"bottom_hidden": [16]}
+        config = config_from_dict(
+            {
+                "data": {"train": str(work / "train.parquet"), "valid_fraction": 0.2},
+                "features": {"sparse": [{"name": "u"}, {"name": "cat"}], "dense": [{"name": "x"}]},
+                "tasks": tasks,
+                "model": {"name": arch, "embedding_dim": 4, "tower_hidden": [8], **hidden},
+                "train": {"epochs": 3, "batch_size": 256, "device": "cpu", "seed": 0},
+            }
+        )
+        out[name] = mtrec.train(config, output=work / name, progress=False).output
+    return out
+
+
+def test_compare_reports_paired_tests_per_task(tiny: dict[str, Path], tmp_path: Path):
+    out = tmp_path / "c.json"
+    args = [str(tiny["shared_bottom"]), str(tiny["independent"]), "--data", str(tiny["test"]), "--group-by", "u"]
+    proc = mtrec("compare", *args, "--bootstrap", "300", "--seed", "5", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    comparison = json.loads(out.read_text())
+    assert comparison["baseline"] == str(tiny["independent"])  # the independent model, though listed second
+    assert comparison["test"]["resamples"] == 300 and comparison["test"]["seed"] == 5
+    header = proc.stdout.splitlines()[0]
+    assert all(col in header for col in ("lift", "delta", "95% CI", "p"))
+    for entry in comparison["models"][str(tiny["shared_bottom"])]["tasks"].values():
+        assert {"metric", "value", "lift", "lift_percent", "delta", "ci_low", "ci_high", "p_value"} <= set(entry)
+        assert entry["ci_low"] < entry["delta"] < entry["ci_high"] and "worse" not in entry
+        for t in (entry, entry["gauc_test"]):
+            significant = t["ci_low"] > 0 or t["ci_high"] < 0
+            assert (t["transfer"] != "none") == significant and 0.0 < t["p_value"] <= 1.0
+        assert (entry["p_value"] < 0.05) == (entry["transfer"] != "none")  # DeLong: CI excludes 0 iff p < 0.05
+        assert entry["gauc_test"]["ci_low"] <= entry["gauc_test"]["delta"] <= entry["gauc_test"]["ci_high"]
+    words = ("negative transfer", "positive transfer", "no significant difference")
+    assert sum(proc.stdout.count(w) for w in words) >= 4  # AUC and GAUC of both tasks, plus the footer
+    again = mtrec("compare", *args, "--bootstrap", "300", "--seed", "5")
+    assert again.stdout == proc.stdout.replace(f"comparison written to {out}\n", "")  # seeded
+
+
+def test_compare_a_one_class_task_has_no_test_but_a_reason(tiny: dict[str, Path], tmp_path: Path):
+    out = tmp_path / "c.json"
+    models = [str(tiny["independent"]), str(tiny["shared_bottom"])]
+    proc = mtrec("compare", *models, "--data", str(tiny["no_conversions"]), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    cvr = json.loads(out.read_text())["models"][str(tiny["shared_bottom"])]["tasks"]["cvr"]
+    assert cvr["p_value"] is None and cvr["ci_low"] is None and cvr["transfer"] == "none"
+    assert cvr["why"] == "only one class on this task's rows"
+    assert "no test (only one class on this task's rows)" in proc.stdout
+
+
+def test_compare_refuses_other_tasks_or_sample_spaces_in_one_line(tiny: dict[str, Path]):
+    base, data = str(tiny["independent"]), str(tiny["test"])
+    proc = mtrec("compare", base, str(tiny["ctr_only"]), "--data", data)
+    assert_one_line_error(proc, "no task 'cvr'", "same tasks")
+    proc = mtrec("compare", base, str(tiny["unclicked"]), "--data", data)
+    assert_one_line_error(proc, "task 'cvr'", "sample space", "click == 0", "click == 1")
+    proc = mtrec("compare", base, str(tiny["shared_bottom"]), "--data", data, "--bootstrap", "0")
+    assert_one_line_error(proc, "--bootstrap")
