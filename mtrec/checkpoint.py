@@ -414,6 +414,11 @@ _RESUME_KEYS: dict[str, tuple[Any, str, bool]] = {
         "a list of optimizer states",
         True,
     ),
+    "schedulers": (
+        lambda x: isinstance(x, list) and all(_is_str_dict(s) for s in x),
+        "a list of learning-rate scheduler states",
+        False,
+    ),
     "weighting": (_is_str_dict, "a mapping of names to loss weighting state", True),
     "generator": (_is_rng, "a uint8 tensor (random generator state)", True),
     "scaler": (lambda x: x is None or _is_str_dict(x), "null or a grad scaler state", False),

@@ -284,6 +284,24 @@ class TrainConfig:
         loss_weighting: How task losses are balanced: ``{name: fixed}`` (the tasks'
             weights), ``uncertainty``, ``gradnorm`` (``alpha``, ``lr``), ``dwa``
             (``temperature``) or ``pcgrad`` (``seed``); see :mod:`mtrec.weighting`.
+        loss_normalization: How a task's loss is normalised over its sample space (see
+            :mod:`mtrec.losses`): ``sample_space`` (the default), the mean over the batch rows
+            in the task's space, so CVR on the ~5 % clicked rows weighs as much as CTR on
+            all; ``impressions``, the sum over those rows divided by the batch rows (under
+            torchrun the global batch), so a task weighs by the share of impressions it
+            covers. Also the form of the validation loss.
+        embedding_weight_decay: Decoupled (AdamW) weight decay of the embedding rows,
+            applied inside the embedding update to the rows a batch touched only (rows
+            absent from the batch do not shrink): ``p -= lr * wd * p`` per touched row and
+            step, the same with ``sparse`` and ``dense`` (see :class:`mtrec.optim.SparseAdamW`).
+        warmup_steps: Steps (updates) over which the learning rates of the dense and the
+            embedding optimiser ramp up linearly from ``1 / warmup_steps`` of their value
+            to the full value; 0: none.
+        lr_decay: After the warm-up, ``none`` keeps the learning rates; ``cosine`` or
+            ``linear`` decays them to ``min_lr_ratio`` of their value by the last step of
+            ``epochs`` epochs (see :func:`mtrec.optim.lr_factor`). Stepped per training step,
+            saved with the resume state.
+        min_lr_ratio: Where ``lr_decay`` ends, as a share of each learning rate (0 to 1).
     """
 
     epochs: int = 3
@@ -305,6 +323,11 @@ class TrainConfig:
     compile: bool = False
     dist_timeout_s: float = 600.0
     loss_weighting: Mapping[str, Any] = field(default_factory=lambda: {"name": "fixed"})
+    loss_normalization: Literal["sample_space", "impressions"] = "sample_space"
+    embedding_weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_decay: Literal["none", "cosine", "linear"] = "none"
+    min_lr_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -424,6 +447,9 @@ _FIELD_RULES: dict[tuple[type, str], _Range] = {
     (TrainConfig, "gpu_data_share"): _UNIT,
     # timedelta(seconds=...) overflows past ~3e13 s; a year is already far past any use.
     (TrainConfig, "dist_timeout_s"): _Range(low=0, low_open=True, cap=365 * 86400, why=" (a year)"),
+    (TrainConfig, "embedding_weight_decay"): _NON_NEGATIVE,
+    (TrainConfig, "warmup_steps"): _Range(low=0, cap=2**31 - 1),
+    (TrainConfig, "min_lr_ratio"): _UNIT,
     (SparseFeature, "min_freq"): _AT_LEAST_1,
     (SparseFeature, "hash_buckets"): _Range(low=1, cap=2**31 - 1),
     (SparseFeature, "max_vocab"): _AT_LEAST_1,
@@ -433,6 +459,7 @@ _FIELD_RULES: dict[tuple[type, str], _Range] = {
     (Task, "huber_delta"): _POSITIVE,
     (Task, "num_classes"): _Range(cap=1_000_000),  # the lower bound (>= 2) is the schema's
     (Esmm, "weight"): _NON_NEGATIVE,
+    (Esmm, "cvr_loss_weight"): _NON_NEGATIVE,
 }
 """Ranges of the typed sections' numeric keys, by (section class, field); a float key not
 listed must still be finite."""
@@ -519,6 +546,11 @@ def config_from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
         monitor = "mean_auc" if any(t.type == "binary" for t in schema.output_tasks) else "loss"
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, monitor=monitor))
     _check_weighting_values(weighting, schema)
+    if model.name == "independent" and schema.esmm is not None:
+        raise ConfigError(
+            "esmm: the independent baseline shares nothing, so ESMM's product of CTR and CVR towers has no "
+            "common input to learn from; compare ESMM with an independent model trained without esmm:"
+        )
     if model.name == "aitm" and any(t.where is not None for t in schema.tasks):
         raise ConfigError(
             "tasks: AITM chains tasks over the same impressions (e.g. click, then purchase); "

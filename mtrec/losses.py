@@ -1,8 +1,14 @@
 """Per-task losses restricted to each task's sample space.
 
-A task's loss is the (sample-weighted) mean over the rows of the batch inside its
-sample space (for CVR: the clicked rows); rows outside contribute nothing, not even to
-the denominator.
+Rows outside a task's sample space (for CVR: the unclicked rows) contribute nothing to
+its loss. How the sum over the task's rows is normalised is ``train.loss_normalization``:
+
+* ``sample_space`` (the default): the (sample-weighted) mean over the task's rows, so a
+  task on ~5 % of the rows (CVR on clicks) weighs as much as one on every row (CTR);
+* ``impressions``: the (sample-weighted) sum over the task's rows divided by the number
+  of rows in the batch (every impression), so a task weighs in proportion to the share of
+  the batch in its sample space; with unit sample weights it equals the ``sample_space``
+  loss times ``rows in the space / batch rows``.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from torch.nn import functional as F
 
 from mtrec.schema import Task
 
-__all__ = ["multitask_loss", "task_losses"]
+__all__ = ["LOSS_NORMALIZATIONS", "multitask_loss", "task_losses"]
+
+LOSS_NORMALIZATIONS = ("sample_space", "impressions")
 
 
 def _per_row(task: Task, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -33,8 +41,9 @@ def task_losses(
     label_mask: torch.Tensor,
     tasks: tuple[Task, ...],
     sample_weight: torch.Tensor | None = None,
+    normalization: str = "sample_space",
 ) -> dict[str, torch.Tensor]:
-    """Unweighted per-task losses, each the mean over the task's sample space.
+    """Unweighted per-task losses over each task's sample space.
 
     Args:
         logits: ``{task: (B,)}`` (``(B, N)`` for a multiclass task).
@@ -42,10 +51,16 @@ def task_losses(
         label_mask: ``(B, T)`` True where a row belongs to the task's sample space.
         tasks: Task specs in the column order of ``labels``.
         sample_weight: Optional ``(B, T)`` row weights.
+        normalization: ``sample_space``: each task's loss is the (weighted) mean over its
+            rows (sum of ``weight * loss`` over the rows in the space divided by the sum of
+            their weights). ``impressions``: the same sum divided by ``B``, the rows of the
+            batch (sample weights then count in absolute terms, not relative to each other).
 
     Returns:
         ``{task: scalar}``; a task with no row of its sample space in the batch gives 0.
     """
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"normalization: expected one of {', '.join(LOSS_NORMALIZATIONS)}, got {normalization!r}")
     out: dict[str, torch.Tensor] = {}
     for j, task in enumerate(tasks):
         z = logits[task.name].float()
@@ -54,7 +69,13 @@ def task_losses(
         per_row = _per_row(task, z, labels[:, j])
         # where() rather than a product so that a non-finite value outside the sample
         # space cannot leak into the loss as nan * 0.
-        out[task.name] = torch.where(m, per_row * w, 0.0).sum() / w.sum().clamp(min=1e-12)
+        total = torch.where(m, per_row * w, 0.0).sum()
+        if normalization == "impressions":
+            # A host int: no device read (the batch size is known), and under DDP the
+            # trainer rescales it to the global batch (mtrec.distributed.global_mean_scale).
+            out[task.name] = total / max(int(m.shape[0]), 1)
+        else:
+            out[task.name] = total / w.sum().clamp(min=1e-12)
     return out
 
 
@@ -64,8 +85,9 @@ def multitask_loss(
     label_mask: torch.Tensor,
     tasks: tuple[Task, ...],
     sample_weight: torch.Tensor | None = None,
+    normalization: str = "sample_space",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sum of the per-task losses times each task's ``weight``.
+    """Sum of the per-task losses (see :func:`task_losses`) times each task's ``weight``.
 
     Returns:
         The total loss and ``{task: loss}`` (detached).
@@ -80,7 +102,7 @@ def multitask_loss(
         >>> round(parts["cvr"].item(), 4)  # the unclicked row's huge logit is ignored
         0.6931
     """
-    losses = task_losses(logits, labels, label_mask, tasks, sample_weight)
+    losses = task_losses(logits, labels, label_mask, tasks, sample_weight, normalization)
     total = labels.new_zeros(())
     for task in tasks:
         total = total + task.weight * losses[task.name]

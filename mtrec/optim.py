@@ -7,6 +7,14 @@ device to drain. :class:`LazyAdam` computes the same update from a dense gradien
 masked element-wise operations, which never read a device value on the host, at the cost
 of a few passes over the whole table per step (cheap on a GPU for tables up to tens of
 millions of values, costly on a CPU for large tables).
+
+Both take ``weight_decay`` (``train.embedding_weight_decay``): AdamW's decoupled decay
+``p -= lr * wd * p`` applied, before the Adam update, to the rows the batch touched only
+(:class:`SparseAdamW` wraps ``torch.optim.SparseAdam``, which has none); an untouched row
+stays bit-identical, so a rare id is not shrunk towards 0 while it is absent from the data.
+
+:func:`lr_factor` and :func:`make_lr_schedulers` give the learning-rate warm-up and decay
+(``train.warmup_steps``, ``train.lr_decay``, ``train.min_lr_ratio``).
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["LazyAdam"]
+__all__ = ["LR_DECAYS", "LazyAdam", "SparseAdamW", "lr_factor", "make_lr_schedulers"]
+
+LR_DECAYS = ("none", "cosine", "linear")
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -28,12 +38,15 @@ class LazyAdam(torch.optim.Optimizer):
     SparseAdam's: ``m += (1 - b1) (g - m)``, ``v += (1 - b2) (g^2 - v)``,
     ``p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``. (A row looked up with
     an exactly zero gradient is the one difference: SparseAdam would decay its moments.)
+    With ``weight_decay`` a touched row first shrinks, ``p *= 1 - lr * weight_decay``
+    (AdamW's decoupled decay, on touched rows only, as :class:`SparseAdamW`).
 
     Args:
         params: Parameters whose first dimension indexes rows (e.g. an embedding table).
         lr: Learning rate.
         betas: Decay rates of the first and second moment estimates.
         eps: Added to the square root of the second moment.
+        weight_decay: Decoupled weight decay of the touched rows (0: none).
 
     Example:
         >>> table = torch.nn.Parameter(torch.zeros(4, 2))
@@ -50,10 +63,13 @@ class LazyAdam(torch.optim.Optimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        weight_decay: float = 0.0,
     ) -> None:
         if lr <= 0 or eps <= 0 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"LazyAdam: invalid lr={lr}, betas={betas} or eps={eps}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+        if not weight_decay >= 0:
+            raise ValueError(f"LazyAdam: invalid weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -85,9 +101,124 @@ class LazyAdam(torch.optim.Optimizer):
                 touched = touched.view(rows, *([1] * (p.dim() - 1)))
                 # The moments update in place (lerp_) and the weights in one addcdiv_; g^2,
                 # m * touched and sqrt(v) are temporaries: ~20 table-sized reads and writes.
+                # (A state saved before weight_decay existed has no such key: it had none.)
+                weight_decay = group.get("weight_decay", 0.0)
+                if weight_decay:
+                    # Untouched rows are multiplied by exactly 1: bit-identical.
+                    p.mul_(1 - touched * (group["lr"] * weight_decay))
                 m.lerp_(grad, touched * (1 - beta1))  # m += (1 - b1) (g - m) on touched rows
                 v.lerp_(grad.square(), touched * (1 - beta2))
                 step = state["step"]
                 step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
                 p.addcdiv_(m * touched, v.sqrt().add_(group["eps"]), value=-step_size)
         return loss
+
+
+class SparseAdamW(torch.optim.SparseAdam):
+    """``torch.optim.SparseAdam`` with AdamW's decoupled weight decay on the touched rows.
+
+    Before SparseAdam's update, each row present in the (coalesced) sparse gradient is
+    multiplied by ``1 - lr * weight_decay``; rows absent from it are not touched at all.
+    That is :class:`LazyAdam`'s ``weight_decay`` (the dense-gradient path), so both paths
+    apply the same update. (The alternative, an L2 term ``wd/2 * sum of squared looked-up
+    rows`` in the loss, would pass the decay through Adam's normalisation and count a row
+    looked up twice in a batch twice; the decoupled form is the same in both paths.)
+    With ``weight_decay=0`` it is SparseAdam.
+
+    Example:
+        >>> table = torch.nn.Parameter(torch.ones(3, 2))
+        >>> opt = SparseAdamW([table], lr=0.1, weight_decay=1.0)
+        >>> table.grad = torch.sparse_coo_tensor([[0]], torch.zeros(1, 2), (3, 2), check_invariants=True)
+        >>> opt.step()
+        >>> [round(x, 4) for x in table.detach()[:, 0].tolist()]  # row 0 looked up (gradient 0), 1 and 2 not
+        [0.9, 1.0, 1.0]
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not weight_decay >= 0:
+            raise ValueError(f"SparseAdamW: invalid weight_decay={weight_decay}")
+        self._weight_decay = weight_decay  # read by add_param_group, which __init__ calls
+        super().__init__(params, lr=lr, betas=betas, eps=eps)
+        self.defaults["weight_decay"] = weight_decay
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group.setdefault("weight_decay", self._weight_decay)
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            weight_decay = group.get("weight_decay", 0.0)
+            if not weight_decay:
+                continue
+            for p in group["params"]:
+                if p.grad is None or not p.grad.is_sparse:
+                    continue  # SparseAdam refuses a dense gradient itself
+                # Coalesced once here; SparseAdam's own coalesce() is then a no-op.
+                grad = p.grad.coalesce()
+                p.grad = grad
+                rows = grad.indices()[0]
+                p.index_copy_(0, rows, p.index_select(0, rows) * (1 - group["lr"] * weight_decay))
+        super().step()
+        return loss
+
+
+def lr_factor(step: int, *, warmup_steps: int, decay: str, total_steps: int, min_lr_ratio: float) -> float:
+    """The multiple of the base learning rate for the update after ``step`` earlier ones.
+
+    Warm-up: the first ``warmup_steps`` updates ramp up linearly, the ``k``-th (1-based)
+    at ``k / warmup_steps`` of the rate. Then ``decay`` over the remaining
+    ``total_steps - warmup_steps`` updates: ``none`` keeps 1; ``cosine`` goes from 1 to
+    ``min_lr_ratio`` along half a cosine; ``linear`` along a straight line; after
+    ``total_steps`` the factor stays at ``min_lr_ratio``.
+
+    Example:
+        >>> [lr_factor(s, warmup_steps=2, decay="linear", total_steps=6, min_lr_ratio=0.0) for s in range(7)]
+        [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+    if decay not in LR_DECAYS:
+        raise ValueError(f"decay: expected one of {', '.join(LR_DECAYS)}, got {decay!r}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "none":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def make_lr_schedulers(
+    optimizers: Iterable[torch.optim.Optimizer],
+    *,
+    warmup_steps: int,
+    decay: str,
+    total_steps: int,
+    min_lr_ratio: float,
+) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    """One :class:`~torch.optim.lr_scheduler.LambdaLR` per optimiser following :func:`lr_factor`
+    (every parameter group alike), to be stepped once per training step after the
+    optimisers; none (``[]``) when there is neither warm-up nor decay.
+
+    The factor is a host computation and the new rates are Python floats in the parameter
+    groups: a scheduler step reads nothing from the device.
+    """
+    if warmup_steps == 0 and decay == "none":
+        return []
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step, warmup_steps=warmup_steps, decay=decay, total_steps=total_steps, min_lr_ratio=min_lr_ratio
+        )
+
+    return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]

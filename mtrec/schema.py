@@ -133,8 +133,8 @@ class Esmm:
     """Entire Space Multi-task Model (Ma et al., SIGIR 2018) over any backbone.
 
     ``pCTCVR = pCTR * pCVR``: the model is trained with the CTR loss and a CTCVR loss on
-    every impression (label ``ctr label * cvr label``); the CVR tower gets no loss of its
-    own and learns through the product, so it is defined on the entire space.
+    every impression (label ``ctr label * cvr label``); by default the CVR tower gets no
+    loss of its own and learns through the product, so it is defined on the entire space.
 
     Args:
         ctr: Name of the binary click task (no ``where``: it covers every impression).
@@ -146,12 +146,24 @@ class Esmm:
             conversion on every impression.
         name: Name of the derived CTCVR task in predictions and metrics.
         weight: Loss weight of the CTCVR task.
+        cvr_loss_weight: Weight of an extra direct CVR loss (the CVR task's BCE on its own
+            sample space, the clicked rows) beside the CTCVR loss; 0 (the default) is the
+            paper's ESMM. It needs the CVR task's ``where`` (the click condition): on every
+            impression the CVR label is click AND conversion, which is the CTCVR target.
+            Scaling: the loss is a task loss like the others, normalised as
+            ``train.loss_normalization`` says. With ``sample_space`` it is the mean over the
+            ~clicked rows of the batch, so a weight ``w`` gives it ``w`` times a full task's
+            weight however few the clicks (0.1-0.3 is a light auxiliary loss); with
+            ``impressions`` it is the sum over the clicked rows divided by the batch rows, so
+            its weight is effectively ``w * click rate`` of the CTR task's (a few x 1.0 to
+            matter).
     """
 
     ctr: str
     cvr: str
     name: str = "ctcvr"
     weight: float = 1.0
+    cvr_loss_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -236,6 +248,14 @@ class Schema:
             )
         if e.name in by_name or not _NAME.fullmatch(e.name):
             raise SchemaError(f"esmm.name: {e.name!r} must be a new task name (letters, digits, '_', '-')")
+        if e.cvr_loss_weight < 0:
+            raise SchemaError(f"esmm.cvr_loss_weight: expected >= 0, got {e.cvr_loss_weight}")
+        if e.cvr_loss_weight > 0 and cvr.where is None:
+            raise SchemaError(
+                f"esmm.cvr_loss_weight: the direct CVR loss is on the clicked rows, but task {cvr.name!r} has no "
+                f"where: (on every impression its label is click AND conversion, the CTCVR target); "
+                f"set where: {ctr.label} == 1 on it or cvr_loss_weight: 0"
+            )
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -246,13 +266,13 @@ class Schema:
     def output_tasks(self) -> tuple[Task, ...]:
         """Every task the model predicts and that is trained and evaluated: the configured
         tasks, plus the derived CTCVR task under ESMM (where the CVR task's loss weight is
-        0: it learns only through the product)."""
+        ``esmm.cvr_loss_weight``, by default 0: it learns only through the product)."""
         e = self.esmm
         if e is None:
             return self.tasks
         ctr = next(t for t in self.tasks if t.name == e.ctr)
         cvr = next(t for t in self.tasks if t.name == e.cvr)
-        tasks = tuple(replace(t, weight=0.0) if t.name == e.cvr else t for t in self.tasks)
+        tasks = tuple(replace(t, weight=e.cvr_loss_weight) if t.name == e.cvr else t for t in self.tasks)
         ctcvr = Task(e.name, label=f"{ctr.label}*{cvr.label}", type="binary", weight=e.weight)
         return (*tasks, ctcvr)
 

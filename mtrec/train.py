@@ -70,7 +70,7 @@ from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
 from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
 from mtrec.losses import multitask_loss, task_losses
 from mtrec.models.base import MultiTaskModel
-from mtrec.optim import LazyAdam
+from mtrec.optim import LazyAdam, SparseAdamW, make_lr_schedulers
 from mtrec.profiling import STEP_RANGE
 from mtrec.weighting import create_weighting
 
@@ -151,6 +151,8 @@ def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimi
     the size of the tables (a dense Adam step over millions of embedding rows costs more
     than the whole MLP on a CPU). With a dense table gradient (``model.features.embedding``
     built with ``sparse=False``), :class:`mtrec.optim.LazyAdam` applies the same update.
+    ``train.embedding_weight_decay`` decays the touched rows in both (decoupled, AdamW-style:
+    :class:`mtrec.optim.SparseAdamW` and ``LazyAdam(weight_decay=...)``).
     """
     t = config.train
     table = model.embedding_table()
@@ -163,7 +165,9 @@ def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimi
     if table is not None:
         lr = t.embedding_lr or t.lr
         sparse = bool(model.embedding_parameters())
-        optimizers.append(torch.optim.SparseAdam([table], lr=lr) if sparse else LazyAdam([table], lr=lr))
+        wd = t.embedding_weight_decay
+        embedding_opt = SparseAdamW if sparse else LazyAdam
+        optimizers.append(embedding_opt([table], lr=lr, weight_decay=wd))
     return optimizers
 
 
@@ -451,6 +455,15 @@ def _train(
     if weighting.extra_parameters():
         # Own group without weight decay: decay would pull the log-variances towards 0.
         optimizers[0].add_param_group({"params": weighting.extra_parameters(), "weight_decay": 0.0})
+    # Per-step warm-up and decay of every optimiser's rates (none by default); built after the
+    # last param group is added, as LambdaLR records each group's base rate.
+    schedulers = make_lr_schedulers(
+        optimizers,
+        warmup_steps=t.warmup_steps,
+        decay=t.lr_decay,
+        total_steps=_total_steps(batches, t.epochs) if t.lr_decay != "none" else 0,
+        min_lr_ratio=t.min_lr_ratio,
+    )
     shared_params, last_shared = model.shared_parameters(), model.last_shared_parameters()
     n_params = sum(p.numel() for p in model.parameters())
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[
@@ -517,6 +530,13 @@ def _train(
             model.load_state_dict(resume["model"])
             for opt, state in zip(optimizers, resume["optimizers"], strict=True):
                 opt.load_state_dict(state)
+            saved_schedulers = resume.get("schedulers") or []
+            if len(saved_schedulers) != len(schedulers):
+                raise ValueError(
+                    f"{len(saved_schedulers)} learning-rate scheduler state(s) saved, {len(schedulers)} configured"
+                )
+            for scheduler, state in zip(schedulers, saved_schedulers, strict=True):
+                scheduler.load_state_dict(state)
             weighting.load_state_dict(resume["weighting"])
             generator.set_state(resume["generator"])
             if scaler is not None and resume.get("scaler"):
@@ -559,10 +579,14 @@ def _train(
                             logits = forward(batch)
                     else:
                         logits = forward(batch)
-                    parts = task_losses(logits, batch.labels, batch.label_mask, tasks, batch.sample_weight)
+                    parts = task_losses(
+                        logits, batch.labels, batch.label_mask, tasks, batch.sample_weight, t.loss_normalization
+                    )
                     if ctx.enabled:
-                        # Each task's loss becomes the mean over all ranks' rows of its sample space.
-                        scale = global_mean_scale(_space_weights(batch), ctx).to(torch.float32)
+                        # Each task's loss becomes the mean over all ranks' rows of its sample space
+                        # (impressions: the sum over them divided by the global batch's rows).
+                        scale = global_mean_scale(_loss_denominators(batch, t.loss_normalization), ctx)
+                        scale = scale.to(torch.float32)
                         parts = {name: part * scale[j] for j, (name, part) in enumerate(parts.items())}
                     aux = model.auxiliary_loss(logits, batch)
                     for opt in optimizers:
@@ -592,6 +616,8 @@ def _train(
                         for opt in optimizers:
                             scaler.step(opt)  # skipped when a gradient overflowed
                         scaler.update()
+                    for scheduler in schedulers:  # host arithmetic only: no device read
+                        scheduler.step()
                 bar.update(step, sums.rows, functools.partial(sums.mean_loss, epoch, step))
                 if step % t.log_every == 0:
                     log({"event": "step", "epoch": epoch, "step": step, "loss": sums.mean_loss(epoch, step)})
@@ -607,7 +633,7 @@ def _train(
             v0 = time.perf_counter()
             logits = _predict_valid(model, valid_cols, task_names, t.eval_batch_size, device, ctx)
             v = data.valid
-            valid_loss = _masked_loss(logits, v.labels, v.label_mask, tasks, v.sample_weight)
+            valid_loss = _masked_loss(logits, v.labels, v.label_mask, tasks, v.sample_weight, t.loss_normalization)
             metrics = compute_metrics(logits, v.labels, v.label_mask, tasks, v.sample_weight)
             valid_s = time.perf_counter() - v0
             value = summary_metric(metrics, t.monitor, valid_loss)
@@ -655,6 +681,7 @@ def _train(
                         "epoch": epoch,
                         "model": model.state_dict(),
                         "optimizers": [opt.state_dict() for opt in optimizers],
+                        "schedulers": [scheduler.state_dict() for scheduler in schedulers],
                         "weighting": weighting.state_dict(),
                         "generator": generator.get_state(),
                         "scaler": None if scaler is None else scaler.state_dict(),
@@ -788,6 +815,21 @@ def _space_weights(batch: Batch) -> torch.Tensor:
     return torch.where(batch.label_mask, batch.sample_weight, 0.0).sum(0).to(torch.float64)
 
 
+def _loss_denominators(batch: Batch, normalization: str) -> torch.Tensor:
+    """``(T,)`` what each task's loss of this rank's batch was divided by (see :mod:`mtrec.losses`):
+    the sample-space weights, or the batch rows for every task (``impressions``), which
+    :func:`mtrec.distributed.global_mean_scale` turns into the global batch's."""
+    if normalization == "impressions":
+        rows = float(len(batch))  # a host number: no device read
+        return torch.full(batch.label_mask.shape[1:], rows, dtype=torch.float64, device=batch.labels.device)
+    return _space_weights(batch)
+
+
+def _total_steps(batches: Any, epochs: int) -> int:
+    """Training steps of a whole run of ``epochs`` epochs (what ``lr_decay`` decays over)."""
+    return sum(batches.num_batches(epoch) for epoch in range(1, epochs + 1))
+
+
 def _predict_valid(
     model: nn.Module,
     valid: TensorColumns,
@@ -838,7 +880,12 @@ class _MemoryBatches:
 
 
 def _masked_loss(
-    logits: dict[str, np.ndarray], labels: np.ndarray, mask: np.ndarray, tasks: Any, weights: np.ndarray | None
+    logits: dict[str, np.ndarray],
+    labels: np.ndarray,
+    mask: np.ndarray,
+    tasks: Any,
+    weights: np.ndarray | None,
+    normalization: str = "sample_space",
 ) -> float:
     total, _ = multitask_loss(
         {name: torch.from_numpy(z) for name, z in logits.items()},
@@ -846,6 +893,7 @@ def _masked_loss(
         torch.from_numpy(mask),
         tasks,
         None if weights is None else torch.from_numpy(weights),
+        normalization,
     )
     return float(total)
 

@@ -5,6 +5,10 @@ The wrapped model's CTR and CVR towers give ``pCTR`` and ``pCVR``; the wrapper a
 task ``pCTCVR = pCTR * pCVR``, returned like every other output as a logit so that the
 losses and metrics need no special case. Trained with the CTR and CTCVR losses on every
 impression, the CVR tower learns through the product and is defined on the entire space.
+With ``esmm.cvr_loss_weight`` > 0 (see :class:`mtrec.schema.Esmm`) the CVR output also gets
+its own BCE loss on the clicked rows (its task's sample space): the CVR task keeps its
+tower and loss like any task, and :attr:`mtrec.schema.Schema.output_tasks` gives it that
+weight (0 by default), so the wrapper needs no loss of its own.
 """
 
 from __future__ import annotations
