@@ -17,6 +17,7 @@ Each measurement runs in its own process so that peak RSS is its own:
 
 Usage:
     python benchmarks/train_throughput.py [--rows 500000] [--threads 2] [--output results.json]
+    python benchmarks/train_throughput.py --embeddings shared,per_task,stem   # the cost of each model.embedding
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _config(
     device: str = "cpu",
     batch_size: int = 2048,
     embedding_optimizer: str = "auto",
+    embedding: str = "shared",
 ):
     from mtrec.config import config_from_dict
     from mtrec.quickstart import benchmark_model, synthetic_features, synthetic_tasks
@@ -54,7 +56,7 @@ def _config(
             "data": {"train": data, "valid_fraction": 0.1},
             "features": synthetic_features(history=False),
             "tasks": synthetic_tasks(),
-            "model": benchmark_model(),
+            "model": {**benchmark_model(), "embedding": embedding},
             "train": {
                 "epochs": epochs,
                 "batch_size": batch_size,
@@ -78,19 +80,25 @@ def run_mtrec(
     device: str = "cpu",
     batch_size: int = 2048,
     embedding_optimizer: str = "auto",
+    embedding: str = "shared",
 ) -> dict:
     import torch
 
     import mtrec
 
-    cfg = _config(data, threads, 1, precision, device, batch_size, embedding_optimizer)
+    cfg = _config(data, threads, 1, precision, device, batch_size, embedding_optimizer, embedding)
     t0 = time.perf_counter()
     result = mtrec.train(cfg, output=Path(workdir) / "model", overwrite=True, progress=False)
     total = time.perf_counter() - t0
     epoch = result.history[0]
-    meta = mtrec.load_model_dir(result.output).meta
+    loaded = mtrec.load_model_dir(result.output)
+    meta = loaded.meta
     train_rows = meta["train_rows"]
+    tables = loaded.model.embedding_tables()
     return {
+        "embedding": embedding,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "embedding_parameters": sum(t.numel() for t in tables),
         "precision": meta["precision"],
         "embedding_optimizer": meta["embedding_optimizer"],
         "end_to_end_seconds": total,
@@ -198,11 +206,19 @@ def main() -> None:
         default="auto",
         help="train.embedding_optimizer of the mtrec runs (auto: dense on CUDA, sparse on CPU)",
     )
+    p.add_argument(
+        "--embeddings",
+        default=None,
+        help="comma-separated model.embedding modes (e.g. shared,stem): mtrec alone, the cost of each mode",
+    )
+    p.add_argument("--embedding", default="shared", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.part == "mtrec":
         a = args
-        result = run_mtrec(a.data, a.threads, a.workdir, a.precision, a.device, a.batch_size, a.embedding_optimizer)
+        result = run_mtrec(
+            a.data, a.threads, a.workdir, a.precision, a.device, a.batch_size, a.embedding_optimizer, a.embedding
+        )
         print(json.dumps(result))
         return
     if args.part == "baseline":
@@ -217,23 +233,26 @@ def main() -> None:
             data = str(Path(tmp) / "clicks.parquet")
             write_click_log(data, args.rows, seed=0)
 
-        def part(name: str, precision: str = "auto", batch_size: int = 2048) -> dict:
+        def part(name: str, precision: str = "auto", batch_size: int = 2048, embedding: str = "shared") -> dict:
             cmd = [sys.executable, __file__, "--part", name, "--data", data, "--threads", str(args.threads)]
             cmd += ["--workdir", tmp, "--precision", precision, "--device", args.device]
             cmd += ["--batch-size", str(batch_size), "--embedding-optimizer", args.embedding_optimizer]
+            cmd += ["--embedding", embedding]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
             return json.loads(out.stdout.strip().splitlines()[-1])
 
-        def median_of(name: str, precision: str = "auto", batch_size: int = 2048) -> dict:
+        def median_of(name: str, precision: str = "auto", batch_size: int = 2048, embedding: str = "shared") -> dict:
             # This shared 2-core VM shows run-to-run swings of up to ~20 %: run each
             # measurement in fresh processes, interleaved, and keep the median run.
-            runs = [part(name, precision, batch_size) for _ in range(args.repeats)]
+            runs = [part(name, precision, batch_size, embedding) for _ in range(args.repeats)]
             runs.sort(key=lambda r: r["train_loop_rows_per_s"])
             best = dict(runs[len(runs) // 2])
             best["train_loop_rows_per_s_all_runs"] = [r["train_loop_rows_per_s"] for r in runs]
             return best
 
-        if args.device != "cpu":
+        if args.embeddings:
+            modes = {m: median_of("mtrec", "auto", 2048, m) for m in args.embeddings.split(",")}
+        elif args.device != "cpu":
             gpu = {str(b): median_of("mtrec", "auto", b) for b in (2048, args.large_batch)}
         else:
             mt = median_of("mtrec")
@@ -241,6 +260,27 @@ def main() -> None:
             base = median_of("baseline")
     import torch
 
+    if args.embeddings:
+        first = next(iter(modes.values()))
+        result = {
+            "benchmark": "train_throughput_embeddings",
+            "config": "the benchmark configuration (MMoE, 500k rows, batch 2048), model.embedding varied",
+            "device": args.device,
+            "rows": args.rows,
+            "threads": args.threads,
+            "by_embedding": modes,
+            "relative_to_first": {
+                m: {
+                    "rows_per_s": r["train_loop_rows_per_s"] / first["train_loop_rows_per_s"],
+                    "parameters": r["parameters"] / first["parameters"],
+                }
+                for m, r in modes.items()
+            },
+        }
+        print(json.dumps(result, indent=2))
+        if args.output:
+            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.device != "cpu":
         result = {
             "benchmark": "train_throughput",

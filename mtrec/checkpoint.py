@@ -92,7 +92,7 @@ def build_model(config: Config, layout: InputLayout) -> nn.Module:
         config.model.name,
         layout,
         schema.task_names,
-        embedding_dim=config.model.embedding_dim,
+        **config.model.embedding_keys(),
         output_dims=tuple(t.output_dim for t in schema.tasks),
         **config.model.params,
     )

@@ -224,12 +224,30 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The ``model:`` section: an architecture name, the embedding size and the
-    architecture's own keyword arguments (checked against its constructor)."""
+    """The ``model:`` section: an architecture name, the embedding keys and the
+    architecture's own keyword arguments (checked against its constructor).
+
+    The embedding keys (every architecture has them; see
+    :class:`mtrec.models.base.EmbeddingSpec`): ``embedding_dim``; ``embedding``
+    (``shared`` | ``per_task`` | ``stem``); ``task_embedding_dim`` (width of the per-task
+    table sets, ``null``: ``embedding_dim``); ``embedding_dropout`` (per-feature).
+    """
 
     name: str = "mmoe"
     embedding_dim: int = 16
     params: Mapping[str, Any] = field(default_factory=dict)
+    embedding: str = "shared"
+    task_embedding_dim: int | None = None
+    embedding_dropout: float = 0.0
+
+    def embedding_keys(self) -> dict[str, Any]:
+        """The embedding keys as :func:`mtrec.models.create_model` takes them."""
+        return {
+            "embedding_dim": self.embedding_dim,
+            "embedding": self.embedding,
+            "task_embedding_dim": self.task_embedding_dim,
+            "embedding_dropout": self.embedding_dropout,
+        }
 
 
 @dataclass(frozen=True)
@@ -574,7 +592,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
     out = plain(cfg)
     model = out.pop("model")
-    out["model"] = {"name": model["name"], "embedding_dim": model["embedding_dim"], **model["params"]}
+    keys = {"name": model["name"], "embedding_dim": model["embedding_dim"]}
+    defaults = ModelConfig()
+    for key in ("embedding", "task_embedding_dim", "embedding_dropout"):  # written when set
+        if model[key] != getattr(defaults, key):
+            keys[key] = model[key]
+    out["model"] = {**keys, **model["params"]}
     return out
 
 
@@ -598,7 +621,8 @@ def _check_train(cfg: Config) -> None:
 
 
 def _model_config(raw: Any) -> ModelConfig:
-    from mtrec.models.registry import model_parameters
+    from mtrec.models.base import EMBEDDING_MODES
+    from mtrec.models.registry import check_embedding_mode, model_parameters
 
     if not isinstance(raw, dict):
         raise ConfigError(f"model: expected a mapping, got {type(raw).__name__}")
@@ -608,16 +632,37 @@ def _model_config(raw: Any) -> ModelConfig:
         raise ConfigError(f"model.name: expected a string, got {_show(name)}")
     dim = _coerce(raw.pop("embedding_dim", 16), int, "model.embedding_dim")
     _PARAM_RULES["embedding_dim"].check("model.embedding_dim", dim)
+    mode = raw.pop("embedding", "shared")
+    if mode not in EMBEDDING_MODES:
+        raise ConfigError(f"model.embedding: expected one of {', '.join(EMBEDDING_MODES)}, got {_show(mode)}")
+    task_dim = raw.pop("task_embedding_dim", None)
+    if task_dim is not None:
+        task_dim = _coerce(task_dim, int, "model.task_embedding_dim")
+        _PARAM_RULES["embedding_dim"].check("model.task_embedding_dim", task_dim)
+        if mode == "shared":
+            raise ConfigError("model.task_embedding_dim: needs embedding per_task or stem (shared has no task tables)")
+    dropout = _coerce(raw.pop("embedding_dropout", 0.0), float, "model.embedding_dropout")
+    _PARAM_RULES["dropout"].check("model.embedding_dropout", dropout)
     try:
         spec = model_parameters(name)
+        check_embedding_mode(name, mode)
     except KeyError as exc:
         raise ConfigError(f"model.name: {exc.args[0]}") from None
+    except ValueError as exc:
+        raise ConfigError(f"model.embedding: {exc}") from None
     params = _checked_params(
         raw, spec, prefix="model", owner=f"model {name!r}", fixed=("name", "embedding_dim"), rules=name
     )
     if params.get("num_shared_experts") == 0 and params.get("num_task_experts") == 0:
         raise ConfigError("model.num_task_experts: expected >= 1 when num_shared_experts is 0 (no expert at all)")
-    return ModelConfig(name=name, embedding_dim=dim, params=params)
+    return ModelConfig(
+        name=name,
+        embedding_dim=dim,
+        params=params,
+        embedding=mode,
+        task_embedding_dim=task_dim,
+        embedding_dropout=dropout,
+    )
 
 
 def _checked_params(

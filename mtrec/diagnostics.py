@@ -24,8 +24,16 @@ COLLAPSE_SIMILARITY = 0.95
 
 def _backbone(model: nn.Module) -> nn.Module | None:
     inner = getattr(model, "inner", model)
+    if getattr(inner.features, "mode", "shared") == "per_task":
+        return None  # each task's gate reads its own input: no one set of expert outputs to report
     backbone = getattr(inner, "backbone", None)
     return backbone if hasattr(backbone, "gate_report") else None
+
+
+def _backbone_input(inner: nn.Module, batch: Any) -> torch.Tensor:
+    x = inner.features(batch)
+    # stem gives every task the same input values (T, B, d): the gates of all tasks are on x[0]
+    return x[0] if getattr(inner.features, "mode", "shared") == "stem" else x
 
 
 @torch.no_grad()
@@ -51,7 +59,7 @@ def gate_diagnostics(model: nn.Module, columns: TensorColumns, *, batch_size: in
     covers: list[list[int]] = []
     try:
         for batch in columns.iter_batches(batch_size):
-            x = inner.features(batch)
+            x = _backbone_input(inner, batch)
             gates, experts, labels, covers = backbone.gate_report(x, tuple(inner.task_names))
             g = gates.float()
             batch_sum = g.sum(0).cpu().numpy()  # (T, E_t)

@@ -155,19 +155,19 @@ def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimi
     :class:`mtrec.optim.SparseAdamW` and ``LazyAdam(weight_decay=...)``).
     """
     t = config.train
-    table = model.embedding_table()
+    tables = model.embedding_tables()
     dense = model.dense_parameters()
     try:
         opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay)
     optimizers: list[torch.optim.Optimizer] = [opt]
-    if table is not None:
+    if tables:
         lr = t.embedding_lr or t.lr
         sparse = bool(model.embedding_parameters())
         wd = t.embedding_weight_decay
         embedding_opt = SparseAdamW if sparse else LazyAdam
-        optimizers.append(embedding_opt([table], lr=lr, weight_decay=wd))
+        optimizers.append(embedding_opt(tables, lr=lr, weight_decay=wd))
     return optimizers
 
 
@@ -442,8 +442,7 @@ def _train(
     weighting = create_weighting(
         weighting_cfg.pop("name"), task_names, tuple(task.weight for task in tasks), **weighting_cfg
     ).to(device)
-    table = model.embedding_table()
-    table_values = 0 if table is None else table.numel()
+    table_values = sum(table.numel() for table in model.embedding_tables())
     embedding_optimizer = resolve_embedding_optimizer(t.embedding_optimizer, device, table_values, ctx.world_size)
     model.use_sparse_embedding_grads(embedding_optimizer == "sparse")
     # DDP for the dense weights (and a table with dense gradients); a table with sparse

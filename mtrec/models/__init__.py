@@ -14,7 +14,15 @@ from mtrec.models import (  # noqa: F401 - registration side effect
     shared_bottom,
     shared_embedding,
 )
-from mtrec.models.base import FeatureInput, MultiTaskModel
+from mtrec.models.base import EmbeddingSpec, FeatureInput, MultiTaskModel, TaskAwareInput
 from mtrec.models.registry import create_model, list_models, register_model
 
-__all__ = ["FeatureInput", "MultiTaskModel", "create_model", "list_models", "register_model"]
+__all__ = [
+    "EmbeddingSpec",
+    "FeatureInput",
+    "MultiTaskModel",
+    "TaskAwareInput",
+    "create_model",
+    "list_models",
+    "register_model",
+]

@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from mtrec.batch import Batch
-from mtrec.models.base import FeatureInput, MultiTaskModel
+from mtrec.models.base import (
+    DEFAULT_EMBEDDING,
+    EmbeddingSpec,
+    FeatureInput,
+    MultiTaskModel,
+    TaskAwareInput,
+    feature_input,
+)
 from mtrec.models.registry import register_model
 from mtrec.nn.aitm import AITMLayer, expectation_calibration
 from mtrec.schema import InputLayout
@@ -49,7 +56,7 @@ class AITM(MultiTaskModel):
     def __init__(
         self,
         *,
-        features: FeatureInput,
+        features: FeatureInput | TaskAwareInput,
         task_names: tuple[str, ...],
         backbone: AITMLayer,
         calibration_weight: float,
@@ -91,7 +98,7 @@ def aitm(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
-    embedding_dim: int = 16,
+    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
     output_dims: tuple[int, ...] | None = None,
     info_hidden: int = 64,
     calibration_weight: float = 0.6,
@@ -110,7 +117,7 @@ def aitm(
         raise ValueError(f"aitm: every task must be binary with one output, got output_dims={tuple(output_dims)}")
     if calibration_weight < 0:
         raise ValueError(f"aitm: calibration_weight must be >= 0, got {calibration_weight}")
-    features = FeatureInput(layout, embedding_dim)
+    features = feature_input(layout, embedding, len(task_names))
     backbone = AITMLayer(
         features.out_dim,
         num_tasks=len(task_names),

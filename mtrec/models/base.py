@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,7 +14,58 @@ from mtrec.nn.mlp import Tower
 from mtrec.schema import InputLayout
 from mtrec.weighting import SharedLayer
 
-__all__ = ["FeatureInput", "MultiTaskModel"]
+__all__ = [
+    "DEFAULT_EMBEDDING",
+    "EMBEDDING_MODES",
+    "EmbeddingSpec",
+    "FeatureInput",
+    "MultiTaskModel",
+    "TaskAwareInput",
+    "feature_input",
+]
+
+EMBEDDING_MODES = ("shared", "per_task", "stem")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """How a model embeds its input (the ``model:`` keys ``embedding_dim``, ``embedding``,
+    ``task_embedding_dim`` and ``embedding_dropout``).
+
+    Args:
+        dim: Width of the shared table set (``shared``, ``stem``).
+        mode: ``shared``: one table set read by every task. ``per_task``: one table set per
+            task; task ``t``'s path (backbone and tower) reads only its own. ``stem``
+            (STEM-Net, Su et al., AAAI 2024): a shared set plus one set per task; every task
+            reads all of them ("all forward"), but task ``t``'s loss reaches only the shared
+            set and set ``t`` ("task-specific backward"). See :class:`TaskAwareInput`.
+        task_dim: Width of the per-task sets (``None``: ``dim``).
+        dropout: Per-feature embedding dropout: in training each row drops each embedded
+            feature's whole vector with this probability (the rest scaled by ``1 / (1 - p)``).
+    """
+
+    dim: int = 16
+    mode: str = "shared"
+    task_dim: int | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in EMBEDDING_MODES:
+            raise ValueError(f"embedding must be one of {', '.join(EMBEDDING_MODES)}, got {self.mode!r}")
+        if self.dim < 1 or (self.task_dim is not None and self.task_dim < 1):
+            raise ValueError(f"embedding widths must be >= 1, got {self.dim} and {self.task_dim}")
+        if self.task_dim is not None and self.mode == "shared":
+            raise ValueError("task_embedding_dim needs embedding per_task or stem (shared has no per-task tables)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"embedding_dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def per_task_dim(self) -> int:
+        return self.dim if self.task_dim is None else self.task_dim
+
+
+DEFAULT_EMBEDDING = EmbeddingSpec()
+"""The builders' default: one shared table set, 16 wide, no dropout (frozen, so one is enough)."""
 
 
 class FeatureInput(nn.Module):
@@ -27,14 +79,25 @@ class FeatureInput(nn.Module):
     (copy ``c`` at its own offsets, still one lookup) and the output is ``(C, B, out_dim)``:
     input ``c`` reads only copy ``c``'s rows, so a loss on ``out[c]`` alone puts gradient
     on copy ``c`` alone (one table set per task for the independent baseline).
+
+    ``dropout`` is per-feature embedding dropout (training only): each row loses each
+    embedded feature's whole vector (a sparse feature or a pooled list) with probability
+    ``dropout``, the kept ones scaled by ``1 / (1 - dropout)``; dense features are kept.
+    ``dense=False`` leaves the dense features out of the output.
     """
 
-    def __init__(self, layout: InputLayout, embedding_dim: int, *, copies: int = 1) -> None:
+    def __init__(
+        self, layout: InputLayout, embedding_dim: int, *, copies: int = 1, dropout: float = 0.0, dense: bool = True
+    ) -> None:
         super().__init__()
         if copies < 1:
             raise ValueError(f"copies must be >= 1, got {copies}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"embedding dropout must be in [0, 1), got {dropout}")
         self.layout = layout
         self.copies = copies
+        self.dropout = dropout
+        self.use_dense = dense and layout.num_dense > 0
         self.num_sparse = len(layout.sparse_tables)
         column_tables = list(layout.sparse_tables)
         for table, length in zip(layout.sequence_tables, layout.sequence_max_len, strict=True):
@@ -50,7 +113,9 @@ class FeatureInput(nn.Module):
             else None
         )
         num_embedded = self.num_sparse + len(layout.sequence_tables)
-        self.out_dim = num_embedded * embedding_dim + layout.num_dense
+        self.out_dim = num_embedded * embedding_dim + (layout.num_dense if self.use_dense else 0)
+        if not self.out_dim:
+            raise ValueError("the input has no embedded feature (and dense features were left out)")
 
     def forward(self, batch: Batch) -> torch.Tensor:
         C = self.copies
@@ -63,18 +128,74 @@ class FeatureInput(nn.Module):
                 emb = emb.view(B, C, ids.shape[1], -1).transpose(0, 1).reshape(C * B, ids.shape[1], -1)
             lengths = batch.seq_lengths.repeat(C, 1) if C > 1 else batch.seq_lengths
             F = self.num_sparse
-            if F:
-                parts.append(emb[:, :F].flatten(1))
+            embedded = [emb[:, :F]] if F else []
             start = F
             for i, (length, mode) in enumerate(
                 zip(self.layout.sequence_max_len, self.layout.sequence_pooling, strict=True)
             ):
-                parts.append(masked_pool(emb[:, start : start + length], lengths[:, i], mode))
+                embedded.append(masked_pool(emb[:, start : start + length], lengths[:, i], mode).unsqueeze(1))
                 start += length
-        if self.layout.num_dense:
+            vectors = torch.cat(embedded, dim=1) if len(embedded) > 1 else embedded[0]  # (C * B, K, D)
+            if self.training and self.dropout > 0:
+                keep = torch.rand(vectors.shape[:2], device=vectors.device) >= self.dropout
+                vectors = vectors * (keep.unsqueeze(-1).to(vectors.dtype) / (1.0 - self.dropout))
+            parts.append(vectors.flatten(1))
+        if self.use_dense:
             parts.append(batch.dense.repeat(C, 1) if C > 1 else batch.dense)
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return out.view(C, B, -1) if C > 1 else out
+
+
+class TaskAwareInput(nn.Module):
+    """One backbone input per task, ``(T, B, out_dim)``: the ``per_task`` and ``stem`` modes
+    of :class:`EmbeddingSpec`.
+
+    * ``per_task``: input ``t`` is task ``t``'s own table set (plus the dense features).
+    * ``stem``: input ``t`` is ``[shared set + dense | set 0 | ... | set T-1]`` — the same
+      values for every task, in the same slots ("all forward") — with every set but
+      ``t`` detached, so task ``t``'s loss trains the shared set and set ``t`` only ("task-
+      specific backward", the stop-gradient of STEM-Net's gate, Su et al., AAAI 2024).
+
+    The per-task sets share one fused table (``T`` copies at their own offsets); the
+    shared set of ``stem`` is a second table, so the two may differ in width.
+    """
+
+    def __init__(self, layout: InputLayout, spec: EmbeddingSpec, num_tasks: int) -> None:
+        super().__init__()
+        if spec.mode not in ("per_task", "stem"):
+            raise ValueError(f"TaskAwareInput is for embedding per_task or stem, not {spec.mode!r}")
+        self.mode = spec.mode
+        self.num_tasks = num_tasks
+        stem = spec.mode == "stem"
+        self.shared = FeatureInput(layout, spec.dim, dropout=spec.dropout) if stem else None
+        self.tasks = FeatureInput(layout, spec.per_task_dim, copies=num_tasks, dropout=spec.dropout, dense=not stem)
+        self.out_dim = self.tasks.out_dim * (num_tasks if stem else 1) + (self.shared.out_dim if self.shared else 0)
+        if stem:
+            own = torch.eye(num_tasks, dtype=torch.bool).view(num_tasks, num_tasks, 1, 1)
+            self.register_buffer("own", own, persistent=False)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        T = self.num_tasks
+        own = self.tasks(batch)
+        if T == 1:
+            own = own.unsqueeze(0)  # FeatureInput returns (B, d) for a single copy
+        if self.shared is None:
+            return own
+        # sets[t, s] = set s as task t reads it: live on the diagonal, detached elsewhere.
+        sets = torch.where(self.own, own.unsqueeze(0), own.detach().unsqueeze(0))  # (T, T, B, d)
+        B = own.shape[1]
+        sets = sets.permute(0, 2, 1, 3).reshape(T, B, -1)
+        return torch.cat([self.shared(batch).unsqueeze(0).expand(T, -1, -1), sets], dim=2)
+
+
+def feature_input(
+    layout: InputLayout, embedding: EmbeddingSpec, num_tasks: int, *, copies: int = 1
+) -> FeatureInput | TaskAwareInput:
+    """The input layer ``embedding`` asks for: one :class:`FeatureInput` (``shared``; ``copies``
+    table sets) or a :class:`TaskAwareInput` with one input per task (``per_task``, ``stem``)."""
+    if embedding.mode == "shared":
+        return FeatureInput(layout, embedding.dim, copies=copies, dropout=embedding.dropout)
+    return TaskAwareInput(layout, embedding, num_tasks)
 
 
 class MultiTaskModel(nn.Module):
@@ -91,12 +212,17 @@ class MultiTaskModel(nn.Module):
         dropout: Tower dropout.
 
     ``forward(batch)`` returns ``{task_name: (B,) logits}`` (``(B, N)`` for N classes).
+
+    With a :class:`TaskAwareInput` (one input per task, ``(T, B, in_dim)``), the backbone
+    runs on all ``T`` inputs as one ``(T * B, in_dim)`` batch and task ``t`` keeps its output
+    on input ``t``: task ``t``'s path reads its own input, and its loss reaches no other
+    task's input. It costs ``T`` backbone passes.
     """
 
     def __init__(
         self,
         *,
-        features: FeatureInput,
+        features: FeatureInput | TaskAwareInput,
         task_names: tuple[str, ...],
         backbone: nn.Module,
         backbone_out: int,
@@ -119,17 +245,17 @@ class MultiTaskModel(nn.Module):
         layout: InputLayout,
         task_names: tuple[str, ...],
         *,
-        embedding_dim: int,
+        embedding: EmbeddingSpec,
         output_dims: tuple[int, ...] | None,
         tower_hidden: tuple[int, ...],
         dropout: float,
         backbone: Callable[[int], nn.Module],
         embedding_copies: int = 1,
     ) -> MultiTaskModel:
-        """The feature input for ``layout``, ``backbone(in_dim)`` on it and one tower per task
-        on the backbone's ``out_dim``: what every registered architecture builds
-        (``embedding_copies``: see :class:`FeatureInput`)."""
-        features = FeatureInput(layout, embedding_dim, copies=embedding_copies)
+        """The feature input for ``layout`` (as ``embedding`` says), ``backbone(in_dim)`` on it
+        and one tower per task on the backbone's ``out_dim``: what every registered
+        architecture builds (``embedding_copies``: see :class:`FeatureInput`; shared mode only)."""
+        features = feature_input(layout, embedding, len(task_names), copies=embedding_copies)
         net = backbone(features.out_dim)
         return cls(
             features=features,
@@ -142,7 +268,13 @@ class MultiTaskModel(nn.Module):
         )
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        reps = self.backbone(self.features(batch))  # (B, T, H)
+        x = self.features(batch)
+        if isinstance(self.features, TaskAwareInput):
+            T, B = x.shape[0], x.shape[1]
+            out = self.backbone(x.reshape(T * B, -1)).view(T, B, T, -1)  # [input t, row, task, H]
+            reps = torch.diagonal(out, dim1=0, dim2=2).permute(0, 2, 1)  # (B, T, H): task t on input t
+        else:
+            reps = self.backbone(x)  # (B, T, H)
         return {
             name: tower(reps[:, i]) for i, (name, tower) in enumerate(zip(self.task_names, self.towers, strict=True))
         }
@@ -161,25 +293,26 @@ class MultiTaskModel(nn.Module):
         fn = getattr(self.backbone, "last_shared_parameters", None)
         return list(fn()) if fn is not None else []
 
-    def embedding_table(self) -> nn.Parameter | None:
-        """The fused embedding table (the rows of every feature), if the model has one."""
-        emb = self.features.embedding
-        return None if emb is None else emb.weight
+    def _embeddings(self) -> list[FusedEmbedding]:
+        return [m for m in self.features.modules() if isinstance(m, FusedEmbedding)]
+
+    def embedding_tables(self) -> list[nn.Parameter]:
+        """The fused embedding tables (one, or two with ``stem``: shared and per-task sets)."""
+        return [emb.weight for emb in self._embeddings()]
 
     def use_sparse_embedding_grads(self, sparse: bool) -> None:
-        """Whether the embedding lookup produces a sparse gradient (for ``SparseAdam``) or a
-        dense one; the forward pass is the same either way."""
-        if self.features.embedding is not None:
-            self.features.embedding.sparse = sparse
+        """Whether the embedding lookups produce sparse gradients (for ``SparseAdam``) or
+        dense ones; the forward pass is the same either way."""
+        for emb in self._embeddings():
+            emb.sparse = sparse
 
     def embedding_parameters(self) -> list[nn.Parameter]:
-        """Parameters with sparse gradients (the fused embedding table, unless it was set to
-        dense gradients with :meth:`use_sparse_embedding_grads`)."""
-        emb = self.features.embedding
-        return [emb.weight] if emb is not None and emb.sparse else []
+        """Parameters with sparse gradients (the fused embedding tables, unless they were set
+        to dense gradients with :meth:`use_sparse_embedding_grads`)."""
+        return [emb.weight for emb in self._embeddings() if emb.sparse]
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        """Every parameter but the embedding table (MLPs, gates, towers), whichever
-        gradient the table produces."""
-        table = self.embedding_table()
-        return [p for p in self.parameters() if p is not table]
+        """Every parameter but the embedding tables (MLPs, gates, towers), whichever
+        gradient the tables produce."""
+        tables = {id(t) for t in self.embedding_tables()}
+        return [p for p in self.parameters() if id(p) not in tables]

@@ -9,7 +9,7 @@ Identical to ``ple`` with ``num_levels=1`` (same parameters, same outputs for th
 
 from __future__ import annotations
 
-from mtrec.models.base import MultiTaskModel
+from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.experts import PLE
 from mtrec.schema import InputLayout
@@ -22,7 +22,7 @@ def cgc(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
-    embedding_dim: int = 16,
+    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
     output_dims: tuple[int, ...] | None = None,
     num_shared_experts: int = 2,
     num_task_experts: int = 1,
@@ -34,7 +34,7 @@ def cgc(
     return MultiTaskModel.assemble(
         layout,
         task_names,
-        embedding_dim=embedding_dim,
+        embedding=embedding,
         output_dims=output_dims,
         tower_hidden=tower_hidden,
         dropout=dropout,

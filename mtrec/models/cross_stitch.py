@@ -11,7 +11,7 @@ learning rate of ``alpha`` by 10^2-10^3; here it trains with the other dense par
 
 from __future__ import annotations
 
-from mtrec.models.base import MultiTaskModel
+from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.cross_stitch import CrossStitchNetwork
 from mtrec.schema import InputLayout
@@ -26,7 +26,7 @@ def cross_stitch(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
-    embedding_dim: int = 16,
+    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
     output_dims: tuple[int, ...] | None = None,
     hidden: tuple[int, ...] = (256, 128),
     stitch_self_weight: float = 0.9,
@@ -37,7 +37,7 @@ def cross_stitch(
     return MultiTaskModel.assemble(
         layout,
         task_names,
-        embedding_dim=embedding_dim,
+        embedding=embedding,
         output_dims=output_dims,
         tower_hidden=tower_hidden,
         dropout=dropout,

@@ -73,8 +73,8 @@ class EsmmModel(nn.Module):
     def last_shared_parameters(self) -> list[SharedLayer]:
         return self.inner.last_shared_parameters()
 
-    def embedding_table(self) -> nn.Parameter | None:
-        return self.inner.embedding_table()
+    def embedding_tables(self) -> list[nn.Parameter]:
+        return self.inner.embedding_tables()
 
     def use_sparse_embedding_grads(self, sparse: bool) -> None:
         self.inner.use_sparse_embedding_grads(sparse)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mtrec.models.base import MultiTaskModel
+from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.models.shared_embedding import TaskNetworks
 from mtrec.schema import InputLayout
@@ -31,12 +31,16 @@ class IndependentModel(MultiTaskModel):
         return []
 
 
-@register_model("independent", "Single-task baseline: own embedding tables, MLP and tower per task (nothing shared)")
+@register_model(
+    "independent",
+    "Single-task baseline: own embedding tables, MLP and tower per task (nothing shared)",
+    fixed_embedding="it already has its own table set per task, read by that task's network alone",
+)
 def independent(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
-    embedding_dim: int = 16,
+    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
     output_dims: tuple[int, ...] | None = None,
     hidden: tuple[int, ...] = (256, 128),
     tower_hidden: tuple[int, ...] = (64,),
@@ -46,7 +50,7 @@ def independent(
     return IndependentModel.assemble(
         layout,
         task_names,
-        embedding_dim=embedding_dim,
+        embedding=embedding,
         output_dims=output_dims,
         tower_hidden=tower_hidden,
         dropout=dropout,

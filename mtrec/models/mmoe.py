@@ -6,7 +6,7 @@ Experts shared by all tasks; each task mixes them with its own softmax gate.
 
 from __future__ import annotations
 
-from mtrec.models.base import MultiTaskModel
+from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.experts import MMoELayer
 from mtrec.schema import InputLayout
@@ -19,7 +19,7 @@ def mmoe(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
-    embedding_dim: int = 16,
+    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
     output_dims: tuple[int, ...] | None = None,
     num_experts: int = 4,
     expert_hidden: tuple[int, ...] = (256, 128),
@@ -30,7 +30,7 @@ def mmoe(
     return MultiTaskModel.assemble(
         layout,
         task_names,
-        embedding_dim=embedding_dim,
+        embedding=embedding,
         output_dims=output_dims,
         tower_hidden=tower_hidden,
         dropout=dropout,

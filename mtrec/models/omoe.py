@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.models.base import MultiTaskModel
+from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.experts import ExpertGroup, Gate
 from mtrec.schema import InputLayout
@@ -64,7 +64,7 @@ def omoe(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
-    embedding_dim: int = 16,
+    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
     output_dims: tuple[int, ...] | None = None,
     num_experts: int = 4,
     expert_hidden: tuple[int, ...] = (256, 128),
@@ -75,7 +75,7 @@ def omoe(
     return MultiTaskModel.assemble(
         layout,
         task_names,
-        embedding_dim=embedding_dim,
+        embedding=embedding,
         output_dims=output_dims,
         tower_hidden=tower_hidden,
         dropout=dropout,

@@ -7,7 +7,7 @@ last level feeds the task gates only. ``num_levels=1`` is CGC.
 
 from __future__ import annotations
 
-from mtrec.models.base import MultiTaskModel
+from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.experts import PLE
 from mtrec.schema import InputLayout
@@ -20,7 +20,7 @@ def ple(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
-    embedding_dim: int = 16,
+    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
     output_dims: tuple[int, ...] | None = None,
     num_levels: int = 2,
     num_shared_experts: int = 2,
@@ -33,7 +33,7 @@ def ple(
     return MultiTaskModel.assemble(
         layout,
         task_names,
-        embedding_dim=embedding_dim,
+        embedding=embedding,
         output_dims=output_dims,
         tower_hidden=tower_hidden,
         dropout=dropout,

@@ -7,24 +7,31 @@ from typing import Any
 
 from torch import nn
 
+from mtrec.models.base import EmbeddingSpec
 from mtrec.schema import InputLayout
 
-__all__ = ["create_model", "list_models", "model_parameters", "register_model"]
+__all__ = ["check_embedding_mode", "create_model", "list_models", "model_parameters", "register_model"]
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
 # Former names that saved model directories may still carry: built, never listed.
 _ALIASES: dict[str, str] = {}
-_FIXED = ("layout", "task_names", "embedding_dim", "output_dims")
+# Models whose embedding is part of what they are (independent: per task; shared_embedding: one
+# set): they take no other embedding mode, and say why.
+_FIXED_EMBEDDING: dict[str, str] = {}
+_FIXED = ("layout", "task_names", "embedding", "output_dims")
 
 
 def register_model(
-    name: str, description: str, *, aliases: tuple[str, ...] = ()
+    name: str, description: str, *, aliases: tuple[str, ...] = (), fixed_embedding: str | None = None
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Registers a builder ``fn(layout, task_names, *, embedding_dim, output_dims, ...) -> nn.Module``.
+    """Registers a builder ``fn(layout, task_names, *, embedding, output_dims, ...) -> nn.Module``.
 
+    ``embedding`` is an :class:`~mtrec.models.base.EmbeddingSpec` (the ``model:`` keys
+    ``embedding_dim``, ``embedding``, ``task_embedding_dim``, ``embedding_dropout``);
     ``output_dims`` gives each task's number of outputs (``None``: one each); the other
     keyword parameters, with their annotations and defaults, become the architecture's
-    config keys under ``model:``.
+    config keys under ``model:``. ``fixed_embedding``, the reason, marks a model that takes
+    only ``embedding: shared`` (its own embedding is what defines it).
     """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -32,9 +39,21 @@ def register_model(
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = (fn, description)
         _ALIASES.update(dict.fromkeys(aliases, name))
+        if fixed_embedding is not None:
+            _FIXED_EMBEDDING[name] = fixed_embedding
         return fn
 
     return wrap
+
+
+def check_embedding_mode(name: str, mode: str) -> None:
+    """Raises ``ValueError`` if model ``name`` cannot take embedding ``mode``."""
+    name = _ALIASES.get(name, name)
+    if mode != "shared" and name in _FIXED_EMBEDDING:
+        raise ValueError(
+            f"embedding {mode!r} needs a model with a backbone path per task to feed; "
+            f"{name!r} has none to give it ({_FIXED_EMBEDDING[name]}); use embedding: shared"
+        )
 
 
 def list_models() -> dict[str, str]:
@@ -62,16 +81,23 @@ def create_model(
     task_names: tuple[str, ...],
     *,
     embedding_dim: int = 16,
+    embedding: str = "shared",
+    task_embedding_dim: int | None = None,
+    embedding_dropout: float = 0.0,
     output_dims: tuple[int, ...] | None = None,
     **params: Any,
 ) -> nn.Module:
-    """Builds a registered model.
+    """Builds a registered model (the embedding keys: see :class:`~mtrec.models.base.EmbeddingSpec`).
 
-    Example:
-        >>> from mtrec.schema import InputLayout
-        >>> layout = InputLayout((10,), (0,), (), (), (), 2)
-        >>> model = create_model("mmoe", layout, ("ctr", "cvr"), embedding_dim=4, num_experts=2)
-        >>> sorted(model.task_names)
-        ['ctr', 'cvr']
+        Example:
+            >>> from mtrec.models.base import EmbeddingSpec
+    from mtrec.schema import InputLayout
+            >>> layout = InputLayout((10,), (0,), (), (), (), 2)
+            >>> model = create_model("mmoe", layout, ("ctr", "cvr"), embedding_dim=4, num_experts=2)
+            >>> sorted(model.task_names)
+            ['ctr', 'cvr']
     """
-    return _builder(name)(layout, task_names, embedding_dim=embedding_dim, output_dims=output_dims, **params)
+    builder = _builder(name)
+    check_embedding_mode(name, embedding)
+    spec = EmbeddingSpec(dim=embedding_dim, mode=embedding, task_dim=task_embedding_dim, dropout=embedding_dropout)
+    return builder(layout, task_names, embedding=spec, output_dims=output_dims, **params)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.models.base import MultiTaskModel
+from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.mlp import MLP
 from mtrec.schema import InputLayout
@@ -39,7 +39,7 @@ def shared_bottom(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
-    embedding_dim: int = 16,
+    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
     output_dims: tuple[int, ...] | None = None,
     bottom_hidden: tuple[int, ...] = (256, 128),
     tower_hidden: tuple[int, ...] = (64,),
@@ -49,7 +49,7 @@ def shared_bottom(
     return MultiTaskModel.assemble(
         layout,
         task_names,
-        embedding_dim=embedding_dim,
+        embedding=embedding,
         output_dims=output_dims,
         tower_hidden=tower_hidden,
         dropout=dropout,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.models.base import MultiTaskModel
+from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
 from mtrec.models.registry import register_model
 from mtrec.nn.experts import ExpertGroup
 from mtrec.schema import InputLayout
@@ -61,12 +61,13 @@ class SharedEmbeddingModel(MultiTaskModel):
     "shared_embedding",
     "One MLP and tower per task over one shared embedding table (hard sharing; the baseline is independent)",
     aliases=("single_task",),
+    fixed_embedding="its one shared table set is what it measures; independent is the per-task one",
 )
 def shared_embedding(
     layout: InputLayout,
     task_names: tuple[str, ...],
     *,
-    embedding_dim: int = 16,
+    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
     output_dims: tuple[int, ...] | None = None,
     hidden: tuple[int, ...] = (256, 128),
     tower_hidden: tuple[int, ...] = (64,),
@@ -76,7 +77,7 @@ def shared_embedding(
     return SharedEmbeddingModel.assemble(
         layout,
         task_names,
-        embedding_dim=embedding_dim,
+        embedding=embedding,
         output_dims=output_dims,
         tower_hidden=tower_hidden,
         dropout=dropout,

@@ -86,7 +86,7 @@ def test_per_task_networks_are_independent(name):
 def test_independent_tables_get_gradient_only_from_their_own_task():
     model = _model("independent")
     model.use_sparse_embedding_grads(False)
-    table = model.embedding_table()
+    table = model.embedding_tables()[0]
     rows = sum(LAYOUT.table_sizes)
     assert table.shape[0] == len(TASKS) * rows  # one fused table, one set of tables per task
     logits = model(_batch())
@@ -105,7 +105,7 @@ def test_independent_equals_separate_single_task_models():
     for t, name in enumerate(TASKS):
         alone = create_model("independent", LAYOUT, (name,), embedding_dim=4)
         state = {
-            "features.embedding.weight": model.embedding_table().detach()[t * rows : (t + 1) * rows],
+            "features.embedding.weight": model.embedding_tables()[0].detach()[t * rows : (t + 1) * rows],
             **{
                 f"backbone.networks.weights.{i}": w.detach()[t : t + 1]
                 for i, w in enumerate(model.backbone.networks.weights)

@@ -339,7 +339,7 @@ def test_override_into_null_section() -> None:
 
 def builder_defaults(name: str) -> dict[str, Any]:
     sig = inspect.signature(_builder(name))
-    skip = {"layout", "task_names", "embedding_dim", "output_dims"}  # set by the task types, not config
+    skip = {"layout", "task_names", "embedding", "output_dims"}  # set by the task types, not config
     return {k: p.default for k, p in sig.parameters.items() if k not in skip}
 
 

@@ -68,3 +68,20 @@ def test_ple_reports_each_task_over_its_own_and_shared_experts():
 def test_models_without_gates_have_no_report():
     model = create_model("shared_bottom", LAYOUT, ("ctr", "cvr"), embedding_dim=4)
     assert gate_diagnostics(model, _columns()) is None
+
+
+def test_stem_gates_are_the_forward_gates_and_per_task_has_no_report():
+    torch.manual_seed(0)
+    kw = {"embedding_dim": 4, "num_experts": 3, "expert_hidden": (8,)}
+    stem = create_model("mmoe", LAYOUT, ("ctr", "cvr"), embedding="stem", **kw).eval()
+    columns = _columns()
+    report = gate_diagnostics(stem, columns, batch_size=1000)
+    assert report is not None
+    # every task's input has the same values under stem, so the gates on input 0 are each task's own
+    batch = next(iter(columns.iter_batches(1000)))
+    x = stem.features(batch)
+    for t, task in enumerate(("ctr", "cvr")):
+        gates = stem.backbone.gates(x[t])[:, t].mean(0)
+        assert np.allclose(list(report["tasks"][task]["mean_weight"].values()), gates.tolist(), atol=1e-5)
+    per_task = create_model("mmoe", LAYOUT, ("ctr", "cvr"), embedding="per_task", **kw)
+    assert gate_diagnostics(per_task, columns) is None

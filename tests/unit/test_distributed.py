@@ -184,7 +184,7 @@ def _concat(a: Batch, b: Batch) -> Batch:
 
 
 def _optimizers(model) -> list[torch.optim.Optimizer]:
-    table = model.embedding_table()
+    table = model.embedding_tables()[0]
     lazy = LazyAdam([table], lr=0.01) if not model.embedding_parameters() else None
     return [torch.optim.Adam(model.dense_parameters(), lr=0.01), lazy or torch.optim.SparseAdam([table], lr=0.01)]
 

@@ -15,9 +15,10 @@ from mtrec.export import _reference_logits, export_model
 from mtrec.quickstart import synthetic_features, synthetic_tasks
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("export")
+@pytest.fixture(scope="module", params=["shared", "stem"])
+def model_dir(tmp_path_factory, request):
+    """ESMM over PLE, with the shared embedding and with STEM's shared + per-task tables."""
+    work = tmp_path_factory.mktemp(f"export-{request.param}")
     data = work / "clicks.parquet"
     write_click_log(data, 6000, seed=1)
     cfg = config_from_dict(
@@ -26,7 +27,13 @@ def model_dir(tmp_path_factory):
             "features": synthetic_features(num_sparse=10, num_dense=6),
             "tasks": synthetic_tasks(),
             "esmm": {"ctr": "ctr", "cvr": "cvr"},
-            "model": {"name": "ple", "embedding_dim": 4, "expert_hidden": [16], "tower_hidden": [8]},
+            "model": {
+                "name": "ple",
+                "embedding_dim": 4,
+                "embedding": request.param,
+                "expert_hidden": [16],
+                "tower_hidden": [8],
+            },
             "train": {"epochs": 1, "batch_size": 512},
         }
     )

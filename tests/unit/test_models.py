@@ -29,12 +29,22 @@ def _batch(n: int = 16, seed: int = 0) -> Batch:
     return Batch(sparse, torch.randn(n, 4, generator=g), seqs, lengths, labels, torch.ones(n, 3, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("name", sorted(list_models()))
-def test_model_contract_forward_backward_save_load(name, tmp_path):
+# Every model with the shared embedding, and every one that can take them with per-task and
+# STEM embeddings (independent and shared_embedding fix their own).
+CONTRACT = [(name, "shared") for name in sorted(list_models())] + [
+    (name, mode)
+    for name in sorted(list_models())
+    if name not in ("independent", "shared_embedding")
+    for mode in ("per_task", "stem")
+]
+
+
+@pytest.mark.parametrize(("name", "embedding"), CONTRACT)
+def test_model_contract_forward_backward_save_load(name, embedding, tmp_path):
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
-    model = create_model(name, LAYOUT, TASKS, embedding_dim=4)
+    model = create_model(name, LAYOUT, TASKS, embedding_dim=4, embedding=embedding)
     batch = _batch()
     logits = model(batch)
     assert list(logits) == list(TASKS)
@@ -43,8 +53,9 @@ def test_model_contract_forward_backward_save_load(name, tmp_path):
     loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{name}: {pname} got no gradient"
-    emb_grad = model.features.embedding.weight.grad
-    assert emb_grad.is_sparse
+    tables = model.embedding_tables()
+    assert len(tables) == (2 if embedding == "stem" else 1)
+    assert all(table.grad.is_sparse for table in tables)
     # every expert of every expert group receives gradient
     for mname, module in model.named_modules():
         if hasattr(module, "num_experts") and hasattr(module, "weights"):
@@ -53,7 +64,7 @@ def test_model_contract_forward_backward_save_load(name, tmp_path):
     # save / load gives identical outputs
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     torch.manual_seed(123)
-    clone = create_model(name, LAYOUT, TASKS, embedding_dim=4)
+    clone = create_model(name, LAYOUT, TASKS, embedding_dim=4, embedding=embedding)
     clone.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
     model.eval()
     clone.eval()
