@@ -1,0 +1,88 @@
+"""The transfer study (benchmarks/transfer_study.py): its verdicts, and a small run end to end.
+
+The real study (5 seeds, 500k rows) is a benchmark whose JSON is committed; here it runs on
+a tiny log with two seeds, and its figures must agree with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import transfer_study  # noqa: E402
+
+
+def _run(delta: float, p: float, auc: float = 0.7) -> dict:
+    return {
+        "test_auc": {"ctr": auc},
+        "seconds_per_epoch": 1.0,
+        "rows_per_second": 10.0,
+        "epochs_run": 2,
+        "best_epoch": 1,
+        "vs_independent": {"ctr": {"delta": delta, "ci_low": None, "ci_high": None, "p_value": p}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("runs", "verdict", "wins", "losses"),
+    [
+        ([(0.01, 0.001), (0.02, 0.01), (0.01, 0.04), (-0.01, 0.5), (0.0, 0.9)], "win", 3, 0),
+        ([(-0.01, 0.001), (-0.02, 0.01), (-0.01, 0.04), (0.01, 0.5), (0.0, 0.9)], "loss", 0, 3),
+        ([(0.01, 0.001), (0.02, 0.01), (-0.01, 0.04), (-0.01, 0.001), (0.0, 0.9)], "no significant difference", 2, 2),
+        ([(0.01, 0.2), (0.02, 0.3), (0.01, 0.06)], "no significant difference", 0, 0),
+    ],
+)
+def test_a_verdict_needs_a_significant_majority_of_seeds(runs, verdict, wins, losses):
+    summary = transfer_study._summarise([_run(d, p) for d, p in runs], len(runs))
+    versus = summary["vs_independent"]["ctr"]
+    assert versus["verdict"] == verdict
+    assert (versus["significant_wins"], versus["significant_losses"]) == (wins, losses)
+    assert versus["delta"]["mean"] == pytest.approx(sum(d for d, _ in runs) / len(runs))
+    assert 0.0 <= versus["seed_t_test_p"] <= 1.0
+
+
+def test_targets_name_a_miss():
+    models = {
+        "independent": transfer_study._summarise([_run(0, 1, 0.73)] * 2, 2),
+        "recommended": transfer_study._summarise([_run(-0.01, 0.001, 0.72), _run(-0.01, 0.002, 0.72)], 2),
+    }
+    del models["independent"]["vs_independent"]
+    checks = transfer_study._targets("synthetic", models)
+    assert checks["recommended.ctr >= independent.ctr"]["met"] is False
+    assert checks["no significant loss on ctr"] == {"value": "loss", "met": False}
+    assert checks["a significant win on at least one task"]["met"] is False
+    assert checks["recommended.ctr >= 0.725"] == {"value": 0.72, "met": False}
+
+
+def test_small_study_end_to_end(tmp_path: Path):
+    out = tmp_path / "study"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "transfer_study.py"), "--only", "synthetic", "--seeds", "2",
+        "--models", "independent,shared_embedding", "--synthetic-rows", "6000", "--synthetic-test-rows", "4000",
+        "--threads", "1", "--output", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "[4/4] synthetic shared_embedding seed 1" in proc.stderr  # progress on stderr
+    result = json.loads(out.with_suffix(".json").read_text())
+    models = result["synthetic"]["models"]
+    assert set(models) == {"independent", "shared_embedding"}
+    ind, shared = models["independent"], models["shared_embedding"]
+    for task in ("ctr", "cvr", "satisfaction"):
+        # each seed's DeLong delta is that seed's test AUC difference to the same seed's independent model
+        for seed in range(2):
+            delta = shared["runs"][seed]["vs_independent"][task]["delta"]
+            diff = shared["runs"][seed]["test_auc"][task] - ind["runs"][seed]["test_auc"][task]
+            assert delta == pytest.approx(diff, abs=1e-9)
+        assert len(shared["vs_independent"][task]["delong_p"]) == 2
+    assert ind["parameters"] > shared["parameters"]  # three table sets against one
+    markdown = out.with_suffix(".md").read_text()
+    assert "| shared_embedding |" in markdown and "(baseline)" in markdown
+    assert out.with_suffix(".png").stat().st_size > 0
