@@ -135,11 +135,11 @@ def run_section(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         _say(f"{name} seed {seed} test AUC: {aucs}")
         for out in dirs.values():
             shutil.rmtree(out, ignore_errors=True)
-    summary = {m: _summarise(rs, args.seeds) for m, rs in runs.items()}
+    summary = {m: _summarise(rs) for m, rs in runs.items()}
     return {"data": info, "models": summary, "targets": _targets(name, summary)}
 
 
-def _summarise(runs: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     from scipy import stats
 
     tasks = list(runs[0]["test_auc"])

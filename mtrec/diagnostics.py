@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mtrec.data.batches import TensorColumns
+from mtrec.models.base import TaskAwareInput
 
 __all__ = ["gate_diagnostics"]
 
@@ -22,9 +23,14 @@ DOMINANT_SHARE = 0.9
 COLLAPSE_SIMILARITY = 0.95
 
 
+def _input_mode(inner: nn.Module) -> str:
+    """``model.embedding`` of a built model: ``shared``, ``per_task`` or ``stem``."""
+    return inner.features.mode if isinstance(inner.features, TaskAwareInput) else "shared"
+
+
 def _backbone(model: nn.Module) -> nn.Module | None:
     inner = getattr(model, "inner", model)
-    if getattr(inner.features, "mode", "shared") == "per_task":
+    if _input_mode(inner) == "per_task":
         return None  # each task's gate reads its own input: no one set of expert outputs to report
     backbone = getattr(inner, "backbone", None)
     return backbone if hasattr(backbone, "gate_report") else None
@@ -33,7 +39,7 @@ def _backbone(model: nn.Module) -> nn.Module | None:
 def _backbone_input(inner: nn.Module, batch: Any) -> torch.Tensor:
     x = inner.features(batch)
     # stem gives every task the same input values (T, B, d): the gates of all tasks are on x[0]
-    return x[0] if getattr(inner.features, "mode", "shared") == "stem" else x
+    return x[0] if _input_mode(inner) == "stem" else x
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ def _run(delta: float, p: float, auc: float = 0.7) -> dict:
     ],
 )
 def test_a_verdict_needs_a_significant_majority_of_seeds(runs, verdict, wins, losses):
-    summary = transfer_study._summarise([_run(d, p) for d, p in runs], len(runs))
+    summary = transfer_study._summarise([_run(d, p) for d, p in runs])
     versus = summary["vs_independent"]["ctr"]
     assert versus["verdict"] == verdict
     assert (versus["significant_wins"], versus["significant_losses"]) == (wins, losses)
@@ -50,8 +50,8 @@ def test_a_verdict_needs_a_significant_majority_of_seeds(runs, verdict, wins, lo
 
 def test_targets_name_a_miss():
     models = {
-        "independent": transfer_study._summarise([_run(0, 1, 0.73)] * 2, 2),
-        "recommended": transfer_study._summarise([_run(-0.01, 0.001, 0.72), _run(-0.01, 0.002, 0.72)], 2),
+        "independent": transfer_study._summarise([_run(0, 1, 0.73)] * 2),
+        "recommended": transfer_study._summarise([_run(-0.01, 0.001, 0.72), _run(-0.01, 0.002, 0.72)]),
     }
     del models["independent"]["vs_independent"]
     checks = transfer_study._targets("synthetic", models)
