@@ -4,7 +4,7 @@ Example:
     >>> import mtrec
     >>> sorted(mtrec.list_models())  # doctest: +NORMALIZE_WHITESPACE
     ['aitm', 'cgc', 'cross_stitch', 'independent', 'mmoe', 'omoe', 'ple', 'shared_bottom',
-     'shared_embedding']
+     'shared_embedding', 'stem_net']
 """
 
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from mtrec.models import (  # noqa: F401 - registration side effect
     ple,
     shared_bottom,
     shared_embedding,
+    stem_net,
 )
 from mtrec.models.base import EmbeddingSpec, FeatureInput, MultiTaskModel, TaskAwareInput
 from mtrec.models.registry import create_model, list_models, register_model

@@ -5,7 +5,18 @@ feature encoder's output.
 """
 
 from mtrec.nn.embedding import FusedEmbedding, masked_pool
-from mtrec.nn.experts import PLE, CGCLayer, ExpertGroup, Gate, MMoELayer
+from mtrec.nn.experts import PLE, AFTBLayer, CGCLayer, ExpertGroup, Gate, MMoELayer
 from mtrec.nn.mlp import MLP, Tower
 
-__all__ = ["CGCLayer", "ExpertGroup", "FusedEmbedding", "Gate", "MLP", "MMoELayer", "PLE", "Tower", "masked_pool"]
+__all__ = [
+    "AFTBLayer",
+    "CGCLayer",
+    "ExpertGroup",
+    "FusedEmbedding",
+    "Gate",
+    "MLP",
+    "MMoELayer",
+    "PLE",
+    "Tower",
+    "masked_pool",
+]

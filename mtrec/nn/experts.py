@@ -14,7 +14,7 @@ from torch import nn
 
 from mtrec.weighting import ParameterSlice, SharedLayer
 
-__all__ = ["CGCLayer", "ExpertGroup", "Gate", "MMoELayer", "PLE"]
+__all__ = ["AFTBLayer", "CGCLayer", "ExpertGroup", "Gate", "MMoELayer", "PLE"]
 
 
 class ExpertGroup(nn.Module):
@@ -287,3 +287,92 @@ class PLE(nn.Module):
                 return task_out
             h = torch.cat([task_out.transpose(0, 1), shared_out.unsqueeze(0)], dim=0)
         raise AssertionError("the last PLE level has no shared gate")
+
+
+class AFTBLayer(nn.Module):
+    """STEM-Net's experts and gates (Su et al., "STEM: Unleashing the Power of Embeddings for
+    Multi-task Recommendation", AAAI 2024): "all forward, task-specific backward".
+
+    ``S`` shared experts read the shared input; task ``t``'s ``K`` experts read task ``t``'s
+    own input. Task ``t``'s gate mixes *every* expert (all forward), but the experts of the
+    other tasks enter its mixture detached, so task ``t``'s loss trains the shared experts,
+    its own experts and its gate, and never another task's experts (task-specific backward).
+    With ``S = 0`` each task is its own network that may also read, without training them,
+    the other tasks' expert outputs.
+
+    Experts are ordered ``[shared (S) | task 0 (K) | task 1 (K) | ...]``; gate ``t`` reads
+    ``[shared input | input t]`` (input ``t`` alone when ``S = 0``).
+
+    Shapes:
+        ``(shared (B, shared_dim) or None, tasks (T, B, task_dim)) -> (B, T, H)``.
+
+    Example:
+        >>> layer = AFTBLayer(4, 6, num_tasks=2, num_shared=1, num_specific=1, expert_hidden=(8,))
+        >>> layer((torch.zeros(3, 4), torch.zeros(2, 3, 6))).shape
+        torch.Size([3, 2, 8])
+    """
+
+    def __init__(
+        self,
+        shared_dim: int,
+        task_dim: int,
+        *,
+        num_tasks: int,
+        num_shared: int,
+        num_specific: int,
+        expert_hidden: tuple[int, ...],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_shared < 0 or num_specific < 1:
+            raise ValueError("STEM-Net needs num_shared_experts >= 0 and num_task_experts >= 1")
+        T, S, K = num_tasks, num_shared, num_specific
+        self.num_tasks, self.num_shared, self.num_specific = T, S, K
+        self.shared_experts = ExpertGroup(S, shared_dim, expert_hidden, dropout=dropout) if S else None
+        self.task_experts = ExpertGroup(T * K, task_dim, expert_hidden, dropout=dropout)
+        self.out_dim = self.task_experts.out_dim
+        self.register_buffer("expert_input", torch.arange(T).repeat_interleave(K), persistent=False)
+        # live[t, e]: expert e trains on task t's loss (shared, or one of task t's own).
+        owner = torch.tensor([-1] * S + [t for t in range(T) for _ in range(K)])
+        live = (owner.view(1, -1) == torch.arange(T).view(-1, 1)) | (owner.view(1, -1) < 0)
+        self.register_buffer("live", live.view(1, T, S + T * K, 1), persistent=False)
+        gate_in = (shared_dim if S else 0) + task_dim
+        bound = 1.0 / math.sqrt(gate_in)
+        self.gate_weight = nn.Parameter(torch.empty(T, gate_in, S + T * K).uniform_(-bound, bound))
+        self.gate_bias = nn.Parameter(torch.empty(T, 1, S + T * K).uniform_(-bound, bound))
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The shared experts' output layer (nothing without shared experts)."""
+        if self.shared_experts is None:
+            return []
+        return [self.shared_experts.weights[-1], self.shared_experts.biases[-1]]
+
+    def _gates_and_experts(self, x: tuple[torch.Tensor | None, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        shared, tasks = x
+        T = self.num_tasks
+        experts = self.task_experts(tasks.index_select(0, self.expert_input))  # (B, T * K, H)
+        gate_in = tasks
+        if self.shared_experts is not None:
+            if shared is None:
+                raise ValueError("this STEM-Net layer has shared experts and needs the shared input")
+            experts = torch.cat([self.shared_experts(shared), experts], dim=1)
+            gate_in = torch.cat([shared.unsqueeze(0).expand(T, -1, -1), tasks], dim=2)
+        gates = torch.baddbmm(self.gate_bias, gate_in, self.gate_weight).transpose(0, 1).softmax(dim=-1)
+        return gates, experts  # (B, T, E), (B, E, H)
+
+    def forward(self, x: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
+        gates, experts = self._gates_and_experts(x)
+        # (B, T, E, H): expert e as task t's mixture sees it, live or detached.
+        seen = torch.where(self.live, experts.unsqueeze(1), experts.detach().unsqueeze(1))
+        return (gates.unsqueeze(-1) * seen).sum(dim=2)
+
+    def gate_report(
+        self, x: tuple[torch.Tensor | None, torch.Tensor], task_names: tuple[str, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[int]]]:
+        """For diagnostics: gates ``(B, T, E)``, expert outputs ``(B, E, H)``, expert labels,
+        and for each task the experts its gate covers (all of them)."""
+        gates, experts = self._gates_and_experts(x)
+        S, K, T = self.num_shared, self.num_specific, self.num_tasks
+        names = task_names or tuple(f"task {t}" for t in range(T))
+        labels = [f"shared {i}" for i in range(S)] + [f"{names[t]} {k}" for t in range(T) for k in range(K)]
+        return gates, experts, labels, [list(range(S + T * K))] * T

@@ -187,3 +187,44 @@ def test_embedding_dropout_reaches_the_model_and_turns_off_in_eval():
     assert not torch.equal(a, b)
     model.eval()
     assert torch.equal(model(batch)["ctr"], model(batch)["ctr"])
+
+
+# --- stem_net: STEM-Net's own experts and all-forward task-specific-backward gates ---------
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+def test_stem_net_task_loss_trains_only_its_own_tables_and_experts(shared):
+    model = _model("stem_net", "shared", num_shared_experts=shared, num_task_experts=2)
+    layer = model.backbone
+    assert len(model.embedding_tables()) == (2 if shared else 1)  # per-task sets are the last table
+    logits = model(_batch())
+    for t, name in enumerate(TASKS):
+        task_table = _table_grads(model, logits, name)[-1]
+        assert [n > 0 for n in _set_norms(task_table)] == [s == t for s in range(T)]
+        w = layer.task_experts.weights[0]
+        (g,) = torch.autograd.grad(logits[name].sum(), [w], retain_graph=True)
+        per_expert = g.abs().sum(dim=(1, 2))
+        assert [bool(x > 0) for x in per_expert] == [e // 2 == t for e in range(2 * T)]
+        if shared:
+            shared_table = _table_grads(model, logits, name)[0]
+            assert shared_table.abs().sum() > 0
+            (sg,) = torch.autograd.grad(logits[name].sum(), [layer.shared_experts.weights[0]], retain_graph=True)
+            assert (sg.abs().sum(dim=(1, 2)) > 0).all()
+
+
+def test_stem_net_every_task_reads_every_expert_forward():
+    model = _model("stem_net", "shared", num_shared_experts=1, num_task_experts=1)
+    batch = _batch()
+    before = model(batch)
+    with torch.no_grad():  # change only task 2's expert: every task's output moves
+        model.backbone.task_experts.weights[-1][2].mul_(3.0)
+    after = model(batch)
+    for name in TASKS:
+        assert not torch.allclose(before[name], after[name])
+
+
+def test_stem_net_refuses_other_embedding_modes_and_no_task_expert():
+    with pytest.raises(ValueError, match="stem_net"):
+        create_model("stem_net", LAYOUT, TASKS, embedding="stem")
+    with pytest.raises(ValueError, match="num_task_experts >= 1"):
+        create_model("stem_net", LAYOUT, TASKS, num_task_experts=0)
