@@ -89,13 +89,12 @@ def create_model(
 ) -> nn.Module:
     """Builds a registered model (the embedding keys: see :class:`~mtrec.models.base.EmbeddingSpec`).
 
-        Example:
-            >>> from mtrec.models.base import EmbeddingSpec
-    from mtrec.schema import InputLayout
-            >>> layout = InputLayout((10,), (0,), (), (), (), 2)
-            >>> model = create_model("mmoe", layout, ("ctr", "cvr"), embedding_dim=4, num_experts=2)
-            >>> sorted(model.task_names)
-            ['ctr', 'cvr']
+    Example:
+        >>> from mtrec.schema import InputLayout
+        >>> layout = InputLayout((10,), (0,), (), (), (), 2)
+        >>> model = create_model("mmoe", layout, ("ctr", "cvr"), embedding_dim=4, num_experts=2)
+        >>> sorted(model.task_names)
+        ['ctr', 'cvr']
     """
     builder = _builder(name)
     check_embedding_mode(name, embedding)
