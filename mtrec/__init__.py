@@ -7,15 +7,14 @@ Example:
      'shared_embedding', 'stem_net']
 """
 
-__version__ = "0.1.0"
-
-from mtrec.checkpoint import LoadedModel, load_model_dir  # noqa: E402
-from mtrec.config import Config, load_config  # noqa: E402
-from mtrec.errors import ConfigError, DataError, ModelError, MtrecError, SchemaError  # noqa: E402
-from mtrec.models import MultiTaskModel, create_model, list_models, register_model  # noqa: E402
-from mtrec.schema import DenseFeature, InputLayout, Schema, SequenceFeature, SparseFeature, Task  # noqa: E402
-from mtrec.score import Ranker, load_model, score_parquet  # noqa: E402
-from mtrec.train import TrainResult, train  # noqa: E402
+from mtrec._version import __version__
+from mtrec.checkpoint import LoadedModel, load_model_dir
+from mtrec.config import Config, load_config
+from mtrec.errors import ConfigError, DataError, ModelError, MtrecError, SchemaError
+from mtrec.models import MultiTaskModel, create_model, list_models, register_model
+from mtrec.schema import DenseFeature, InputLayout, Schema, SequenceFeature, SparseFeature, Task
+from mtrec.score import Ranker, load_model, score_parquet
+from mtrec.train import TrainResult, train
 
 __all__ = [
     "Config",

@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["main"],
         formatter_class=fmt,
     )
-    from mtrec import __version__
+    from mtrec._version import __version__
 
     p.add_argument("--version", action="version", version=f"mtrec {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import re
 import types
@@ -32,6 +31,7 @@ import yaml
 
 from mtrec.errors import ConfigError, SchemaError
 from mtrec.schema import DenseFeature, Esmm, Schema, SequenceFeature, SparseFeature, Task
+from mtrec.typed import parameter_spec
 
 __all__ = [
     "StrictLoader",
@@ -904,14 +904,3 @@ def _coerce_dataclass(value: Any, cls: Any, key: str) -> Any:
         return cls(**kwargs)
     except SchemaError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def parameter_spec(fn: Any, skip: Sequence[str]) -> dict[str, tuple[Any, Any]]:
-    """Keyword parameters of ``fn`` with their annotation and default, for strict configs."""
-    hints = typing.get_type_hints(fn)
-    spec = {}
-    for name, p in inspect.signature(fn).parameters.items():
-        if name in skip or name == "self" or p.default is inspect.Parameter.empty:
-            continue
-        spec[name] = (hints.get(name, Any), p.default)
-    return spec

@@ -280,6 +280,14 @@ class Schema:
         """Feature columns read from the data."""
         return [f.name for f in (*self.sparse, *self.dense, *self.sequence)]
 
+    def read_columns(self, with_labels: bool = True) -> list[str]:
+        """Every column read from the data, each once: the features, and with ``with_labels``
+        the label, weight and ``where`` columns."""
+        cols = self.input_columns()
+        if with_labels:
+            cols += self.label_columns()
+        return list(dict.fromkeys(cols))
+
     def label_columns(self) -> list[str]:
         """Label and sample-weight columns plus every column a ``where`` expression uses."""
         cols: list[str] = []

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mtrec import __version__
+from mtrec._version import __version__
 from mtrec.batch import Batch
 from mtrec.checkpoint import (
     RESUME,

@@ -40,13 +40,6 @@ class TrainingData:
     valid_files: list[Path]
 
 
-def _columns(schema: Schema, with_labels: bool) -> list[str]:
-    cols = schema.input_columns()
-    if with_labels:
-        cols += schema.label_columns()
-    return list(dict.fromkeys(cols))
-
-
 def _encode(pre: Preprocessor, table: pa.Table, source: str, with_labels: bool) -> EncodedColumns:
     # Encode in chunks so that temporary arrays stay small for big tables.
     step = 262_144
@@ -60,7 +53,7 @@ def _encode(pre: Preprocessor, table: pa.Table, source: str, with_labels: bool) 
 def encode_files(pre: Preprocessor, spec: str | Sequence[str], *, with_labels: bool = True) -> EncodedColumns:
     """Reads and encodes Parquet data row group by row group with fitted preprocessing."""
     paths = resolve_paths(spec)
-    cols = _columns(pre.schema, with_labels)
+    cols = pre.schema.read_columns(with_labels)
     parts = [pre.transform(t, source=str(p), with_labels=with_labels) for p, t in iter_row_groups(paths, cols)]
     if not parts or sum(p.num_rows for p in parts) == 0:
         raise DataError(f"{spec}: no rows")
@@ -78,7 +71,7 @@ def load_training_data(
     if train is None:
         raise ConfigError("data.train: required (a Parquet file, folder or glob)")
     train_files = resolve_paths(train)
-    cols = _columns(schema, True)
+    cols = schema.read_columns()
     table = read_table(train_files, cols)
     source = str(train_files[0]) if len(train_files) == 1 else str(train)
     if valid is None:
@@ -183,7 +176,7 @@ def load_streaming_data(
         holdout=holdout,
     )
     if valid is None:
-        cols = _columns(schema, True)
+        cols = schema.read_columns()
         parts = [
             pre.transform(t, source=source)
             for t in iter_tables(train_files, cols, holdout=holdout, keep="holdout")

@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtrec.batch import Batch
 from mtrec.data.batches import TensorColumns, run_ahead
-from mtrec.data.loading import _columns
 from mtrec.data.parquet import _check_columns, open_parquet
 from mtrec.data.preprocess import EncodedColumns, Preprocessor
 from mtrec.errors import DataError
@@ -393,7 +392,7 @@ class ParquetStream:
         self.holdout = holdout
         self.keep = keep
         self.drop_last = world_size > 1 if drop_last is None else drop_last
-        self.columns = _columns(preprocessor.schema, True)
+        self.columns = preprocessor.schema.read_columns()
         self.peak_buffered_rows = 0  # most rows in this process's shuffle buffer (num_workers == 0)
 
         where = _describe(self.paths)

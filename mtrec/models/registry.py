@@ -9,6 +9,7 @@ from torch import nn
 
 from mtrec.models.base import EmbeddingSpec
 from mtrec.schema import InputLayout
+from mtrec.typed import parameter_spec
 
 __all__ = ["check_embedding_mode", "create_model", "list_models", "model_parameters", "register_model"]
 
@@ -70,8 +71,6 @@ def _builder(name: str) -> Callable[..., nn.Module]:
 
 def model_parameters(name: str) -> dict[str, tuple[Any, Any]]:
     """The architecture's keyword parameters: ``{name: (annotation, default)}``."""
-    from mtrec.config import parameter_spec
-
     return parameter_spec(_builder(name), skip=_FIXED)
 
 
@@ -89,12 +88,13 @@ def create_model(
 ) -> nn.Module:
     """Builds a registered model (the embedding keys: see :class:`~mtrec.models.base.EmbeddingSpec`).
 
-    Example:
-        >>> from mtrec.schema import InputLayout
-        >>> layout = InputLayout((10,), (0,), (), (), (), 2)
-        >>> model = create_model("mmoe", layout, ("ctr", "cvr"), embedding_dim=4, num_experts=2)
-        >>> sorted(model.task_names)
-        ['ctr', 'cvr']
+        Example:
+            >>> from mtrec.schema import InputLayout
+    from mtrec.typed import parameter_spec
+            >>> layout = InputLayout((10,), (0,), (), (), (), 2)
+            >>> model = create_model("mmoe", layout, ("ctr", "cvr"), embedding_dim=4, num_experts=2)
+            >>> sorted(model.task_names)
+            ['ctr', 'cvr']
     """
     builder = _builder(name)
     check_embedding_mode(name, embedding)
