@@ -202,10 +202,12 @@ class MultiTaskModel(nn.Module):
     """Feature input, a backbone returning one representation per task, and towers.
 
     Args:
-        features: The batch-to-tensor input layer.
+        features: The batch-to-tensor input layer (any module: its output is what the backbone
+            takes, e.g. ``stem_net``'s pair of shared and per-task inputs).
         task_names: Task names; towers and outputs are keyed by them.
-        backbone: Module mapping ``(B, in_dim) -> (B, T, H)``. It may define
-            ``last_shared_parameters()`` (for GradNorm) and ``gates(x)`` (diagnostics).
+        backbone: Module mapping ``features(batch)`` (``(B, in_dim)``) to ``(B, T, H)``. It may
+            define ``last_shared_parameters()`` (for GradNorm) and ``gate_report(x, task_names)``
+            (diagnostics).
         backbone_out: ``H``.
         tower_hidden: Hidden widths of each task tower.
         output_dims: Outputs per task (1 for binary/regression, N for N classes).
@@ -222,7 +224,7 @@ class MultiTaskModel(nn.Module):
     def __init__(
         self,
         *,
-        features: FeatureInput | TaskAwareInput,
+        features: nn.Module,
         task_names: tuple[str, ...],
         backbone: nn.Module,
         backbone_out: int,

@@ -76,7 +76,7 @@ def stem_net(
         dropout=dropout,
     )
     return MultiTaskModel(
-        features=features,  # type: ignore[arg-type]
+        features=features,
         task_names=task_names,
         backbone=backbone,
         backbone_out=backbone.out_dim,
