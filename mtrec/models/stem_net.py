@@ -49,7 +49,7 @@ class StemInput(nn.Module):
 @register_model(
     "stem_net",
     "STEM-Net: shared + per-task embeddings and experts, all-forward task-specific-backward gates (AAAI 2024)",
-    fixed_embedding="it always has a shared table set and one per task (embedding_dim, task_embedding_dim)",
+    fixed_embedding="it always has a shared table set and one per task, both embedding_dim wide",
 )
 def stem_net(
     layout: InputLayout,

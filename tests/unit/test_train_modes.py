@@ -67,7 +67,10 @@ def test_stream_mode_trains_on_the_same_rows_with_the_same_preprocessing(clicks,
     for task in ("ctr", "cvr", "satisfaction"):
         assert stm.best_metrics[task]["count"] == mem.best_metrics[task]["count"]
     assert abs(stm.best_metrics["ctr"]["auc"] - mem.best_metrics["ctr"]["auc"]) < 0.03
-    assert stm.best_metrics["ctr"]["auc"] > 0.55
+    # Better than chance. Memory mode on these rows reaches only 0.532 at its best epoch with
+    # today's packages (numpy 2.4.6, pyarrow 26.0.1, torch 2.13.0): this tiny model learns little
+    # from 24k rows, so a higher floor tests the data size, not the stream.
+    assert stm.best_metrics["ctr"]["auc"] > 0.51
     assert all(r["rows_per_second"] > 0 for r in stm.history)
 
 
