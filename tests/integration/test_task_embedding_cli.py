@@ -62,7 +62,7 @@ def test_recommended_model_reloads_scores_and_exports_the_same(recommended: Path
     import mtrec
 
     saved = yaml.safe_load((recommended / "config.yaml").read_text())
-    assert saved["model"]["embedding"] == "stem"
+    assert saved["model"]["name"] == "stem_net"  # the synthetic recommendation (a table set per task)
     table = pq.read_table(clicks)
     expected = mtrec.load_model(recommended).predict(table)
     again = mtrec.load_model(recommended).predict(table)
