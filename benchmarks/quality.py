@@ -70,7 +70,7 @@ def _train_and_test(config_path: Path, overrides: list[str], test: Path, out: Pa
     """One run: train with the config (+ overrides), evaluate the best epoch on ``test``."""
     from mtrec.config import load_config
     from mtrec.evaluate import evaluate_model_dir
-    from mtrec.train import train
+    from mtrec.training import train
 
     cfg = load_config(config_path, overrides)
     t0 = time.perf_counter()

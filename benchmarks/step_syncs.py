@@ -8,7 +8,7 @@ At the issue's target (5M rows/s at batch 16384, about 3.3 ms a step) a handful 
 syncs per step is the difference between overlapping and serialising host and device.
 
 This counts them without a GPU: ``mtrec.train`` runs on the CPU under
-:class:`mtrec.profiling.HostSyncCounter`, which counts, inside each training step, the
+:class:`mtrec.training.profiling.HostSyncCounter`, which counts, inside each training step, the
 reads of tensor values and the operators whose CUDA kernels need a host read. The code
 path is the device-independent one the GPU runs (``embedding_optimizer`` is set
 explicitly, as ``auto`` picks ``dense`` only on CUDA).
@@ -83,9 +83,9 @@ def _config(data: str, case: dict, batch_size: int):
 
 
 def count_syncs(config, workdir: Path) -> dict:
-    """Trains ``config``; host syncs per training step (see :class:`mtrec.profiling.HostSyncCounter`)."""
+    """Trains ``config``; host syncs per training step (see :class:`mtrec.training.profiling.HostSyncCounter`)."""
     import mtrec
-    from mtrec.profiling import HostSyncCounter
+    from mtrec.training.profiling import HostSyncCounter
 
     with HostSyncCounter() as counter:
         result = mtrec.train(config, output=workdir / "model", overwrite=True, progress=False)
@@ -108,7 +108,7 @@ def main() -> None:
     args = p.parse_args()
 
     from mtrec.data.synthetic import write_click_log
-    from mtrec.profiling import HOST_READS, SYNC_OPS
+    from mtrec.training.profiling import HOST_READS, SYNC_OPS
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="mtrec-syncs-") as tmp:

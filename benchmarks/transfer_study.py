@@ -56,7 +56,7 @@ TARGETS = {"synthetic": {"ctr": 0.725}, "census": {"income": 0.945}, "census_gro
 
 def _train(config: Path, overrides: list[str], out: Path) -> dict[str, Any]:
     from mtrec.config import load_config
-    from mtrec.train import train
+    from mtrec.training import train
 
     cfg = load_config(config, overrides)
     t0 = time.perf_counter()

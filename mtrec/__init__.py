@@ -14,7 +14,7 @@ from mtrec.errors import ConfigError, DataError, ModelError, MtrecError, SchemaE
 from mtrec.models import MultiTaskModel, create_model, list_models, register_model
 from mtrec.schema import DenseFeature, InputLayout, Schema, SequenceFeature, SparseFeature, Task
 from mtrec.score import Ranker, load_model, score_parquet
-from mtrec.train import TrainResult, train
+from mtrec.training import TrainResult, train
 
 __all__ = [
     "Config",

@@ -363,7 +363,7 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtrec.config import load_config
-    from mtrec.train import train
+    from mtrec.training import train
 
     if args.resume is not None:
         from mtrec.files import read_marker, recover, staging_dir
@@ -472,7 +472,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     from mtrec.data.synthetic import write_click_log
     from mtrec.files import claim_output
     from mtrec.quickstart import quickstart_config
-    from mtrec.train import train
+    from mtrec.training import train
 
     workdir: Path = args.workdir
     model_dir = workdir / "model"

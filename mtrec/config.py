@@ -265,11 +265,11 @@ class TrainConfig:
             on the synthetic benchmark 0.01 gains ~0.02-0.03 validation AUC per task
             over 0.001 after one epoch.
         embedding_optimizer: How the embedding rows are updated; both apply the same
-            update (Adam on the rows a batch touched, see :class:`mtrec.optim.LazyAdam`).
+            update (Adam on the rows a batch touched, see :class:`mtrec.training.optim.LazyAdam`).
             ``sparse``: sparse gradients and ``torch.optim.SparseAdam``, whose cost follows
             the batch (the CPU's choice), but which reads the number of touched rows back
             to the host every step (a stall on a GPU). ``dense``: a dense gradient and
-            :class:`mtrec.optim.LazyAdam`, no host read, a few passes over the table per
+            :class:`mtrec.training.optim.LazyAdam`, no host read, a few passes over the table per
             step. ``auto``: ``dense`` for one process on CUDA with a table of at most
             2^24 values (64 MiB in fp32), else ``sparse`` (also under DDP, where a dense
             table would be all-reduced whole). A run may be resumed with the other one.
@@ -303,7 +303,7 @@ class TrainConfig:
             weights), ``uncertainty``, ``gradnorm`` (``alpha``, ``lr``), ``dwa``
             (``temperature``) or ``pcgrad`` (``seed``); see :mod:`mtrec.weighting`.
         loss_normalization: How a task's loss is normalised over its sample space (see
-            :mod:`mtrec.losses`): ``sample_space`` (the default), the mean over the batch rows
+            :mod:`mtrec.training.losses`): ``sample_space`` (the default), the mean over the batch rows
             in the task's space, so CVR on the ~5 % clicked rows weighs as much as CTR on
             all; ``impressions``, the sum over those rows divided by the batch rows (under
             torchrun the global batch), so a task weighs by the share of impressions it
@@ -311,13 +311,13 @@ class TrainConfig:
         embedding_weight_decay: Decoupled (AdamW) weight decay of the embedding rows,
             applied inside the embedding update to the rows a batch touched only (rows
             absent from the batch do not shrink): ``p -= lr * wd * p`` per touched row and
-            step, the same with ``sparse`` and ``dense`` (see :class:`mtrec.optim.SparseAdamW`).
+            step, the same with ``sparse`` and ``dense`` (see :class:`mtrec.training.optim.SparseAdamW`).
         warmup_steps: Steps (updates) over which the learning rates of the dense and the
             embedding optimiser ramp up linearly from ``1 / warmup_steps`` of their value
             to the full value; 0: none.
         lr_decay: After the warm-up, ``none`` keeps the learning rates; ``cosine`` or
             ``linear`` decays them to ``min_lr_ratio`` of their value by the last step of
-            ``epochs`` epochs (see :func:`mtrec.optim.lr_factor`). Stepped per training step,
+            ``epochs`` epochs (see :func:`mtrec.training.optim.lr_factor`). Stepped per training step,
             saved with the resume state.
         min_lr_ratio: Where ``lr_decay`` ends, as a share of each learning rate (0 to 1).
     """

@@ -1,4 +1,4 @@
-"""mtrec.distributed in real process groups: 2 CPU processes on gloo (and torchrun for failures)."""
+"""mtrec.training.distributed in real process groups: 2 CPU processes on gloo (and torchrun for failures)."""
 
 import os
 import socket
@@ -14,7 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mtrec.batch import Batch
-from mtrec.distributed import (
+from mtrec.errors import ConfigError, DataError, MtrecError
+from mtrec.models import create_model
+from mtrec.schema import InputLayout, Task
+from mtrec.training.distributed import (
     SINGLE_PROCESS,
     DistContext,
     all_reduce_array,
@@ -32,11 +35,8 @@ from mtrec.distributed import (
     unwrap_model,
     wrap_model,
 )
-from mtrec.errors import ConfigError, DataError, MtrecError
-from mtrec.losses import multitask_loss, task_losses
-from mtrec.models import create_model
-from mtrec.optim import LazyAdam
-from mtrec.schema import InputLayout, Task
+from mtrec.training.losses import multitask_loss, task_losses
+from mtrec.training.optim import LazyAdam
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -314,7 +314,7 @@ def test_an_error_all_ranks_raise_is_printed_once(capfd):
 
 FAILING_SCRIPT = """
 import torch
-from mtrec.distributed import all_reduce_scalar, fail_fast, init_distributed
+from mtrec.training.distributed import all_reduce_scalar, fail_fast, init_distributed
 from mtrec.errors import DataError
 
 torch.set_num_threads(1)

@@ -15,9 +15,9 @@ from mtrec.config import config_from_dict
 from mtrec.data.batches import TensorColumns, prefetch_to_device
 from mtrec.data.preprocess import EncodedColumns
 from mtrec.data.synthetic import write_click_log
-from mtrec.profiling import STEP_RANGE, HostSyncCounter
 from mtrec.quickstart import synthetic_features, synthetic_tasks
-from mtrec.train import train
+from mtrec.training import train
+from mtrec.training.profiling import STEP_RANGE, HostSyncCounter
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

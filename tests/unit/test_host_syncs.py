@@ -12,9 +12,9 @@ import torch
 from mtrec.config import config_from_dict
 from mtrec.data.synthetic import write_click_log
 from mtrec.errors import MtrecError
-from mtrec.profiling import BOOLEAN_INDEXING, STEP_RANGE, HostSyncCounter
 from mtrec.quickstart import synthetic_features, synthetic_tasks
-from mtrec.train import DENSE_EMBEDDING_MAX_VALUES, resolve_embedding_optimizer, train
+from mtrec.training import DENSE_EMBEDDING_MAX_VALUES, resolve_embedding_optimizer, train
+from mtrec.training.profiling import BOOLEAN_INDEXING, STEP_RANGE, HostSyncCounter
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import torch
 from torch.nn import functional as F
 
 from mtrec.config import config_from_dict
-from mtrec.distributed import SINGLE_PROCESS, global_mean_scale
 from mtrec.errors import ConfigError
-from mtrec.losses import multitask_loss, task_losses
 from mtrec.quickstart import synthetic_features, synthetic_tasks
 from mtrec.schema import Esmm, Schema, SparseFeature, Task
-from mtrec.train import _loss_denominators, _masked_loss
+from mtrec.training.trainer import _loss_denominators, _masked_loss
+from mtrec.training.distributed import SINGLE_PROCESS, global_mean_scale
+from mtrec.training.losses import multitask_loss, task_losses
 
 TASKS = (Task("ctr", label="click"), Task("cvr", label="conv", where="click == 1"))
 
@@ -119,8 +119,8 @@ def test_the_ddp_denominators_are_the_batch_rows_under_impressions():
 def _impressions_step_equals_single_process(ctx) -> None:
     """Two ranks with 8 and 5 rows (a last, uneven batch): the scaled per-rank impressions
     losses give the gradient of one process's impressions loss on all 13 rows."""
-    from mtrec.distributed import sync_sparse_grads, wrap_model
     from mtrec.models import create_model
+    from mtrec.training.distributed import sync_sparse_grads, wrap_model
     from tests.unit.test_distributed import LAYOUT, TASK_NAMES, TASKS, WORLD, _concat
     from tests.unit.test_distributed import _batch as rank_batch
 

@@ -17,7 +17,7 @@ from mtrec.checkpoint import has_resume_state, load_model_dir
 from mtrec.config import Config, config_from_dict
 from mtrec.data.synthetic import write_click_log
 from mtrec.errors import ModelError, MtrecError
-from mtrec.train import train
+from mtrec.training import train
 from tests.integration.helpers import assert_one_line_error, mtrec
 
 WEIGHTS = "model.safetensors"

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from mtrec.batch import Batch
-from mtrec.losses import multitask_loss
 from mtrec.models import create_model, list_models
 from mtrec.schema import InputLayout, Task
+from mtrec.training.losses import multitask_loss
 
 LAYOUT = InputLayout(
     table_sizes=(50, 30, 7, 20),

@@ -7,7 +7,7 @@ import copy as copy_module
 import pytest
 import torch
 
-from mtrec.optim import LazyAdam
+from mtrec.training.optim import LazyAdam
 
 
 def _pair(rows: int = 60, dim: int = 4, lr: float = 0.01):

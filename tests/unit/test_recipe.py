@@ -13,10 +13,10 @@ from mtrec.checkpoint import has_resume_state, load_resume_state
 from mtrec.config import config_from_dict
 from mtrec.data.synthetic import write_click_log
 from mtrec.errors import ConfigError
-from mtrec.optim import LazyAdam, SparseAdamW, lr_factor, make_lr_schedulers
-from mtrec.profiling import HostSyncCounter
 from mtrec.quickstart import synthetic_features, synthetic_tasks
-from mtrec.train import make_optimizers, train
+from mtrec.training import make_optimizers, train
+from mtrec.training.optim import LazyAdam, SparseAdamW, lr_factor, make_lr_schedulers
+from mtrec.training.profiling import HostSyncCounter
 
 # --------------------------------------------------------------------------- embedding weight decay
 

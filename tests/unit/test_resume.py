@@ -16,7 +16,7 @@ from mtrec.config import config_from_dict
 from mtrec.data.synthetic import write_click_log
 from mtrec.errors import MtrecError
 from mtrec.quickstart import synthetic_features, synthetic_tasks
-from mtrec.train import train
+from mtrec.training import train
 from tests.integration.helpers import mtrec
 
 

@@ -11,10 +11,10 @@ from mtrec.config import config_from_dict
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import ConfigError, DataError
 from mtrec.evaluate import compute_metrics
-from mtrec.losses import multitask_loss
 from mtrec.models import create_model
 from mtrec.models.esmm import EsmmModel, product_logit
 from mtrec.schema import Esmm, InputLayout, Schema, SparseFeature, Task
+from mtrec.training.losses import multitask_loss
 
 
 def test_product_logit_is_logit_of_product_and_stays_finite():

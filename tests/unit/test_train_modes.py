@@ -18,7 +18,7 @@ from mtrec.data.loading import encoded_row_bytes, resolve_data_mode
 from mtrec.data.synthetic import write_click_log
 from mtrec.errors import ConfigError
 from mtrec.quickstart import synthetic_features, synthetic_tasks
-from mtrec.train import train
+from mtrec.training import train
 
 
 @pytest.fixture(scope="module")

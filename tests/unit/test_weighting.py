@@ -8,9 +8,9 @@ from torch import nn
 
 from mtrec.batch import Batch
 from mtrec.config import parameter_spec
-from mtrec.losses import multitask_loss
 from mtrec.models import create_model
 from mtrec.schema import InputLayout, Task
+from mtrec.training.losses import multitask_loss
 from mtrec.weighting import DWA, WEIGHTINGS, GradNorm, PCGrad, create_weighting
 
 

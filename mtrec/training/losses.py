@@ -72,7 +72,7 @@ def task_losses(
         total = torch.where(m, per_row * w, 0.0).sum()
         if normalization == "impressions":
             # A host int: no device read (the batch size is known), and under DDP the
-            # trainer rescales it to the global batch (mtrec.distributed.global_mean_scale).
+            # trainer rescales it to the global batch (mtrec.training.distributed.global_mean_scale).
             out[task.name] = total / max(int(m.shape[0]), 1)
         else:
             out[task.name] = total / w.sum().clamp(min=1e-12)

@@ -1,4 +1,4 @@
-"""Training: the loop, devices, early stopping, checkpoints, logs and progress."""
+"""The training run: data, the loop, early stopping, resume state, logs, progress and the model directory."""
 
 from __future__ import annotations
 
@@ -48,7 +48,11 @@ from mtrec.data.loading import (
 from mtrec.data.preprocess import EncodedColumns, Preprocessor
 from mtrec.data.streaming import ParquetStream
 from mtrec.diagnostics import format_gates, gate_diagnostics
-from mtrec.distributed import (
+from mtrec.errors import ConfigError, DataError, ModelError, MtrecError
+from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
+from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
+from mtrec.models.base import MultiTaskModel
+from mtrec.training.distributed import (
     DistContext,
     all_reduce_array,
     all_reduce_grads,
@@ -65,24 +69,14 @@ from mtrec.distributed import (
     sync_sparse_grads,
     wrap_model,
 )
-from mtrec.errors import ConfigError, DataError, ModelError, MtrecError
-from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
-from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
-from mtrec.losses import multitask_loss, task_losses
-from mtrec.models.base import MultiTaskModel
-from mtrec.optim import LazyAdam, SparseAdamW, make_lr_schedulers
-from mtrec.profiling import STEP_RANGE
+from mtrec.training.labels import format_correlations, label_correlations
+from mtrec.training.losses import multitask_loss, task_losses
+from mtrec.training.optim import make_lr_schedulers, make_optimizers
+from mtrec.training.policy import resolve_device, resolve_embedding_optimizer, resolve_precision
+from mtrec.training.profiling import STEP_RANGE
 from mtrec.weighting import create_weighting
 
-__all__ = [
-    "TrainResult",
-    "make_optimizers",
-    "native_bf16",
-    "resolve_device",
-    "resolve_embedding_optimizer",
-    "resolve_precision",
-    "train",
-]
+__all__ = ["TrainResult", "train"]
 
 
 @dataclass
@@ -93,82 +87,6 @@ class TrainResult:
     best_epoch: int
     best_metrics: dict[str, dict[str, Any]]
     history: list[dict[str, Any]]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but no CUDA device is available")
-    return torch.device(name)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 matrix products natively (fast)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # Without AVX512-BF16 or AMX, bf16 matmuls are emulated and slower than fp32.
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for training, or ``None`` for plain fp32."""
-    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
-        return None
-    return torch.float16 if precision == "fp16" else torch.bfloat16
-
-
-# Largest table (values) that ``embedding_optimizer: auto`` updates densely on a GPU. An
-# estimate, not yet measured on a GPU: the dense gradient (a zero fill and the lookup's
-# backward) and LazyAdam make ~25 table-sized reads and writes per step; at 2^24 fp32 values
-# (64 MiB) that is ~1.7 GB, ~0.5 ms at H100/H200 memory bandwidth, against a sync per step
-# (the GPU idles while the host launches the next step's ~350 kernels) for sparse Adam.
-DENSE_EMBEDDING_MAX_VALUES = 2**24
-
-
-def resolve_embedding_optimizer(name: str, device: torch.device, table_values: int, world_size: int = 1) -> str:
-    """``sparse`` or ``dense`` for ``train.embedding_optimizer`` (see :class:`mtrec.config.TrainConfig`).
-
-    ``auto`` is ``dense`` for one process on CUDA with a table of at most
-    :data:`DENSE_EMBEDDING_MAX_VALUES` values. Under DDP it stays ``sparse``: a dense table
-    would be all-reduced whole every step, where ``sync_sparse_grads`` moves only the rows
-    the ranks touched.
-    """
-    if name != "auto":
-        return name
-    dense = device.type == "cuda" and world_size == 1 and table_values <= DENSE_EMBEDDING_MAX_VALUES
-    return "dense" if dense else "sparse"
-
-
-def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
-    """Adam (fused where supported) for dense weights, Adam on touched rows for the embedding.
-
-    Sparse Adam updates only the rows a batch touched, so its cost follows the batch, not
-    the size of the tables (a dense Adam step over millions of embedding rows costs more
-    than the whole MLP on a CPU). With a dense table gradient (``model.features.embedding``
-    built with ``sparse=False``), :class:`mtrec.optim.LazyAdam` applies the same update.
-    ``train.embedding_weight_decay`` decays the touched rows in both (decoupled, AdamW-style:
-    :class:`mtrec.optim.SparseAdamW` and ``LazyAdam(weight_decay=...)``).
-    """
-    t = config.train
-    tables = model.embedding_tables()
-    dense = model.dense_parameters()
-    try:
-        opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay)
-    optimizers: list[torch.optim.Optimizer] = [opt]
-    if tables:
-        lr = t.embedding_lr or t.lr
-        sparse = bool(model.embedding_parameters())
-        wd = t.embedding_weight_decay
-        embedding_opt = SparseAdamW if sparse else LazyAdam
-        optimizers.append(embedding_opt(tables, lr=lr, weight_decay=wd))
-    return optimizers
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -284,7 +202,7 @@ def train(
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains one DDP replica on its
     own share of the Parquet row groups; only rank 0 writes the model directory and
-    progress, and a failing rank ends the job with one line (see :mod:`mtrec.distributed`).
+    progress, and a failing rank ends the job with one line (see :mod:`mtrec.training.distributed`).
 
     Args:
         config: A validated config (see :func:`mtrec.config.load_config`).
@@ -431,7 +349,7 @@ def _train(
 
     correlations = label_correlations(labelled.labels, labelled.label_mask, tasks)
     if len(correlations) > 1:
-        _say(stream, progress, _fmt_correlations(correlations))
+        _say(stream, progress, format_correlations(correlations))
 
     torch.manual_seed(t.seed)
     try:
@@ -446,7 +364,7 @@ def _train(
     embedding_optimizer = resolve_embedding_optimizer(t.embedding_optimizer, device, table_values, ctx.world_size)
     model.use_sparse_embedding_grads(embedding_optimizer == "sparse")
     # DDP for the dense weights (and a table with dense gradients); a table with sparse
-    # gradients is kept out of DDP and averaged by sync_sparse_grads (see mtrec.distributed).
+    # gradients is kept out of DDP and averaged by sync_sparse_grads (see mtrec.training.distributed).
     replica = wrap_model(model, ctx, device)
     broadcast_parameters(weighting, ctx)
     embedding_params = model.embedding_parameters()
@@ -572,7 +490,7 @@ def _train(
                 source = prefetch_to_device(source, device)
             step = 0
             for step, batch in enumerate(source, start=1):
-                with torch.profiler.record_function(STEP_RANGE):  # see mtrec.profiling
+                with torch.profiler.record_function(STEP_RANGE):  # see mtrec.training.profiling
                     if autocast is not None:
                         with autocast:
                             logits = forward(batch)
@@ -815,9 +733,9 @@ def _space_weights(batch: Batch) -> torch.Tensor:
 
 
 def _loss_denominators(batch: Batch, normalization: str) -> torch.Tensor:
-    """``(T,)`` what each task's loss of this rank's batch was divided by (see :mod:`mtrec.losses`):
+    """``(T,)`` what each task's loss of this rank's batch was divided by (see :mod:`mtrec.training.losses`):
     the sample-space weights, or the batch rows for every task (``impressions``), which
-    :func:`mtrec.distributed.global_mean_scale` turns into the global batch's."""
+    :func:`mtrec.training.distributed.global_mean_scale` turns into the global batch's."""
     if normalization == "impressions":
         rows = float(len(batch))  # a host number: no device read
         return torch.full(batch.label_mask.shape[1:], rows, dtype=torch.float64, device=batch.labels.device)
@@ -895,34 +813,3 @@ def _masked_loss(
         normalization,
     )
     return float(total)
-
-
-def label_correlations(labels: np.ndarray, mask: np.ndarray, tasks: Any) -> dict[str, dict[str, float | None]]:
-    """Pearson correlation of every pair of labels over the rows both tasks cover.
-
-    It tells whether tasks are related enough to share (MMoE's advantage grows as they
-    become less related). Multiclass labels are skipped; ``None`` where undefined.
-    """
-    names = [t.name for t in tasks if t.type != "multiclass"]
-    cols = [j for j, t in enumerate(tasks) if t.type != "multiclass"]
-    out: dict[str, dict[str, float | None]] = {}
-    for a, ja in zip(names, cols, strict=True):
-        out[a] = {}
-        for b, jb in zip(names, cols, strict=True):
-            both = mask[:, ja] & mask[:, jb]
-            x, y = labels[both, ja].astype(np.float64), labels[both, jb].astype(np.float64)
-            if both.sum() < 2 or x.std() == 0 or y.std() == 0:
-                out[a][b] = None
-            else:
-                out[a][b] = float(np.corrcoef(x, y)[0, 1])
-    return out
-
-
-def _fmt_correlations(corr: dict[str, dict[str, float | None]]) -> str:
-    names = list(corr)
-    width = max(len(n) for n in names)
-    lines = ["label correlation (rows both tasks cover):", " " * (width + 2) + "  ".join(f"{n:>8s}" for n in names)]
-    for a in names:
-        cells = "  ".join("     n/a" if corr[a][b] is None else f"{corr[a][b]:8.3f}" for b in names)
-        lines.append(f"  {a:<{width}s}{cells}")
-    return "\n".join(lines)

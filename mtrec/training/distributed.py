@@ -158,7 +158,7 @@ def init_distributed(
     NCCL for CUDA (each rank on ``cuda:LOCAL_RANK``, made the current device), gloo for CPU.
 
     Args:
-        device: The resolved training device (``mtrec.train.resolve_device``): ``cpu``,
+        device: The resolved training device (``mtrec.training.resolve_device``): ``cpu``,
             ``cuda`` or ``cuda:N`` (an explicit index is only accepted with one process per
             node, since several ranks on one GPU break NCCL).
         timeout_s: How long a collective may wait for the other ranks before it fails. It

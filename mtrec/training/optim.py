@@ -14,17 +14,23 @@ Both take ``weight_decay`` (``train.embedding_weight_decay``): AdamW's decoupled
 stays bit-identical, so a rare id is not shrunk towards 0 while it is absent from the data.
 
 :func:`lr_factor` and :func:`make_lr_schedulers` give the learning-rate warm-up and decay
-(``train.warmup_steps``, ``train.lr_decay``, ``train.min_lr_ratio``).
+(``train.warmup_steps``, ``train.lr_decay``, ``train.min_lr_ratio``); :func:`make_optimizers`
+builds a run's optimisers from its config.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-__all__ = ["LR_DECAYS", "LazyAdam", "SparseAdamW", "lr_factor", "make_lr_schedulers"]
+if TYPE_CHECKING:
+    from mtrec.config import Config
+
+__all__ = ["LR_DECAYS", "LazyAdam", "SparseAdamW", "lr_factor", "make_lr_schedulers", "make_optimizers"]
 
 LR_DECAYS = ("none", "cosine", "linear")
 
@@ -222,3 +228,30 @@ def make_lr_schedulers(
         )
 
     return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+
+
+def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
+    """Adam (fused where supported) for dense weights, Adam on touched rows for the embedding.
+
+    Sparse Adam updates only the rows a batch touched, so its cost follows the batch, not
+    the size of the tables (a dense Adam step over millions of embedding rows costs more
+    than the whole MLP on a CPU). With a dense table gradient (``model.features.embedding``
+    built with ``sparse=False``), :class:`mtrec.training.optim.LazyAdam` applies the same update.
+    ``train.embedding_weight_decay`` decays the touched rows in both (decoupled, AdamW-style:
+    :class:`mtrec.training.optim.SparseAdamW` and ``LazyAdam(weight_decay=...)``).
+    """
+    t = config.train
+    tables = model.embedding_tables()
+    dense = model.dense_parameters()
+    try:
+        opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay)
+    optimizers: list[torch.optim.Optimizer] = [opt]
+    if tables:
+        lr = t.embedding_lr or t.lr
+        sparse = bool(model.embedding_parameters())
+        wd = t.embedding_weight_decay
+        embedding_opt = SparseAdamW if sparse else LazyAdam
+        optimizers.append(embedding_opt(tables, lr=lr, weight_decay=wd))
+    return optimizers
