@@ -251,14 +251,19 @@ class MultiTaskModel(nn.Module):
         output_dims: tuple[int, ...] | None,
         tower_hidden: tuple[int, ...],
         dropout: float,
-        backbone: Callable[[int], nn.Module],
+        backbone: Callable[[int], nn.Module] | nn.Module,
         embedding_copies: int = 1,
+        features: nn.Module | None = None,
     ) -> MultiTaskModel:
         """The feature input for ``layout`` (as ``embedding`` says), ``backbone(in_dim)`` on it
         and one tower per task on the backbone's ``out_dim``: what every registered
-        architecture builds (``embedding_copies``: see :class:`FeatureInput`; shared mode only)."""
-        features = feature_input(layout, embedding, len(task_names), copies=embedding_copies)
-        net = backbone(features.out_dim)
+        architecture builds (``embedding_copies``: see :class:`FeatureInput`; shared mode only).
+
+        An architecture with its own input module (e.g. STEM-Net's table sets) passes it as
+        ``features`` with its ``backbone`` already built on it."""
+        if features is None:
+            features = feature_input(layout, embedding, len(task_names), copies=embedding_copies)
+        net = backbone if isinstance(backbone, nn.Module) else backbone(features.out_dim)
         return cls(
             features=features,
             task_names=task_names,

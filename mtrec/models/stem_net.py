@@ -75,12 +75,13 @@ def stem_net(
         expert_hidden=expert_hidden,
         dropout=dropout,
     )
-    return MultiTaskModel(
-        features=features,
-        task_names=task_names,
-        backbone=backbone,
-        backbone_out=backbone.out_dim,
-        tower_hidden=tower_hidden,
+    return MultiTaskModel.assemble(
+        layout,
+        task_names,
+        embedding=embedding,
         output_dims=output_dims,
+        tower_hidden=tower_hidden,
         dropout=dropout,
+        backbone=backbone,
+        features=features,
     )

@@ -17,6 +17,12 @@ from mtrec.weighting import ParameterSlice, SharedLayer
 __all__ = ["AFTBLayer", "CGCLayer", "ExpertGroup", "Gate", "MMoELayer", "PLE"]
 
 
+def _expert_labels(shared: int, specific: int, tasks: int, task_names: tuple[str, ...] | None) -> list[str]:
+    """Names of experts ordered ``[shared (S) | task 0 (K) | task 1 (K) | ...]`` for diagnostics."""
+    names = task_names or tuple(f"task {t}" for t in range(tasks))
+    return [f"shared {i}" for i in range(shared)] + [f"{names[t]} {k}" for t in range(tasks) for k in range(specific)]
+
+
 class ExpertGroup(nn.Module):
     """``E`` independent ReLU MLPs of identical shape, evaluated as one batched op.
 
@@ -272,11 +278,7 @@ class PLE(nn.Module):
         last = self.levels[-1]
         _, _, gates, _ = last(h, return_gates=True)
         experts = last.experts(h if h.dim() == 2 else h.index_select(0, last.expert_input))
-        S, K = last.num_shared, last.num_specific
-        names = task_names or tuple(f"task {t}" for t in range(last.num_tasks))
-        labels = [f"shared {i}" for i in range(S)] + [
-            f"{names[t]} {k}" for t in range(last.num_tasks) for k in range(K)
-        ]
+        labels = _expert_labels(last.num_shared, last.num_specific, last.num_tasks, task_names)
         return gates, experts, labels, last.task_experts.tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -373,6 +375,4 @@ class AFTBLayer(nn.Module):
         and for each task the experts its gate covers (all of them)."""
         gates, experts = self._gates_and_experts(x)
         S, K, T = self.num_shared, self.num_specific, self.num_tasks
-        names = task_names or tuple(f"task {t}" for t in range(T))
-        labels = [f"shared {i}" for i in range(S)] + [f"{names[t]} {k}" for t in range(T) for k in range(K)]
-        return gates, experts, labels, [list(range(S + T * K))] * T
+        return gates, experts, _expert_labels(S, K, T, task_names), [list(range(S + T * K))] * T
