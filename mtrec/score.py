@@ -40,6 +40,7 @@ from mtrec.data.parquet import open_parquet, resolve_paths
 from mtrec.data.preprocess import EncodedColumns
 from mtrec.errors import DataError, MtrecError
 from mtrec.files import claim_output, staged_dir, write_file
+from mtrec.progress import Progress
 from mtrec.schema import Task
 
 __all__ = ["Ranker", "check_rank", "load_model", "parse_rank", "rank_score", "score_parquet"]
@@ -576,39 +577,20 @@ def _plan(
     return jobs, as_folder
 
 
-class _Progress:
-    """Rows/s and ETA on stderr: a tqdm bar on a terminal, a plain line every few seconds otherwise."""
+class _Progress(Progress):
+    """Rows scored of ``total``: a tqdm bar on a terminal, a plain line every ``every`` seconds otherwise."""
 
     def __init__(self, total: int, stream: TextIO, enabled: bool, every: float = 5.0) -> None:
-        self.total, self.stream, self.enabled, self.every = total, stream, enabled, every
-        self.rows = 0
-        self.start = self.last = time.perf_counter()
-        self.bar = None
-        if enabled and stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="scoring", unit="row", unit_scale=True, file=stream, leave=False)
+        super().__init__(total, desc="scoring", unit="row", stream=stream, enabled=enabled, unit_scale=True)
+        self.every = every
 
     def update(self, rows: int) -> None:
-        self.rows += rows
-        if self.bar is not None:
-            self.bar.update(rows)
-            return
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= self.every:
-            self.last = now
-            rate = self.rows / (now - self.start)
-            eta = (self.total - self.rows) / rate if rate > 0 else float("inf")
-            pct = 100.0 * self.rows / self.total if self.total else 100.0
-            print(
-                f"scored {self.rows:,}/{self.total:,} rows ({pct:.1f} %) rows/s {rate:,.0f} eta {eta:,.0f}s",
-                file=self.stream,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.advance(self.done + rows)
+        if self.due(self.every):
+            rate = self.rate(self.done)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            pct = 100.0 * self.done / self.total if self.total else 100.0
+            self.line(f"scored {self.done:,}/{self.total:,} rows ({pct:.1f} %) rows/s {rate:,.0f} eta {eta:,.0f}s")
 
 
 def _iter_chunks(job: _Job, columns: list[str]) -> Iterator[pa.Table]:

@@ -1,4 +1,6 @@
-"""The training run: data, the loop, early stopping, resume state, logs, progress and the model directory."""
+"""The training run (:class:`Trainer`): data, model and optimisers, the epochs with validation and early
+stopping, the resume state after each, the log and the model directory. The step itself is
+:mod:`mtrec.training.step`; what is carried between epochs, :mod:`mtrec.training.state`."""
 
 from __future__ import annotations
 
@@ -52,28 +54,27 @@ from mtrec.errors import ConfigError, DataError, ModelError, MtrecError
 from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
 from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
 from mtrec.models.base import MultiTaskModel
+from mtrec.progress import Progress, format_seconds, say
 from mtrec.training.distributed import (
     DistContext,
     all_reduce_array,
-    all_reduce_grads,
     barrier,
     broadcast_parameters,
     check_loss_weighting,
     check_same,
     fail_fast,
     gather_rows,
-    global_mean_scale,
     init_distributed,
     shard_bounds,
     shutdown,
-    sync_sparse_grads,
     wrap_model,
 )
 from mtrec.training.labels import format_correlations, label_correlations
-from mtrec.training.losses import multitask_loss, task_losses
+from mtrec.training.losses import multitask_loss
 from mtrec.training.optim import make_lr_schedulers, make_optimizers
 from mtrec.training.policy import resolve_device, resolve_embedding_optimizer, resolve_precision
-from mtrec.training.profiling import STEP_RANGE
+from mtrec.training.state import ResumableState, RunRecord
+from mtrec.training.step import TrainStep
 from mtrec.weighting import create_weighting
 
 __all__ = ["TrainResult", "train"]
@@ -130,11 +131,6 @@ class _LossSums:
         return dict(zip(self.task_names, self.tasks.tolist(), strict=True))
 
 
-def _fmt_seconds(s: float) -> str:
-    s = max(0, int(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def _fmt_metrics(metrics: dict[str, dict[str, Any]]) -> str:
     parts = []
     for name, m in metrics.items():
@@ -147,44 +143,24 @@ def _fmt_metrics(metrics: dict[str, dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
-class _Progress:
-    """A tqdm bar on a terminal, plain periodic lines otherwise."""
+class _EpochProgress(Progress):
+    """The steps of one epoch: a bar with loss and rows/s on a terminal, a line every ``every`` steps otherwise."""
 
     def __init__(self, total: int, epoch: int, epochs: int, every: int, stream: TextIO, enabled: bool) -> None:
-        self.total, self.epoch, self.epochs, self.every = total, epoch, epochs, every
-        self.stream = stream
-        self.start = time.perf_counter()
-        self.shown = self.start
-        self.bar = None
-        if enabled and stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", file=stream, leave=False)
-        self.enabled = enabled
+        super().__init__(total, desc=f"epoch {epoch}/{epochs}", unit="step", stream=stream, enabled=enabled)
+        self.epoch, self.epochs, self.every = epoch, epochs, every
 
     def update(self, step: int, rows: int, loss: Callable[[], float]) -> None:
-        """Moves the bar to ``step``; ``loss()`` (a host read of a device value) is called
-        only when the loss is shown: every ``every`` steps, or every 0.5 s on a terminal."""
-        now = time.perf_counter()
-        elapsed = now - self.start
-        rate = rows / elapsed if elapsed > 0 else 0.0
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            if now - self.shown >= 0.5 or step == self.total:
-                self.shown = now
-                self.bar.set_postfix(loss=f"{loss():.4f}", rows_s=f"{rate:,.0f}")
-        elif self.enabled and (step % self.every == 0 or step == self.total):
-            eta = elapsed / step * (self.total - step)
-            print(
+        """Moves to ``step``; ``loss()`` (a host read of a device value) is called only when the
+        loss is shown: every ``every`` steps, or every 0.5 s on a terminal."""
+        rate = self.rate(rows)
+        self.advance(step, lambda: {"loss": f"{loss():.4f}", "rows_s": f"{rate:,.0f}"})
+        if self.plain and (step % self.every == 0 or step == self.total):
+            eta = self.elapsed() / step * (self.total - step)
+            self.line(
                 f"epoch {self.epoch}/{self.epochs} step {step}/{self.total} loss {loss():.4f} "
-                f"rows/s {rate:,.0f} eta {_fmt_seconds(eta)}",
-                file=self.stream,
-                flush=True,
+                f"rows/s {rate:,.0f} eta {format_seconds(eta)}"
             )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def train(
@@ -243,9 +219,8 @@ def train(
                         raise MtrecError(f"{out_dir}: nothing to resume (no {resumable}/resume/state.json)")
                     state = load_resume_state(resumable, map_location="cpu")
                 try:
-                    return _train(
-                        config, out_dir, staging, progress and ctx.is_main, stream, on_epoch, ctx, device, state
-                    )
+                    trainer = Trainer(config, out_dir, staging, progress and ctx.is_main, stream, ctx, device)
+                    return trainer.run(on_epoch, state)
                 except (MtrecError, OSError) as exc:
                     if isinstance(exc, OSError):  # a full disk while writing the model: one line, like bad input
                         exc = MtrecError(f"{exc.filename or out_dir}: cannot write ({exc.strerror or exc})")
@@ -268,425 +243,377 @@ def _data_inputs(config: Config) -> list[str]:
     return [spec for spec in (config.data.train, config.data.valid) if spec and not any(c in spec for c in "*?[")]
 
 
-def _say(stream: TextIO, enabled: bool, text: str) -> None:
-    if enabled:
-        print(text, file=stream, flush=True)
+@dataclass
+class _EpochTotals:
+    """One epoch's training sums over all ranks."""
+
+    loss_sum: float
+    rows: int
+    task_loss: dict[str, float]
+    seconds: float
 
 
-def _train(
-    config: Config,
-    out_dir: Path,
-    staging: Path | None,
-    progress: bool,
-    stream: TextIO,
-    on_epoch: Callable[[dict[str, Any]], None] | None,
-    ctx: DistContext,
-    device: torch.device,
-    resume: dict[str, Any] | None,
-) -> TrainResult:
-    t = config.train
-    # Ranks on one machine share its cores.
-    torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
-    generator = _seed_everything(t.seed)
-    schema = config.schema
-    tasks = schema.output_tasks
-    task_names = tuple(t.name for t in tasks)
+class Trainer:
+    """One training run in stages: :meth:`setup` (data, model, optimisers, the model directory),
+    then :meth:`fit` (each epoch trained, validated, checkpointed; early stopping), then
+    :meth:`finish` (best weights, diagnostics, metrics and meta files).
 
-    t0 = time.perf_counter()
-    d = config.data
-    mode, size_mb = resolve_data_mode(d.mode, schema, d.train, d.memory_budget_mb)
-    if ctx.enabled:
-        mode = "stream"  # each rank reads its own share of the row groups
-    data: TrainingData | StreamingData
-    if mode == "memory":
-        data = load_training_data(schema, d.train, d.valid, valid_fraction=d.valid_fraction, seed=t.seed)
-        batches: _MemoryBatches | ParquetStream = _MemoryBatches(
-            data.train, t.batch_size, generator, device=device, gpu_share=t.gpu_data_share
-        )
-        train_rows = data.train.num_rows
-        labelled, labelled_what = data.train, "training"
-    else:
-        data = load_streaming_data(
-            schema,
-            d.train,
-            d.valid,
-            valid_fraction=d.valid_fraction,
-            seed=t.seed,
-            batch_size=t.batch_size // ctx.world_size,  # train.batch_size is the global batch
-            shuffle_buffer=d.shuffle_buffer,
-            read_ahead=d.read_ahead,
-            num_workers=d.num_workers,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
-        batches = data.train
-        train_rows = data.train.total_rows
-        # The training rows are never held at once; label statistics come from validation.
-        labelled, labelled_what = data.valid, "validation"
-    load_s = time.perf_counter() - t0
-    layout = data.preprocessor.layout()
-    check_same(dataclasses.asdict(layout), ctx, "the fitted preprocessing (input layout)")
-    how = (
-        "read and encoded"
-        if mode == "memory"
-        else f"stream mode: encoded size ~{size_mb:,.0f} MiB, budget {d.memory_budget_mb:,.0f} MiB; fitted"
-    )
-    _say(
-        stream,
-        progress,
-        f"data: {train_rows:,} training rows{_ranks(ctx)}, {data.valid.num_rows:,} validation rows "
-        f"({how} in {load_s:.1f}s); embedding rows {sum(layout.table_sizes):,}",
-    )
-    for j, task in enumerate(tasks):
-        space = labelled.label_mask[:, j]
-        rate = float(labelled.labels[space, j].mean()) if space.any() else float("nan")
-        what = "positive rate" if task.type == "binary" else "mean label"
-        _say(
-            stream,
-            progress,
-            f"task {task.name}: {int(space.sum()):,} {labelled_what} rows in its sample space, {what} {rate:.4f}",
-        )
+    Rank 0 alone has a ``staging`` folder and writes; every rank trains.
+    """
 
-    correlations = label_correlations(labelled.labels, labelled.label_mask, tasks)
-    if len(correlations) > 1:
-        _say(stream, progress, format_correlations(correlations))
+    def __init__(
+        self,
+        config: Config,
+        out_dir: Path,
+        staging: Path | None,
+        progress: bool,
+        stream: TextIO,
+        ctx: DistContext,
+        device: torch.device,
+    ) -> None:
+        self.config, self.t = config, config.train
+        self.out_dir, self.staging = out_dir, staging
+        self.progress, self.stream = progress, stream
+        self.ctx, self.device = ctx, device
+        self.tasks = config.schema.output_tasks
+        self.task_names = tuple(task.name for task in self.tasks)
+        self.log_fh: TextIO | None = None
 
-    torch.manual_seed(t.seed)
-    try:
-        model = build_model(config, layout).to(device)
-    except (ValueError, RuntimeError) as exc:
-        raise ConfigError(f"model: {str(exc).splitlines()[0]}") from None
-    weighting_cfg = dict(t.loss_weighting)
-    weighting = create_weighting(
-        weighting_cfg.pop("name"), task_names, tuple(task.weight for task in tasks), **weighting_cfg
-    ).to(device)
-    table_values = sum(table.numel() for table in model.embedding_tables())
-    embedding_optimizer = resolve_embedding_optimizer(t.embedding_optimizer, device, table_values, ctx.world_size)
-    model.use_sparse_embedding_grads(embedding_optimizer == "sparse")
-    # DDP for the dense weights (and a table with dense gradients); a table with sparse
-    # gradients is kept out of DDP and averaged by sync_sparse_grads (see mtrec.training.distributed).
-    replica = wrap_model(model, ctx, device)
-    broadcast_parameters(weighting, ctx)
-    embedding_params = model.embedding_parameters()
-    optimizers = make_optimizers(model, config)
-    if weighting.extra_parameters():
-        # Own group without weight decay: decay would pull the log-variances towards 0.
-        optimizers[0].add_param_group({"params": weighting.extra_parameters(), "weight_decay": 0.0})
-    # Per-step warm-up and decay of every optimiser's rates (none by default); built after the
-    # last param group is added, as LambdaLR records each group's base rate.
-    schedulers = make_lr_schedulers(
-        optimizers,
-        warmup_steps=t.warmup_steps,
-        decay=t.lr_decay,
-        total_steps=_total_steps(batches, t.epochs) if t.lr_decay != "none" else 0,
-        min_lr_ratio=t.min_lr_ratio,
-    )
-    shared_params, last_shared = model.shared_parameters(), model.last_shared_parameters()
-    n_params = sum(p.numel() for p in model.parameters())
-    precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[
-        resolve_precision(t.precision, device)
-    ]
-    where = ", training data resident on the GPU" if getattr(batches, "resident", False) else ""
-    compiled = ", torch.compile" if t.compile else ""
-    _say(
-        stream,
-        progress,
-        f"model: {config.model.name}, {n_params:,} parameters, device {device}, {precision}, "
-        f"{embedding_optimizer} embedding gradients{compiled}{where}",
-    )
+    def say(self, text: str) -> None:
+        say(self.stream, self.progress, text)
 
-    meta = {
-        "mtrec_version": __version__,
-        "torch_version": torch.__version__,
-        "model": config.model.name,
-        "task_names": list(task_names),
-        "layout": dataclasses.asdict(layout),
-        "train_rows": train_rows,
-        "data_mode": mode,
-        "valid_rows": data.valid.num_rows,
-        "train_files": [str(p) for p in data.train_files],
-        "precision": precision,
-        "embedding_optimizer": embedding_optimizer,
-        "label_correlations": correlations,
-    }
-    log_fh: TextIO | None = None
-    if resume is not None:
-        # SparseAdam and LazyAdam keep the same state (step, exp_avg, exp_avg_sq), so a run
-        # may continue with the other embedding update (e.g. on a GPU after a CPU start).
-        _check_resumable(resume, staging_dir(out_dir), config, data.preprocessor, mode, ctx)
-    elif staging is not None:  # rank 0 writes the model directory and its log
-        save_model_files(staging, config, data.preprocessor, meta)
-    if staging is not None:
-        log_fh = (staging / "log.jsonl").open("a")
+    def log(self, record: dict[str, Any]) -> None:
+        if self.log_fh is not None:
+            self.log_fh.write(json.dumps(record) + "\n")
+            self.log_fh.flush()
 
-    def log(record: dict[str, Any]) -> None:
-        if log_fh is not None:
-            log_fh.write(json.dumps(record) + "\n")
-            log_fh.flush()
-
-    valid_cols = TensorColumns.from_encoded(data.valid)
-    if t.compile:
-        _compile_backbones(model)
-    forward = replica
-    amp_dtype = resolve_precision(t.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
-    dense_params = model.dense_parameters()  # what grad_clip clips (never the table)
-
-    history: list[dict[str, Any]] = []
-    best_value: float | None = None
-    best_epoch = 0
-    best_metrics: dict[str, dict[str, Any]] = {}
-    bad_epochs = 0
-    first_epoch = 1
-    if resume is not None:
-        # load_resume_state checked the structure; whether it fits this model is known only here.
-        saved = staging_dir(out_dir) / RESUME
-        check_state_tensors(model.state_dict(), resume["model"], saved)
+    def run(self, on_epoch: Callable[[dict[str, Any]], None] | None, resume: dict[str, Any] | None) -> TrainResult:
         try:
-            model.load_state_dict(resume["model"])
-            for opt, state in zip(optimizers, resume["optimizers"], strict=True):
-                opt.load_state_dict(state)
-            saved_schedulers = resume.get("schedulers") or []
-            if len(saved_schedulers) != len(schedulers):
-                raise ValueError(
-                    f"{len(saved_schedulers)} learning-rate scheduler state(s) saved, {len(schedulers)} configured"
-                )
-            for scheduler, state in zip(schedulers, saved_schedulers, strict=True):
-                scheduler.load_state_dict(state)
-            weighting.load_state_dict(resume["weighting"])
-            generator.set_state(resume["generator"])
-            if scaler is not None and resume.get("scaler"):
-                scaler.load_state_dict(resume["scaler"])
-            torch.set_rng_state(resume["torch_rng"])
-            if device.type == "cuda" and resume["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(torch.as_tensor(resume["cuda_rng"][ctx.rank]), device)
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"{saved}: the resume state does not fit the model or optimizers ({first})") from None
-        history = list(resume["history"])
-        best_value, best_epoch = resume["best_value"], resume["best_epoch"]
-        best_metrics, bad_epochs = resume["best_metrics"], resume["bad_epochs"]
+            self.setup(resume)
+            self.fit(on_epoch)
+            self.finish()
+        finally:
+            if self.log_fh is not None:
+                self.log_fh.close()
+        if self.staging is not None:
+            commit_model_dir(self.staging, self.out_dir)
+        # Every rank returns only once the model directory exists.
+        barrier(self.ctx)
+        record = self.state.record
+        self.say(f"best epoch {record.best_epoch}: {_fmt_metrics(record.best_metrics)}")
+        self.say(f"model saved to {self.out_dir}")
+        return TrainResult(self.out_dir, record.best_epoch, record.best_metrics, record.history)
+
+    # ------------------------------------------------------------------------------- setup
+    def setup(self, resume: dict[str, Any] | None) -> None:
+        # Ranks on one machine share its cores.
+        torch.set_num_threads(self.t.threads or max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
+        self.generator = _seed_everything(self.t.seed)
+        self._load_data()
+        self._describe_labels()
+        self._build_model()
+        self._open_model_dir(resume)
+        self.valid_cols = TensorColumns.from_encoded(self.data.valid)
+        if self.t.compile:
+            _compile_backbones(self.model)
+        self.step = TrainStep(
+            self.model,
+            self.replica,
+            self.weighting,
+            self.optimizers,
+            self.schedulers,
+            tasks=self.tasks,
+            train=self.t,
+            ctx=self.ctx,
+            device=self.device,
+        )
+        run = {
+            "world_size": self.ctx.world_size,
+            "data_mode": self.mode,
+            "embedding_optimizer": self.embedding_optimizer,
+        }
+        self.state = ResumableState(
+            self.model,
+            self.optimizers,
+            self.schedulers,
+            self.weighting,
+            self.generator,
+            self.step.scaler,
+            self.ctx,
+            self.device,
+            RunRecord(),
+            run,
+        )
+        self.first_epoch = 1
+        if resume is not None:
+            self._restore(resume)
+        else:
+            self.log(
+                {
+                    "event": "start",
+                    "config_model": self.config.model.name,
+                    "train_rows": self.train_rows,
+                    "time": time.time(),
+                }
+            )
+
+    def _load_data(self) -> None:
+        t, d, schema, ctx = self.t, self.config.data, self.config.schema, self.ctx
+        t0 = time.perf_counter()
+        mode, size_mb = resolve_data_mode(d.mode, schema, d.train, d.memory_budget_mb)
+        if ctx.enabled:
+            mode = "stream"  # each rank reads its own share of the row groups
+        self.mode = mode
+        self.data: TrainingData | StreamingData
+        if mode == "memory":
+            self.data = load_training_data(schema, d.train, d.valid, valid_fraction=d.valid_fraction, seed=t.seed)
+            self.batches: _MemoryBatches | ParquetStream = _MemoryBatches(
+                self.data.train, t.batch_size, self.generator, device=self.device, gpu_share=t.gpu_data_share
+            )
+            self.train_rows = self.data.train.num_rows
+            self.labelled, self.labelled_what = self.data.train, "training"
+            how = "read and encoded"
+        else:
+            self.data = load_streaming_data(
+                schema,
+                d.train,
+                d.valid,
+                valid_fraction=d.valid_fraction,
+                seed=t.seed,
+                batch_size=t.batch_size // ctx.world_size,  # train.batch_size is the global batch
+                shuffle_buffer=d.shuffle_buffer,
+                read_ahead=d.read_ahead,
+                num_workers=d.num_workers,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+            )
+            self.batches = self.data.train
+            self.train_rows = self.data.train.total_rows
+            # The training rows are never held at once; label statistics come from validation.
+            self.labelled, self.labelled_what = self.data.valid, "validation"
+            how = f"stream mode: encoded size ~{size_mb:,.0f} MiB, budget {d.memory_budget_mb:,.0f} MiB; fitted"
+        load_s = time.perf_counter() - t0
+        self.layout = self.data.preprocessor.layout()
+        check_same(dataclasses.asdict(self.layout), ctx, "the fitted preprocessing (input layout)")
+        self.say(
+            f"data: {self.train_rows:,} training rows{_ranks(ctx)}, {self.data.valid.num_rows:,} validation rows "
+            f"({how} in {load_s:.1f}s); embedding rows {sum(self.layout.table_sizes):,}"
+        )
+
+    def _describe_labels(self) -> None:
+        labelled = self.labelled
+        for j, task in enumerate(self.tasks):
+            space = labelled.label_mask[:, j]
+            rate = float(labelled.labels[space, j].mean()) if space.any() else float("nan")
+            what = "positive rate" if task.type == "binary" else "mean label"
+            self.say(
+                f"task {task.name}: {int(space.sum()):,} {self.labelled_what} rows in its sample space, "
+                f"{what} {rate:.4f}"
+            )
+        self.correlations = label_correlations(labelled.labels, labelled.label_mask, self.tasks)
+        if len(self.correlations) > 1:
+            self.say(format_correlations(self.correlations))
+
+    def _build_model(self) -> None:
+        t, device, ctx = self.t, self.device, self.ctx
+        torch.manual_seed(t.seed)
+        try:
+            model = build_model(self.config, self.layout).to(device)
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"model: {str(exc).splitlines()[0]}") from None
+        self.model = model
+        weighting_cfg = dict(t.loss_weighting)
+        self.weighting = create_weighting(
+            weighting_cfg.pop("name"), self.task_names, tuple(task.weight for task in self.tasks), **weighting_cfg
+        ).to(device)
+        table_values = sum(table.numel() for table in model.embedding_tables())
+        self.embedding_optimizer = resolve_embedding_optimizer(
+            t.embedding_optimizer, device, table_values, ctx.world_size
+        )
+        model.use_sparse_embedding_grads(self.embedding_optimizer == "sparse")
+        # DDP for the dense weights (and a table with dense gradients); a table with sparse
+        # gradients is kept out of DDP and averaged by sync_sparse_grads (see mtrec.training.distributed).
+        self.replica = wrap_model(model, ctx, device)
+        broadcast_parameters(self.weighting, ctx)
+        self.optimizers = make_optimizers(model, self.config)
+        if self.weighting.extra_parameters():
+            # Own group without weight decay: decay would pull the log-variances towards 0.
+            self.optimizers[0].add_param_group({"params": self.weighting.extra_parameters(), "weight_decay": 0.0})
+        # Per-step warm-up and decay of every optimiser's rates (none by default); built after the
+        # last param group is added, as LambdaLR records each group's base rate.
+        self.schedulers = make_lr_schedulers(
+            self.optimizers,
+            warmup_steps=t.warmup_steps,
+            decay=t.lr_decay,
+            total_steps=_total_steps(self.batches, t.epochs) if t.lr_decay != "none" else 0,
+            min_lr_ratio=t.min_lr_ratio,
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        self.precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[
+            resolve_precision(t.precision, device)
+        ]
+        where = ", training data resident on the GPU" if getattr(self.batches, "resident", False) else ""
+        compiled = ", torch.compile" if t.compile else ""
+        self.say(
+            f"model: {self.config.model.name}, {n_params:,} parameters, device {device}, {self.precision}, "
+            f"{self.embedding_optimizer} embedding gradients{compiled}{where}"
+        )
+
+    def _open_model_dir(self, resume: dict[str, Any] | None) -> None:
+        self.meta = {
+            "mtrec_version": __version__,
+            "torch_version": torch.__version__,
+            "model": self.config.model.name,
+            "task_names": list(self.task_names),
+            "layout": dataclasses.asdict(self.layout),
+            "train_rows": self.train_rows,
+            "data_mode": self.mode,
+            "valid_rows": self.data.valid.num_rows,
+            "train_files": [str(p) for p in self.data.train_files],
+            "precision": self.precision,
+            "embedding_optimizer": self.embedding_optimizer,
+            "label_correlations": self.correlations,
+        }
+        if resume is not None:
+            # SparseAdam and LazyAdam keep the same state (step, exp_avg, exp_avg_sq), so a run
+            # may continue with the other embedding update (e.g. on a GPU after a CPU start).
+            pre = self.data.preprocessor
+            _check_resumable(resume, staging_dir(self.out_dir), self.config, pre, self.mode, self.ctx)
+        elif self.staging is not None:  # rank 0 writes the model directory and its log
+            save_model_files(self.staging, self.config, self.data.preprocessor, self.meta)
+        if self.staging is not None:
+            self.log_fh = (self.staging / "log.jsonl").open("a")
+
+    def _restore(self, resume: dict[str, Any]) -> None:
+        # load_resume_state checked the structure; whether it fits this model is known only here.
+        self.state.restore(resume, staging_dir(self.out_dir) / RESUME)
+        record, after = self.state.record, resume["epoch"]
         # A run that had already stopped early (and was interrupted while finishing) stays stopped.
-        first_epoch = resume["epoch"] + 1 if bad_epochs <= t.patience else t.epochs + 1
-        if best_epoch == resume["epoch"] and staging is not None:
-            save_weights(model, staging / WEIGHTS)  # the state's own weights are the best ones
-        _say(stream, progress, f"resuming after epoch {resume['epoch']} (best epoch so far {best_epoch})")
-        log({"event": "resume", "after_epoch": resume["epoch"], "time": time.time()})
-    else:
-        log({"event": "start", "config_model": config.model.name, "train_rows": train_rows, "time": time.time()})
-    higher_better = t.monitor == "mean_auc" or t.monitor.endswith((".auc", ".accuracy"))
-    try:
-        for epoch in range(first_epoch, t.epochs + 1):
-            model.train()
-            steps = batches.num_batches(epoch)
-            bar = _Progress(steps, epoch, t.epochs, t.log_every, stream, progress)
-            # Loss sums stay on the device: reading them (a host sync that stalls the GPU
-            # queue) happens only where a progress line or log record needs them.
-            sums = _LossSums(task_names, device)
-            e0 = time.perf_counter()
-            source = batches.iter_batches(epoch)
-            if not getattr(batches, "resident", False):  # resident batches are already on the GPU
-                source = prefetch_to_device(source, device)
-            step = 0
-            for step, batch in enumerate(source, start=1):
-                with torch.profiler.record_function(STEP_RANGE):  # see mtrec.training.profiling
-                    if autocast is not None:
-                        with autocast:
-                            logits = forward(batch)
-                    else:
-                        logits = forward(batch)
-                    parts = task_losses(
-                        logits, batch.labels, batch.label_mask, tasks, batch.sample_weight, t.loss_normalization
-                    )
-                    if ctx.enabled:
-                        # Each task's loss becomes the mean over all ranks' rows of its sample space
-                        # (impressions: the sum over them divided by the global batch's rows).
-                        scale = global_mean_scale(_loss_denominators(batch, t.loss_normalization), ctx)
-                        scale = scale.to(torch.float32)
-                        parts = {name: part * scale[j] for j, (name, part) in enumerate(parts.items())}
-                    aux = model.auxiliary_loss(logits, batch)
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    if scaler is None:
-                        loss = weighting.backward(parts, shared=shared_params, last_shared=last_shared, extra=aux)
-                    else:
-                        # fp16: the objective is linear in the losses (fixed/dwa weighting), so
-                        # scaling each loss is scaling the objective, as GradScaler.scale does.
-                        factor = scaler.scale(torch.ones((), device=device))
-                        scaled = {name: part * factor for name, part in parts.items()}
-                        extra = None if aux is None else aux * factor
-                        loss = weighting.backward(scaled, shared=shared_params, last_shared=last_shared, extra=extra)
-                        loss = loss / factor
-                    sync_sparse_grads(embedding_params, ctx)
-                    all_reduce_grads(weighting.extra_parameters(), ctx)
-                    sums.add(loss, parts, len(batch))
-                    if scaler is not None:
-                        for opt in optimizers:
-                            scaler.unscale_(opt)
-                    if t.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(dense_params, t.grad_clip)
-                    if scaler is None:
-                        for opt in optimizers:
-                            opt.step()
-                    else:
-                        for opt in optimizers:
-                            scaler.step(opt)  # skipped when a gradient overflowed
-                        scaler.update()
-                    for scheduler in schedulers:  # host arithmetic only: no device read
-                        scheduler.step()
-                bar.update(step, sums.rows, functools.partial(sums.mean_loss, epoch, step))
-                if step % t.log_every == 0:
-                    log({"event": "step", "epoch": epoch, "step": step, "loss": sums.mean_loss(epoch, step)})
-            loss_sum, rows = sums.loss_sum(epoch, step), sums.rows
-            epoch_task_loss = sums.task_sums()
-            bar.close()
-            train_s = time.perf_counter() - e0
-            if ctx.enabled:  # every rank logs and balances with the totals of all ranks
-                totals = all_reduce_array([loss_sum, rows, *epoch_task_loss.values()], ctx)
-                loss_sum, rows = float(totals[0]), int(totals[1])
-                epoch_task_loss = {name: float(v) for name, v in zip(task_names, totals[2:], strict=True)}
-            weighting.epoch_end({name: value / max(rows, 1) for name, value in epoch_task_loss.items()})
-            v0 = time.perf_counter()
-            logits = _predict_valid(model, valid_cols, task_names, t.eval_batch_size, device, ctx)
-            v = data.valid
-            valid_loss = _masked_loss(logits, v.labels, v.label_mask, tasks, v.sample_weight, t.loss_normalization)
-            metrics = compute_metrics(logits, v.labels, v.label_mask, tasks, v.sample_weight)
-            valid_s = time.perf_counter() - v0
-            value = summary_metric(metrics, t.monitor, valid_loss)
-            improved = value is not None and (
-                best_value is None or (value > best_value if higher_better else value < best_value)
-            )
-            record = {
-                "event": "epoch",
-                "epoch": epoch,
-                "train_loss": loss_sum / max(rows, 1),
-                "train_task_loss": {name: value / max(rows, 1) for name, value in epoch_task_loss.items()},
-                "task_weights": weighting.weights(),
-                "valid_loss": valid_loss,
-                "valid": metrics,
-                "monitor": t.monitor,
-                "monitor_value": value,
-                "improved": improved,
-                "train_seconds": train_s,
-                "valid_seconds": valid_s,
-                "rows_per_second": rows / train_s if train_s > 0 else None,
-            }
-            history.append(record)
-            log(record)
-            mark = " *" if improved else ""
-            _say(
-                stream,
-                progress,
-                f"epoch {epoch}/{t.epochs}: train loss {record['train_loss']:.4f}, valid loss {valid_loss:.4f}, "
-                f"{_fmt_metrics(metrics)}, {rows / train_s:,.0f} rows/s, {train_s:.1f}s{mark}",
-            )
-            if improved:
-                best_value, best_epoch, best_metrics = value, epoch, metrics
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            # Every rank's own CUDA generator (a collective: called on all ranks).
-            cuda_rng = (
-                gather_rows(torch.cuda.get_rng_state(device).numpy()[None], ctx) if device.type == "cuda" else None
-            )
-            if staging is not None:
-                # Everything needed to continue after this epoch as if never interrupted.
-                save_resume_state(
-                    staging,
-                    {
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizers": [opt.state_dict() for opt in optimizers],
-                        "schedulers": [scheduler.state_dict() for scheduler in schedulers],
-                        "weighting": weighting.state_dict(),
-                        "generator": generator.get_state(),
-                        "scaler": None if scaler is None else scaler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": None if cuda_rng is None else torch.from_numpy(cuda_rng),
-                        "world_size": ctx.world_size,
-                        "data_mode": mode,
-                        "embedding_optimizer": embedding_optimizer,
-                        "best_value": best_value,
-                        "best_epoch": best_epoch,
-                        "best_metrics": best_metrics,
-                        "bad_epochs": bad_epochs,
-                        "history": history,
-                    },
-                )
-            if improved and staging is not None:
-                # After the resume state: a crash in between leaves a state whose best epoch is
-                # its own epoch, and resuming rewrites the best weights from it.
-                save_weights(model, staging / WEIGHTS)
+        self.first_epoch = after + 1 if record.bad_epochs <= self.t.patience else self.t.epochs + 1
+        if record.best_epoch == after and self.staging is not None:
+            save_weights(self.model, self.staging / WEIGHTS)  # the state's own weights are the best ones
+        self.say(f"resuming after epoch {after} (best epoch so far {record.best_epoch})")
+        self.log({"event": "resume", "after_epoch": after, "time": time.time()})
+
+    # --------------------------------------------------------------------------------- fit
+    def fit(self, on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
+        t = self.t
+        for epoch in range(self.first_epoch, t.epochs + 1):
+            totals = self.train_epoch(epoch)
+            record = self.validate(epoch, totals)
+            self.state.record.add(record)
+            self.checkpoint(epoch, record["improved"])
             if on_epoch is not None:
                 on_epoch(record)
+            bad_epochs = self.state.record.bad_epochs
             if bad_epochs > t.patience:
-                _say(stream, progress, f"early stop: {t.monitor} has not improved for {bad_epochs} epochs")
+                self.say(f"early stop: {t.monitor} has not improved for {bad_epochs} epochs")
                 break
-        if best_epoch == 0:
+
+    def train_epoch(self, epoch: int) -> _EpochTotals:
+        self.model.train()
+        steps = self.batches.num_batches(epoch)
+        bar = _EpochProgress(steps, epoch, self.t.epochs, self.t.log_every, self.stream, self.progress)
+        # Loss sums stay on the device: reading them (a host sync that stalls the GPU
+        # queue) happens only where a progress line or log record needs them.
+        sums = _LossSums(self.task_names, self.device)
+        e0 = time.perf_counter()
+        source = self.batches.iter_batches(epoch)
+        if not getattr(self.batches, "resident", False):  # resident batches are already on the GPU
+            source = prefetch_to_device(source, self.device)
+        step = 0
+        for step, batch in enumerate(source, start=1):
+            loss, parts = self.step(batch)
+            sums.add(loss, parts, len(batch))
+            bar.update(step, sums.rows, functools.partial(sums.mean_loss, epoch, step))
+            if step % self.t.log_every == 0:
+                self.log({"event": "step", "epoch": epoch, "step": step, "loss": sums.mean_loss(epoch, step)})
+        loss_sum, rows, task_loss = sums.loss_sum(epoch, step), sums.rows, sums.task_sums()
+        bar.close()
+        seconds = time.perf_counter() - e0
+        if self.ctx.enabled:  # every rank logs and balances with the totals of all ranks
+            totals = all_reduce_array([loss_sum, rows, *task_loss.values()], self.ctx)
+            loss_sum, rows = float(totals[0]), int(totals[1])
+            task_loss = {name: float(v) for name, v in zip(self.task_names, totals[2:], strict=True)}
+        self.weighting.epoch_end({name: value / max(rows, 1) for name, value in task_loss.items()})
+        return _EpochTotals(loss_sum, rows, task_loss, seconds)
+
+    def validate(self, epoch: int, totals: _EpochTotals) -> dict[str, Any]:
+        """The epoch's record: validation loss and metrics, the monitored value and whether it improved."""
+        t, v, rows, train_s = self.t, self.data.valid, totals.rows, totals.seconds
+        v0 = time.perf_counter()
+        logits = _predict_valid(self.model, self.valid_cols, self.task_names, t.eval_batch_size, self.device, self.ctx)
+        valid_loss = _masked_loss(logits, v.labels, v.label_mask, self.tasks, v.sample_weight, t.loss_normalization)
+        metrics = compute_metrics(logits, v.labels, v.label_mask, self.tasks, v.sample_weight)
+        valid_s = time.perf_counter() - v0
+        value = summary_metric(metrics, t.monitor, valid_loss)
+        higher_better = t.monitor == "mean_auc" or t.monitor.endswith((".auc", ".accuracy"))
+        improved = self.state.record.improves(value, higher_better)
+        record = {
+            "event": "epoch",
+            "epoch": epoch,
+            "train_loss": totals.loss_sum / max(rows, 1),
+            "train_task_loss": {name: value / max(rows, 1) for name, value in totals.task_loss.items()},
+            "task_weights": self.weighting.weights(),
+            "valid_loss": valid_loss,
+            "valid": metrics,
+            "monitor": t.monitor,
+            "monitor_value": value,
+            "improved": improved,
+            "train_seconds": train_s,
+            "valid_seconds": valid_s,
+            "rows_per_second": rows / train_s if train_s > 0 else None,
+        }
+        self.log(record)
+        mark = " *" if improved else ""
+        self.say(
+            f"epoch {epoch}/{t.epochs}: train loss {record['train_loss']:.4f}, valid loss {valid_loss:.4f}, "
+            f"{_fmt_metrics(metrics)}, {rows / train_s:,.0f} rows/s, {train_s:.1f}s{mark}"
+        )
+        return record
+
+    def checkpoint(self, epoch: int, improved: bool) -> None:
+        """Saves the resume state after ``epoch`` (and the weights, when they are the best)."""
+        state = self.state.capture(epoch)  # a collective: on every rank
+        if self.staging is None:
+            return
+        save_resume_state(self.staging, state)
+        if improved:
+            # After the resume state: a crash in between leaves a state whose best epoch is
+            # its own epoch, and resuming rewrites the best weights from it.
+            save_weights(self.model, self.staging / WEIGHTS)
+
+    # ------------------------------------------------------------------------------ finish
+    def finish(self) -> None:
+        record = self.state.record
+        if record.best_epoch == 0:
             # The monitored metric was never defined (e.g. one class only): keep the last weights.
-            best_epoch, best_metrics = len(history), history[-1]["valid"]
-            if staging is not None:
-                save_weights(model, staging / WEIGHTS)
-        if staging is not None:
-            _finish_dir(
-                staging,
-                model,
-                valid_cols,
-                device,
-                t.eval_batch_size,
-                meta,
-                best_epoch,
-                best_metrics,
-                history,
-                t.monitor,
-                stream,
-                progress,
-            )
-        log({"event": "end", "best_epoch": best_epoch, "time": time.time()})
-    finally:
-        if log_fh is not None:
-            log_fh.close()
-    if staging is not None:
-        commit_model_dir(staging, out_dir)
-    # Every rank returns only once the model directory exists.
-    barrier(ctx)
-    _say(stream, progress, f"best epoch {best_epoch}: {_fmt_metrics(best_metrics)}")
-    _say(stream, progress, f"model saved to {out_dir}")
-    return TrainResult(out_dir, best_epoch, best_metrics, history)
+            record.best_epoch, record.best_metrics = len(record.history), record.history[-1]["valid"]
+            if self.staging is not None:
+                save_weights(self.model, self.staging / WEIGHTS)
+        if self.staging is not None:
+            self._write_results(self.staging)
+        self.log({"event": "end", "best_epoch": record.best_epoch, "time": time.time()})
 
-
-def _finish_dir(
-    staging: Path,
-    model: nn.Module,
-    valid_cols: TensorColumns,
-    device: torch.device,
-    eval_batch_size: int,
-    meta: dict[str, Any],
-    best_epoch: int,
-    best_metrics: dict[str, dict[str, Any]],
-    history: list[dict[str, Any]],
-    monitor: str,
-    stream: TextIO,
-    progress: bool,
-) -> None:
-    """Rank 0: gate diagnostics of the saved (best) weights, metrics.json and meta.json."""
-    best = load_file(str(staging / WEIGHTS), device=str(device))
-    check_state_tensors(model.state_dict(), best, staging / WEIGHTS)
-    model.load_state_dict(best)
-    gates = gate_diagnostics(model, valid_cols, batch_size=eval_batch_size)
-    if gates is not None:
-        atomic_write_text(staging / "diagnostics.json", json.dumps({"gates": gates}, indent=2))
-        _say(stream, progress, format_gates(gates))
-    summary = {
-        "best_epoch": best_epoch,
-        "monitor": monitor,
-        "best": best_metrics,
-        "history": [{k: v for k, v in h.items() if k != "event"} for h in history],
-    }
-    atomic_write_text(staging / "metrics.json", json.dumps(summary, indent=2))
-    meta["best_epoch"] = best_epoch
-    atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
+    def _write_results(self, staging: Path) -> None:
+        """Rank 0: gate diagnostics of the saved (best) weights, metrics.json and meta.json."""
+        model, record = self.model, self.state.record
+        best = load_file(str(staging / WEIGHTS), device=str(self.device))
+        check_state_tensors(model.state_dict(), best, staging / WEIGHTS)
+        model.load_state_dict(best)
+        gates = gate_diagnostics(model, self.valid_cols, batch_size=self.t.eval_batch_size)
+        if gates is not None:
+            atomic_write_text(staging / "diagnostics.json", json.dumps({"gates": gates}, indent=2))
+            self.say(format_gates(gates))
+        summary = {
+            "best_epoch": record.best_epoch,
+            "monitor": self.t.monitor,
+            "best": record.best_metrics,
+            "history": [{k: v for k, v in h.items() if k != "event"} for h in record.history],
+        }
+        atomic_write_text(staging / "metrics.json", json.dumps(summary, indent=2))
+        self.meta["best_epoch"] = record.best_epoch
+        atomic_write_text(staging / "meta.json", json.dumps(self.meta, indent=2))
 
 
 def _check_resumable(
@@ -723,23 +650,6 @@ def _compile_backbones(model: nn.Module) -> None:
 
 def _ranks(ctx: DistContext) -> str:
     return f" on {ctx.world_size} ranks" if ctx.enabled else ""
-
-
-def _space_weights(batch: Batch) -> torch.Tensor:
-    """``(T,)`` the denominators of the task means of a batch (rows, or sample-weight sums)."""
-    if batch.sample_weight is None:
-        return batch.label_mask.sum(0).to(torch.float64)
-    return torch.where(batch.label_mask, batch.sample_weight, 0.0).sum(0).to(torch.float64)
-
-
-def _loss_denominators(batch: Batch, normalization: str) -> torch.Tensor:
-    """``(T,)`` what each task's loss of this rank's batch was divided by (see :mod:`mtrec.training.losses`):
-    the sample-space weights, or the batch rows for every task (``impressions``), which
-    :func:`mtrec.training.distributed.global_mean_scale` turns into the global batch's."""
-    if normalization == "impressions":
-        rows = float(len(batch))  # a host number: no device read
-        return torch.full(batch.label_mask.shape[1:], rows, dtype=torch.float64, device=batch.labels.device)
-    return _space_weights(batch)
 
 
 def _total_steps(batches: Any, epochs: int) -> int:

@@ -14,7 +14,8 @@ from mtrec.quickstart import synthetic_features, synthetic_tasks
 from mtrec.schema import Esmm, Schema, SparseFeature, Task
 from mtrec.training.distributed import SINGLE_PROCESS, global_mean_scale
 from mtrec.training.losses import multitask_loss, task_losses
-from mtrec.training.trainer import _loss_denominators, _masked_loss
+from mtrec.training.step import loss_denominators as _loss_denominators
+from mtrec.training.trainer import _masked_loss
 
 TASKS = (Task("ctr", label="click"), Task("cvr", label="conv", where="click == 1"))
 
