@@ -70,8 +70,8 @@ def _ctcvr_of_plain(model_dir: str, data: str) -> dict[str, float]:
 
     import mtrec
     from mtrec.data.batches import TensorColumns
-    from mtrec.evaluate import predict_logits
     from mtrec.metrics import auc
+    from mtrec.predict import predict_logits
 
     loaded = mtrec.load_model_dir(model_dir)
     table = pq.read_table(data)

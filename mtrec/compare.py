@@ -26,17 +26,6 @@ __all__ = ["compare_models", "format_comparison"]
 _REFERENCE_ARCHS = (("independent",), ("shared_embedding", "single_task"))
 
 
-def _headline(metrics: dict[str, Any]) -> tuple[str, float | None, bool]:
-    """The metric compared per task, its value, and whether higher is better."""
-    if "auc" in metrics:
-        return "auc", metrics["auc"], True
-    if "accuracy" in metrics:
-        return "accuracy", metrics["accuracy"], True
-    if "rmse" in metrics:
-        return "rmse", metrics["rmse"], False
-    return "auc", None, True
-
-
 def _none_if_nan(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
@@ -105,7 +94,7 @@ def _untested(why: str, delta: float | None = None) -> dict[str, Any]:
 
 def _auc_test(task: Any, y: np.ndarray, z_a: np.ndarray, z_b: np.ndarray, lift: float | None) -> dict[str, Any]:
     """Paired DeLong test of one binary task, or why there is none."""
-    if task.type != "binary":
+    if not task.kind.ranks:
         return _untested(f"no paired test for {task.type} tasks", lift)
     if task.sample_weight is not None:
         return _untested("sample-weighted task: the paired DeLong test is unweighted", lift)
@@ -164,6 +153,39 @@ def _default_baseline(archs: dict[str, str]) -> str:
         if found is not None:
             return found
     return next(iter(archs))
+
+
+def _model_rows(
+    ref: dict[str, Any], result: dict[str, Any], is_base: bool, *, bootstrap: int, seed: int, gauc_weighting: str
+) -> dict[str, dict[str, Any]]:
+    """One model's entry per task: its headline metric and, unless it is the baseline, the lift
+    over the baseline ``ref`` and the paired tests of the difference."""
+    base_tasks = ref["tasks"]
+    specs = {t.name: t for t in ref["predictions"]["tasks"]}
+    rows = {}
+    for task, metrics in result["tasks"].items():
+        name = specs[task].kind.headline  # the metric compared per task
+        value = metrics.get(name)
+        entry: dict[str, Any] = {"metric": name, "value": value}
+        if "gauc" in metrics:
+            entry["gauc"] = metrics["gauc"]["gauc"]
+        ref_value = base_tasks[task].get(name)
+        if not is_base:
+            lift = None
+            if value is not None and ref_value is not None:
+                lift = value - ref_value
+                entry["lift"] = lift
+                entry["lift_percent"] = 100.0 * lift / abs(ref_value) if ref_value else None
+            mask, y, z_a = _task_rows(ref, task)
+            z_b = _task_rows(result, task)[2]
+            entry.update(_auc_test(specs[task], y, z_a, z_b, lift))
+            if "gauc" in metrics and "gauc" in base_tasks[task]:
+                keys = ref["predictions"]["groups"][mask]
+                entry["gauc_test"] = _gauc_test(
+                    specs[task], y, z_a, z_b, keys, resamples=bootstrap, seed=seed, weighting=gauc_weighting
+                )
+        rows[task] = entry
+    return rows
 
 
 def compare_models(
@@ -225,34 +247,11 @@ def compare_models(
         results[str(p)] = result
     archs = {model: result["architecture"] for model, result in results.items()}
     base = _default_baseline(archs) if baseline is None else str(Path(baseline))
-    ref = results[base]
-    base_tasks = ref["tasks"]
-    specs = {t.name: t for t in ref["predictions"]["tasks"]}
-    table: dict[str, Any] = {}
-    for model, result in results.items():
-        rows = {}
-        for task, metrics in result["tasks"].items():
-            name, value, _ = _headline(metrics)
-            entry: dict[str, Any] = {"metric": name, "value": value}
-            if "gauc" in metrics:
-                entry["gauc"] = metrics["gauc"]["gauc"]
-            ref_name, ref_value, _ = _headline(base_tasks[task])
-            if model != base:
-                lift = None
-                if value is not None and ref_value is not None and ref_name == name:
-                    lift = value - ref_value
-                    entry["lift"] = lift
-                    entry["lift_percent"] = 100.0 * lift / abs(ref_value) if ref_value else None
-                mask, y, z_a = _task_rows(ref, task)
-                z_b = _task_rows(result, task)[2]
-                entry.update(_auc_test(specs[task], y, z_a, z_b, lift))
-                if "gauc" in metrics and "gauc" in base_tasks[task]:
-                    keys = ref["predictions"]["groups"][mask]
-                    entry["gauc_test"] = _gauc_test(
-                        specs[task], y, z_a, z_b, keys, resamples=bootstrap, seed=seed, weighting=gauc_weighting
-                    )
-            rows[task] = entry
-        table[model] = {"architecture": archs[model], "tasks": rows}
+    tests = {"bootstrap": bootstrap, "seed": seed, "gauc_weighting": gauc_weighting}
+    table = {
+        model: {"architecture": archs[model], "tasks": _model_rows(results[base], result, model == base, **tests)}
+        for model, result in results.items()
+    }
     return {
         "data": str(data),
         "baseline": base,

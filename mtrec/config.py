@@ -561,7 +561,7 @@ def config_from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
     except SchemaError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.train.monitor == "auto":
-        monitor = "mean_auc" if any(t.type == "binary" for t in schema.output_tasks) else "loss"
+        monitor = "mean_auc" if any(t.kind.ranks for t in schema.output_tasks) else "loss"
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, monitor=monitor))
     _check_weighting_values(weighting, schema)
     if model.name == "independent" and schema.esmm is not None:
@@ -611,12 +611,11 @@ def _check_train(cfg: Config) -> None:
         )
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
-    metrics_of = {"binary": ("auc", "logloss"), "regression": ("rmse", "mae"), "multiclass": ("accuracy", "logloss")}
     tasks = cfg.schema.output_tasks
-    choices = ["mean_auc", "loss"] + [f"{task.name}.{m}" for task in tasks for m in metrics_of[task.type]]
+    choices = ["mean_auc", "loss"] + [f"{task.name}.{m}" for task in tasks for m in task.kind.monitorable]
     if t.monitor not in choices:
         raise ConfigError(f"train.monitor: expected one of {', '.join(choices)}, got {t.monitor!r}")
-    if t.monitor == "mean_auc" and not any(task.type == "binary" for task in tasks):
+    if t.monitor == "mean_auc" and not any(task.kind.ranks for task in tasks):
         raise ConfigError("train.monitor: mean_auc needs a binary task; use loss or <task>.rmse")
 
 

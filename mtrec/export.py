@@ -187,7 +187,7 @@ def load_exported(path: str | Path) -> tuple[bytes, dict[str, Any]]:
 
 def _reference_logits(model_dir: str | Path, table: Any) -> dict[str, Any]:
     """Eager logits of a model directory on a pyarrow table (for parity checks)."""
-    from mtrec.evaluate import predict_logits
+    from mtrec.predict import predict_logits
 
     loaded = load_model_dir(model_dir)
     enc = loaded.preprocessor.transform(table, with_labels=False)

@@ -45,7 +45,7 @@ def _png(fig: Any) -> str:
 def _binary_tasks(predictions: dict[str, Any]) -> list[tuple[str, np.ndarray, np.ndarray]]:
     out = []
     for j, task in enumerate(predictions["tasks"]):
-        if task.type != "binary":
+        if not task.kind.ranks:
             continue
         m = predictions["mask"][:, j]
         y = predictions["labels"][m, j]

@@ -25,6 +25,7 @@ import numpy as np
 
 from mtrec.errors import SchemaError
 from mtrec.expr import parse_where
+from mtrec.tasks import BINARY, KINDS, TaskKind
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -123,9 +124,14 @@ class Task:
     sample_weight: str | None = None
 
     @property
+    def kind(self) -> TaskKind:
+        """What the task's ``type`` means: loss, inverse link, labels, metrics (see :mod:`mtrec.tasks`)."""
+        return KINDS[self.type]
+
+    @property
     def output_dim(self) -> int:
         """Logits the task's tower produces."""
-        return self.num_classes if self.type == "multiclass" and self.num_classes else 1
+        return self.kind.output_dim(self)
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ class Schema:
                     f"esmm.{key}: ESMM needs a {'click' if key == 'ctr' else 'conversion'} task; "
                     f"{name!r} is not a task (tasks: {', '.join(by_name)})"
                 )
-            if task.type != "binary":
+            if task.kind is not BINARY:
                 raise SchemaError(f"esmm.{key}: task {name!r} must be binary, it is {task.type}")
         if by_name[e.ctr].where is not None:
             raise SchemaError(f"esmm.ctr: the click task {e.ctr!r} must cover every impression (no where:)")
@@ -316,16 +322,18 @@ def _is_click_condition(where: str, click: str) -> bool:
 
 def _check_task(t: Task) -> None:
     where = f"tasks.{t.name}"
-    if t.type == "multiclass":
+    if t.type not in KINDS:
+        raise SchemaError(f"{where}.type: expected one of {', '.join(KINDS)}, got {t.type!r}")
+    if t.kind.has_classes:
         if t.num_classes is None or t.num_classes < 2:
             raise SchemaError(f"{where}.num_classes: a multiclass task needs num_classes >= 2")
     elif t.num_classes is not None:
         raise SchemaError(f"{where}.num_classes: only for multiclass tasks")
-    if t.loss == "huber" and t.type != "regression":
+    if t.loss == "huber" and not t.kind.real_valued:
         raise SchemaError(f"{where}.loss: huber is for regression tasks")
     if t.huber_delta <= 0:
         raise SchemaError(f"{where}.huber_delta: expected a positive number, got {t.huber_delta}")
-    if t.label_transform != "none" and t.type != "regression":
+    if t.label_transform != "none" and not t.kind.real_valued:
         raise SchemaError(f"{where}.label_transform: only for regression tasks")
 
 

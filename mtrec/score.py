@@ -40,6 +40,7 @@ from mtrec.data.parquet import open_parquet, resolve_paths
 from mtrec.data.preprocess import EncodedColumns
 from mtrec.errors import DataError, MtrecError
 from mtrec.files import claim_output, staged_dir, write_file
+from mtrec.predict import predict_logits
 from mtrec.progress import Progress
 from mtrec.schema import Task
 
@@ -154,6 +155,8 @@ class Ranker:
         self.module: torch.nn.Module = loaded.model.to(self.device).eval()
         self.tasks: tuple[Task, ...] = self.config.schema.output_tasks
         self.task_names: tuple[str, ...] = tuple(t.name for t in self.tasks)
+        self._by_name = {t.name: t for t in self.tasks}
+        self._kinds = {t.name: t.kind for t in self.tasks}
         self.feature_columns: tuple[str, ...] = tuple(self.config.schema.input_columns())
 
     def __repr__(self) -> str:
@@ -229,35 +232,17 @@ class Ranker:
         """
         return self.predict_encoded(self._encode(data, source), batch_size=batch_size)
 
-    @torch.inference_mode()
     def predict_encoded(self, enc: EncodedColumns, *, batch_size: int = 16384) -> dict[str, np.ndarray]:
         """:meth:`predict` on columns already encoded by the model's preprocessor."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = enc.num_rows
-        out = {t.name: np.empty((n, t.output_dim) if t.type == "multiclass" else n, np.float32) for t in self.tasks}
-        cols = TensorColumns.from_encoded(enc)
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            logits = self.module(cols.slice(start, stop).to(self.device))
-            for t in self.tasks:
-                # Written straight into the preallocated result: no per-batch lists to concatenate.
-                out[t.name][start:stop] = _transform(t, logits[t.name].float()).cpu().numpy()
-        for name, v in out.items():
-            if not np.isfinite(v).all():
-                raise DataError(
-                    f"the model produced non-finite {name} predictions (check the inputs for extreme values)"
-                )
-        return out
-
-
-def _transform(task: Task, z: torch.Tensor) -> torch.Tensor:
-    """Logits -> what a ranking pipeline consumes: probabilities or values."""
-    if task.type == "binary":
-        return torch.sigmoid(z)
-    if task.type == "multiclass":
-        return torch.softmax(z, dim=-1)
-    return torch.expm1(z) if task.label_transform == "log1p" else z
+        return predict_logits(
+            self.module,
+            TensorColumns.from_encoded(enc),
+            self.task_names,
+            batch_size=batch_size,
+            device=self.device,
+            transform=lambda name, z: self._kinds[name].inverse_link(self._by_name[name], z),
+            widths={t.name: t.output_dim for t in self.tasks},
+        )
 
 
 def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> Ranker:
@@ -385,10 +370,11 @@ def check_rank(formula: Mapping[str, Any], tasks: Sequence[Task]) -> dict[str, f
         MtrecError: Unknown formula type, a task the model does not predict (named), a
             multiclass task, or a non-finite coefficient.
     """
-    return _coefficients(formula, {t.name: t.type for t in tasks})
+    return _coefficients(formula, {t.name: t.kind.scalar_label for t in tasks})
 
 
-def _coefficients(formula: Mapping[str, Any], types: Mapping[str, str]) -> dict[str, float]:
+def _coefficients(formula: Mapping[str, Any], scalar: Mapping[str, bool]) -> dict[str, float]:
+    """``scalar``: each task the model predicts, and whether it gives one number per row (can rank)."""
     kind = formula.get("type") if isinstance(formula, Mapping) else None
     key = {"product": "exponents", "sum": "weights"}.get(str(kind))
     if key is None:
@@ -398,9 +384,9 @@ def _coefficients(formula: Mapping[str, Any], types: Mapping[str, str]) -> dict[
         raise MtrecError(f"rank formula: {kind} needs a non-empty {key!r} mapping of task -> number")
     out: dict[str, float] = {}
     for name, value in coefs.items():
-        if name not in types:
-            raise MtrecError(f"rank formula: unknown task {name!r} (the model predicts {', '.join(map(repr, types))})")
-        if types[name] == "multiclass":
+        if name not in scalar:
+            raise MtrecError(f"rank formula: unknown task {name!r} (the model predicts {', '.join(map(repr, scalar))})")
+        if not scalar[name]:
             raise MtrecError(f"rank formula: task {name!r} is multiclass; only binary and regression tasks rank")
         try:
             number = float(value)
@@ -434,7 +420,7 @@ def rank_score(preds: Mapping[str, np.ndarray], formula: Mapping[str, Any] | str
     text = formula if isinstance(formula, str) else None
     if isinstance(formula, str):
         formula = parse_rank(formula)
-    coefs = _coefficients(formula, {name: "multiclass" if np.ndim(v) > 1 else "binary" for name, v in preds.items()})
+    coefs = _coefficients(formula, {name: np.ndim(v) == 1 for name, v in preds.items()})
     n = len(next(iter(preds.values()))) if preds else 0
     # Overflow and invalid powers are reported once, below, not as numpy warnings.
     with np.errstate(all="ignore"):
@@ -526,10 +512,7 @@ def _check_input(ranker: Ranker, path: Path, pf: pq.ParquetFile, keep: Sequence[
 def _output_fields(ranker: Ranker, keep_fields: list[pa.Field], rank: bool) -> list[pa.Field]:
     fields = list(keep_fields)
     for t in ranker.tasks:
-        if t.type == "multiclass":
-            fields += [pa.field(f"{t.name}_c{k}", pa.float32()) for k in range(t.output_dim)]
-        else:
-            fields.append(pa.field(t.name, pa.float32()))
+        fields += [pa.field(name, pa.float32()) for name in t.kind.output_columns(t)]
     if rank:
         fields.append(pa.field(RANK_COLUMN, pa.float64()))
     return fields
@@ -630,11 +613,8 @@ def _score_file(
             preds = ranker.predict_encoded(enc, batch_size=batch_size)
             arrays: list[pa.Array | pa.ChunkedArray] = [table.column(c) for c in keep]
             for t in ranker.tasks:
-                v = preds[t.name]
-                if t.type == "multiclass":
-                    arrays += [pa.array(v[:, k]) for k in range(v.shape[1])]
-                else:
-                    arrays.append(pa.array(v))
+                v = preds[t.name]  # (N,) or (N, C): one output column per class
+                arrays += [pa.array(v)] if v.ndim == 1 else [pa.array(v[:, k]) for k in range(v.shape[1])]
             if formula is not None:
                 try:
                     arrays.append(pa.array(rank_score(preds, formula)))

@@ -537,20 +537,13 @@ class Preprocessor:
     def _task_label(self, source: str, t: Task, ys: np.ndarray) -> np.ndarray:
         """Checks the labels of a task's sample space and applies its label transform."""
         where = f"label column {t.label!r} (task {t.name})"
-        if t.type == "binary":
-            bad = ~((ys == 0) | (ys == 1))
-            expected = "{0, 1}"
-        elif t.type == "multiclass":
-            bad = ~((ys >= 0) & (ys < (t.num_classes or 0)) & (ys == np.round(ys)))
-            expected = f"the classes [0, {t.num_classes})"
-        else:
+        if t.kind.real_valued:
             nonfinite = ~np.isfinite(ys)
             if nonfinite.any():
                 raise DataError(
                     f"{source}: {where} has {int(nonfinite.sum())} null/NaN/inf value(s) in its sample space"
                 )
-            bad = (ys < 0) if t.label_transform == "log1p" else np.zeros(ys.shape, dtype=bool)
-            expected = "numbers >= 0 (label_transform: log1p)"
+        bad, expected = t.kind.bad_labels(t, ys)
         if np.any(bad):
             example = ys[bad][0]
             shown = "null/NaN" if not np.isfinite(example) else repr(float(example))

@@ -15,8 +15,8 @@ def label_correlations(labels: np.ndarray, mask: np.ndarray, tasks: Any) -> dict
     It tells whether tasks are related enough to share (MMoE's advantage grows as they
     become less related). Multiclass labels are skipped; ``None`` where undefined.
     """
-    names = [t.name for t in tasks if t.type != "multiclass"]
-    cols = [j for j, t in enumerate(tasks) if t.type != "multiclass"]
+    names = [t.name for t in tasks if t.kind.scalar_label]
+    cols = [j for j, t in enumerate(tasks) if t.kind.scalar_label]
     out: dict[str, dict[str, float | None]] = {}
     for a, ja in zip(names, cols, strict=True):
         out[a] = {}

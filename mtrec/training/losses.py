@@ -14,25 +14,12 @@ its loss. How the sum over the task's rows is normalised is ``train.loss_normali
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from mtrec.schema import Task
 
 __all__ = ["LOSS_NORMALIZATIONS", "multitask_loss", "task_losses"]
 
 LOSS_NORMALIZATIONS = ("sample_space", "impressions")
-
-
-def _per_row(task: Task, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if task.type == "binary":
-        return F.binary_cross_entropy_with_logits(z, y, reduction="none")
-    if task.type == "multiclass":
-        # Labels outside the sample space are 0, a valid class, so the loss is defined there
-        # and then masked out.
-        return F.cross_entropy(z, y.long(), reduction="none")
-    if task.loss == "huber":
-        return F.huber_loss(z, y, reduction="none", delta=task.huber_delta)
-    return (z - y).square()
 
 
 def task_losses(
@@ -66,7 +53,7 @@ def task_losses(
         z = logits[task.name].float()
         m = label_mask[:, j]
         w = m.to(z.dtype) if sample_weight is None else torch.where(m, sample_weight[:, j], 0.0)
-        per_row = _per_row(task, z, labels[:, j])
+        per_row = task.kind.loss(task, z, labels[:, j])
         # where() rather than a product so that a non-finite value outside the sample
         # space cannot leak into the loss as nan * 0.
         total = torch.where(m, per_row * w, 0.0).sum()

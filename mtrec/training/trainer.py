@@ -51,10 +51,12 @@ from mtrec.data.preprocess import EncodedColumns, Preprocessor
 from mtrec.data.streaming import ParquetStream
 from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.errors import ConfigError, DataError, ModelError, MtrecError
-from mtrec.evaluate import compute_metrics, predict_logits, summary_metric
 from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
 from mtrec.models.base import MultiTaskModel
+from mtrec.predict import predict_logits
 from mtrec.progress import Progress, format_seconds, say
+from mtrec.schema import Task
+from mtrec.tasks import compute_metrics, higher_is_better, summary_metric
 from mtrec.training.distributed import (
     DistContext,
     all_reduce_array,
@@ -131,16 +133,10 @@ class _LossSums:
         return dict(zip(self.task_names, self.tasks.tolist(), strict=True))
 
 
-def _fmt_metrics(metrics: dict[str, dict[str, Any]]) -> str:
-    parts = []
-    for name, m in metrics.items():
-        if "auc" in m:
-            parts.append(f"{name} auc {m['auc']:.4f}" if m["auc"] is not None else f"{name} auc n/a")
-        elif "rmse" in m:
-            parts.append(f"{name} rmse {m['rmse']:.4f}")
-        elif "accuracy" in m:
-            parts.append(f"{name} acc {m['accuracy']:.4f}")
-    return ", ".join(parts)
+def _fmt_metrics(metrics: dict[str, dict[str, Any]], tasks: tuple[Task, ...]) -> str:
+    """``ctr auc 0.7213, dwell rmse 1.0412``: each task's headline metric."""
+    shown = ((task.name, task.kind.short(metrics[task.name])) for task in tasks if task.name in metrics)
+    return ", ".join(f"{name} {text}" for name, text in shown if text is not None)
 
 
 class _EpochProgress(Progress):
@@ -300,7 +296,7 @@ class Trainer:
         # Every rank returns only once the model directory exists.
         barrier(self.ctx)
         record = self.state.record
-        self.say(f"best epoch {record.best_epoch}: {_fmt_metrics(record.best_metrics)}")
+        self.say(f"best epoch {record.best_epoch}: {_fmt_metrics(record.best_metrics, self.tasks)}")
         self.say(f"model saved to {self.out_dir}")
         return TrainResult(self.out_dir, record.best_epoch, record.best_metrics, record.history)
 
@@ -405,7 +401,7 @@ class Trainer:
         for j, task in enumerate(self.tasks):
             space = labelled.label_mask[:, j]
             rate = float(labelled.labels[space, j].mean()) if space.any() else float("nan")
-            what = "positive rate" if task.type == "binary" else "mean label"
+            what = task.kind.label_mean
             self.say(
                 f"task {task.name}: {int(space.sum()):,} {self.labelled_what} rows in its sample space, "
                 f"{what} {rate:.4f}"
@@ -547,7 +543,7 @@ class Trainer:
         metrics = compute_metrics(logits, v.labels, v.label_mask, self.tasks, v.sample_weight)
         valid_s = time.perf_counter() - v0
         value = summary_metric(metrics, t.monitor, valid_loss)
-        higher_better = t.monitor == "mean_auc" or t.monitor.endswith((".auc", ".accuracy"))
+        higher_better = higher_is_better(t.monitor)
         improved = self.state.record.improves(value, higher_better)
         record = {
             "event": "epoch",
@@ -568,7 +564,7 @@ class Trainer:
         mark = " *" if improved else ""
         self.say(
             f"epoch {epoch}/{t.epochs}: train loss {record['train_loss']:.4f}, valid loss {valid_loss:.4f}, "
-            f"{_fmt_metrics(metrics)}, {rows / train_s:,.0f} rows/s, {train_s:.1f}s{mark}"
+            f"{_fmt_metrics(metrics, self.tasks)}, {rows / train_s:,.0f} rows/s, {train_s:.1f}s{mark}"
         )
         return record
 

@@ -64,7 +64,7 @@ def expected_predictions(model: Path, data: Path) -> dict[str, np.ndarray]:
 def test_score_a_file_keeps_columns_and_matches_predict_and_evaluate(model: Path, clicks: Path, work: Path):
     import mtrec
     from mtrec.data.batches import TensorColumns
-    from mtrec.evaluate import predict_logits
+    from mtrec.predict import predict_logits
     from mtrec.score import rank_score
 
     out = work / "scores.parquet"

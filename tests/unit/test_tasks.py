@@ -10,10 +10,10 @@ from mtrec.batch import Batch
 from mtrec.config import config_from_dict
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import ConfigError, DataError
-from mtrec.evaluate import compute_metrics
 from mtrec.models import create_model
 from mtrec.models.esmm import EsmmModel, product_logit
 from mtrec.schema import Esmm, InputLayout, Schema, SparseFeature, Task
+from mtrec.tasks import compute_metrics
 from mtrec.training.losses import multitask_loss
 
 

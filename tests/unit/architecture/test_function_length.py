@@ -14,7 +14,6 @@ MAX_LINES = 80
 DEBT = {
     "mtrec/cli.py:_parser": 147,
     "mtrec/data/synthetic.py:_sample_rows": 139,
-    "mtrec/compare.py:compare_models": 98,
     "mtrec/metrics/significance.py:bootstrap_gauc_paired": 95,
     "mtrec/evaluate.py:evaluate_model_dir": 93,
     "mtrec/score.py:score_parquet": 92,
