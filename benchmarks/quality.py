@@ -69,7 +69,7 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 def _train_and_test(config_path: Path, overrides: list[str], test: Path, out: Path) -> dict[str, Any]:
     """One run: train with the config (+ overrides), evaluate the best epoch on ``test``."""
     from mtrec.config import load_config
-    from mtrec.evaluate import evaluate_model_dir
+    from mtrec.evaluation.evaluate import evaluate_model_dir
     from mtrec.training import train
 
     cfg = load_config(config_path, overrides)

@@ -11,7 +11,7 @@ experts [256, 128], towers [64], embedding dim 16, batch 2048, one epoch, 10 % h
 Every measurement runs in a fresh subprocess, so each peak RSS (``VmHWM``) is its own; the
 small-file runs are repeated (``--repeats``, interleaved) and the median by rows/s is kept.
 A run fits the preprocessing (streamed in stream mode), builds the model with
-``mtrec.checkpoint.build_model``, the optimizers with ``mtrec.training.make_optimizers`` and
+``mtrec.model_dir.build_model``, the optimizers with ``mtrec.training.make_optimizers`` and
 the loss weighting like the trainer, and trains one epoch with the trainer's step
 (``task_losses`` -> ``weighting.backward`` -> optimizer steps); no validation pass.
 
@@ -85,7 +85,7 @@ def _train_epoch(config: Any, layout: Any, batches: Any) -> dict[str, float]:
     """One epoch of the trainer's step over ``batches``; returns rows, seconds and the mean loss."""
     import torch
 
-    from mtrec.checkpoint import build_model
+    from mtrec.model_dir import build_model
     from mtrec.training import make_optimizers, resolve_precision
     from mtrec.training.losses import task_losses
     from mtrec.weighting import create_weighting

@@ -4,7 +4,7 @@ For each dataset, every seed trains ``independent`` (own tables, network and tow
 task: the single-task baseline), ``shared_embedding``, ``mmoe``, ``ple`` and the
 ``recommended`` config of its config folder, chooses each model's best epoch on the
 validation rows, and scores the test rows once. Then, per seed, every model is compared
-with that seed's ``independent`` model by ``mtrec.compare`` on the same test rows: the
+with that seed's ``independent`` model by ``mtrec.evaluation.compare`` on the same test rows: the
 paired DeLong test of the AUC difference on each task's own sample space.
 
 * synthetic: ``configs/synthetic/``, a generated log of ``--synthetic-rows`` training rows
@@ -99,7 +99,7 @@ def _section_data(name: str, args: argparse.Namespace, work: Path) -> tuple[list
 
 
 def run_section(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from mtrec.compare import compare_models
+    from mtrec.evaluation.compare import compare_models
 
     folder = SECTIONS[name]
     models = [m for m in args.models.split(",") if (folder / f"{m}.yaml").is_file()]

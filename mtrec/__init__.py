@@ -8,12 +8,12 @@ Example:
 """
 
 from mtrec._version import __version__
-from mtrec.checkpoint import LoadedModel, load_model_dir
 from mtrec.config import Config, load_config
 from mtrec.errors import ConfigError, DataError, ModelError, MtrecError, SchemaError
+from mtrec.inference import Ranker, load_model, score_parquet
+from mtrec.model_dir import LoadedModel, load_model_dir
 from mtrec.models import MultiTaskModel, create_model, list_models, register_model
 from mtrec.schema import DenseFeature, InputLayout, Schema, SequenceFeature, SparseFeature, Task
-from mtrec.score import Ranker, load_model, score_parquet
 from mtrec.training import TrainResult, train
 
 __all__ = [

@@ -86,26 +86,43 @@ and the output appears only when complete.
 }
 
 
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
         prog="mtrec",
         description="Multi-task recommender ranking (MMoE, PLE, Shared-Bottom) on Parquet click logs.",
         epilog=EXAMPLES["main"],
-        formatter_class=fmt,
+        formatter_class=_FMT,
     )
     from mtrec._version import __version__
 
     p.add_argument("--version", action="version", version=f"mtrec {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_quickstart(sub)
+    _add_datasets(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_compare(sub)
+    _add_score(sub)
+    _add_export(sub)
+    sub.add_parser("models", help="list the registered architectures", description="List the architectures.")
+    return p
 
-    q = sub.add_parser(
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """Adds the subcommand ``name``, with ``EXAMPLES[name]`` as its epilog."""
+    return sub.add_parser(name, help=summary, description=description, epilog=EXAMPLES[name], formatter_class=_FMT)
+
+
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    q = _command(
+        sub,
         "quickstart",
-        help="generate a synthetic click log, train a model, print validation AUC",
-        description="Generate a synthetic click log, train a multi-task model on it and save the model.",
-        epilog=EXAMPLES["quickstart"],
-        formatter_class=fmt,
+        "generate a synthetic click log, train a model, print validation AUC",
+        "Generate a synthetic click log, train a multi-task model on it and save the model.",
     )
     q.add_argument("--rows", type=int, default=200_000, help="rows of synthetic data (default 200000)")
     q.add_argument("--model", default="mmoe", help="architecture (see `mtrec models`; default mmoe)")
@@ -114,14 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--workdir", type=Path, default=Path("mtrec-quickstart"), help="default ./mtrec-quickstart")
     q.add_argument("--overwrite", action="store_true", help="replace an existing WORKDIR/model")
 
+
+def _add_datasets(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("datasets", help="generate or prepare datasets", description="Generate or prepare datasets.")
     dsub = d.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    s = dsub.add_parser(
+    s = _command(
+        dsub,
         "synthetic",
-        help="write a synthetic click log with known ground truth",
-        description="Write a realistic synthetic click log (one row per impression) as Parquet.",
-        epilog=EXAMPLES["synthetic"],
-        formatter_class=fmt,
+        "write a synthetic click log with known ground truth",
+        "Write a realistic synthetic click log (one row per impression) as Parquet.",
     )
     s.add_argument("--rows", type=int, required=True, help="number of impressions")
     s.add_argument("--output", type=Path, required=True, help="Parquet file to write")
@@ -131,18 +149,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--overwrite", action="store_true", help="replace an existing file")
     for name, (_, _, summary, example) in PREPARERS.items():
-        r = dsub.add_parser(name, help=summary, description=summary + ".", epilog=example, formatter_class=fmt)
+        r = dsub.add_parser(name, help=summary, description=summary + ".", epilog=example, formatter_class=_FMT)
         r.add_argument("--source", type=Path, required=True, help="folder (or file) with the original data")
         r.add_argument("--output", type=Path, required=True, help="folder to write (train/valid/test Parquet)")
         r.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
         r.add_argument("--overwrite", action="store_true", help="replace a folder written by `mtrec datasets`")
 
-    t = sub.add_parser(
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    t = _command(
+        sub,
         "train",
-        help="train a model from a YAML config",
-        description="Train a multi-task model from a YAML config and write one model directory.",
-        epilog=EXAMPLES["train"],
-        formatter_class=fmt,
+        "train a model from a YAML config",
+        "Train a multi-task model from a YAML config and write one model directory.",
     )
     t.add_argument("--config", type=Path, default=None, help="YAML config (see configs/)")
     t.add_argument(
@@ -157,12 +176,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing model directory when done")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
-    e = sub.add_parser(
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    e = _command(
+        sub,
         "evaluate",
-        help="per-task AUC and log loss of a saved model on labelled data",
-        description="Evaluate a saved model on labelled Parquet data: a table on stdout and a JSON file.",
-        epilog=EXAMPLES["evaluate"],
-        formatter_class=fmt,
+        "per-task AUC and log loss of a saved model on labelled data",
+        "Evaluate a saved model on labelled Parquet data: a table on stdout and a JSON file.",
     )
     e.add_argument("--model", type=Path, required=True, help="model directory written by `mtrec train`")
     e.add_argument("--data", required=True, help="Parquet file, folder or glob with the label columns")
@@ -175,14 +195,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--report", type=Path, default=None, metavar="DIR", help="write an HTML report into DIR")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --output file or --report folder")
 
-    c = sub.add_parser(
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    c = _command(
+        sub,
         "compare",
-        help="evaluate several models on the same data, with lift over a baseline and its significance",
-        description="Evaluate several models on the same labelled data: one table of per-task metrics, each "
+        "evaluate several models on the same data, with lift over a baseline and its significance",
+        "Evaluate several models on the same labelled data: one table of per-task metrics, each "
         "model's lift over a baseline with a 95% CI and p-value (paired DeLong for AUC, paired bootstrap over "
         "groups for GAUC), and negative or positive transfer where the CI excludes 0.",
-        epilog=EXAMPLES["compare"],
-        formatter_class=fmt,
     )
     c.add_argument("models", nargs="+", type=Path, metavar="DIR", help="model directories")
     c.add_argument("--data", required=True, help="Parquet file, folder or glob with the label columns")
@@ -198,13 +219,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--output", type=Path, default=None, help="also write the comparison as JSON")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
-    sc = sub.add_parser(
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    sc = _command(
+        sub,
         "score",
-        help="batch-score Parquet files with a saved model",
-        description="Score Parquet file(s) with a saved model, streaming, into Parquet: kept columns, one "
+        "batch-score Parquet files with a saved model",
+        "Score Parquet file(s) with a saved model, streaming, into Parquet: kept columns, one "
         "prediction column per task and an optional rank score.",
-        epilog=EXAMPLES["score"],
-        formatter_class=fmt,
     )
     sc.add_argument("--model", type=Path, required=True, help="model directory written by `mtrec train`")
     sc.add_argument("--input", required=True, help="Parquet file, folder or glob")
@@ -219,20 +241,18 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--overwrite", action="store_true", help="replace an existing output")
     sc.add_argument("--quiet", action="store_true", help="no progress output")
 
-    x = sub.add_parser(
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    x = _command(
+        sub,
         "export",
-        help="export a model to TorchScript or ONNX for serving",
-        description="Export the network on encoded inputs, with the preprocessing state beside it.",
-        epilog=EXAMPLES["export"],
-        formatter_class=fmt,
+        "export a model to TorchScript or ONNX for serving",
+        "Export the network on encoded inputs, with the preprocessing state beside it.",
     )
     x.add_argument("--model", type=Path, required=True, help="model directory")
     x.add_argument("--format", dest="fmt", choices=["torchscript", "onnx"], required=True, help="export format")
     x.add_argument("--output", type=Path, required=True, help="file to write (state goes to OUTPUT.preprocess/)")
     x.add_argument("--overwrite", action="store_true", help="replace existing files")
-
-    sub.add_parser("models", help="list the registered architectures", description="List the architectures.")
-    return p
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -367,11 +387,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         from mtrec.files import read_marker, recover, staging_dir
+        from mtrec.model_dir import CONFIG
 
         if args.config is not None or args.overrides or args.output is not None:
             raise MtrecError("--resume DIR: continues with the run's own config; drop --config, --set and --output")
         recover(args.resume)  # a run that was killed while it swapped its model in is finished first
-        saved = staging_dir(args.resume) / "config.yaml"
+        saved = staging_dir(args.resume) / CONFIG
         if not saved.is_file():
             done = read_marker(Path(args.resume))
             if done is not None and done["complete"]:
@@ -388,8 +409,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from mtrec.evaluate import evaluate_model_dir
+    from mtrec.evaluation.evaluate import evaluate_model_dir
     from mtrec.files import atomic_write_text, claim_member, claim_output
+    from mtrec.model_dir import EVALUATIONS
 
     if args.batch_size is not None and args.batch_size < 1:
         raise MtrecError(f"--batch-size: expected a positive number, got {args.batch_size}")
@@ -400,7 +422,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             out = claims.enter_context(claim_output(args.output, kind=None, overwrite=args.overwrite, inputs=inputs))
         else:
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(args.data).rstrip("/")).stem) or "data"
-            out = claims.enter_context(claim_member(args.model, f"evaluations/{name}.json"))
+            out = claims.enter_context(claim_member(args.model, f"{EVALUATIONS}/{name}.json"))
         report = None
         if args.report is not None:
             report = claims.enter_context(
@@ -421,8 +443,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         atomic_write_text(out, json.dumps(result, indent=2))
         page = None
         if report is not None and predictions is not None:
+            from mtrec.evaluation.report import write_report
             from mtrec.files import staged_dir
-            from mtrec.report import write_report
 
             with staged_dir(report, "report") as staging:
                 write_report(staging, result, predictions, args.model)
@@ -445,7 +467,7 @@ def _literal_paths(spec: str) -> list[str]:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from mtrec.compare import compare_models, format_comparison
+    from mtrec.evaluation.compare import compare_models, format_comparison
     from mtrec.files import atomic_write_text, claim_output
 
     with ExitStack() as claims:
@@ -499,7 +521,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from mtrec.export import export_model
+    from mtrec.inference.export import export_model
 
     signature = export_model(args.model, args.output, fmt=args.fmt, overwrite=args.overwrite)
     outputs = ", ".join(o["name"] for o in signature["outputs"])
@@ -511,7 +533,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     import signal
 
-    from mtrec.score import score_parquet
+    from mtrec.inference.score import score_parquet
 
     keep = [c.strip() for c in args.keep.split(",") if c.strip()]
 

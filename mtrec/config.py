@@ -544,8 +544,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def config_from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
-    """Validates a plain dict (as parsed from YAML) into a :class:`Config`."""
+def config_from_dict(raw: Any, overrides: Sequence[str] = (), *, training: bool = True) -> Config:
+    """Validates a plain dict (as parsed from YAML) into a :class:`Config`.
+
+    ``training=False`` (a saved model's config read for inference) skips the one check that
+    builds a training object: constructing the loss weighting to range-check its values
+    (they were checked when the model was trained; the names and types still are).
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping at the top level, got {type(raw).__name__}")
     raw = _deepcopy(raw)
@@ -563,7 +568,8 @@ def config_from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
     if cfg.train.monitor == "auto":
         monitor = "mean_auc" if any(t.kind.ranks for t in schema.output_tasks) else "loss"
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, monitor=monitor))
-    _check_weighting_values(weighting, schema)
+    if training:
+        _check_weighting_values(weighting, schema)
     if model.name == "independent" and schema.esmm is not None:
         raise ConfigError(
             "esmm: the independent baseline shares nothing, so ESMM's product of CTR and CVR towers has no "

@@ -1,7 +1,9 @@
-"""A small, safe expression language for task sample spaces (``where: "click == 1"``).
+"""The one safe expression parser: task sample spaces (``where: "click == 1"``) and rank
+formulas (``--rank "ctr^1*cvr^0.5"``).
 
-Expressions are parsed with :mod:`ast` and only comparisons of a column with a constant,
-``and`` / ``or`` / ``not`` and parentheses are accepted: nothing is ever ``eval``-ed.
+Both are parsed with :mod:`ast` and checked node by node: a ``where`` accepts only comparisons
+of a column with a constant, ``and`` / ``or`` / ``not`` and parentheses; a formula only sums of
+products of numbers and task names with numeric exponents. Nothing is ever ``eval``-ed.
 
 Example:
     >>> import numpy as np
@@ -15,13 +17,15 @@ Example:
 from __future__ import annotations
 
 import ast
+import math
 import operator
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MAX_WHERE_DEPTH", "MAX_WHERE_LENGTH", "WhereExpr", "parse_where"]
+__all__ = ["MAX_WHERE_DEPTH", "MAX_WHERE_LENGTH", "Term", "WhereExpr", "parse_formula", "parse_where"]
 
 MAX_WHERE_LENGTH = 1000
 """Longest expression accepted, in characters: a sample space is a few comparisons, and the
@@ -67,27 +71,107 @@ class WhereExpr:
         return mask
 
 
+def _parse_tree(text: str, example: str, max_depth: int | None) -> ast.expr:
+    """The ast of an expression of at most :data:`MAX_WHERE_LENGTH` characters (and
+    ``max_depth`` levels); ``ValueError`` with the reason (one line) otherwise."""
+    if len(text) > MAX_WHERE_LENGTH:
+        raise ValueError(f"expected an expression of at most {MAX_WHERE_LENGTH} characters, got {len(text)}")
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError):
+        raise ValueError(f"cannot parse {text!r} (expected e.g. {example})") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"expected an expression nested at most {MAX_WHERE_DEPTH} levels deep") from None
+    if max_depth is not None:
+        depth = _depth(tree)
+        if depth > max_depth:
+            raise ValueError(f"expected an expression nested at most {max_depth} levels deep, got {depth}")
+    return tree
+
+
 def parse_where(text: str) -> WhereExpr:
     """Parses and checks an expression; raises ValueError with the reason (one line).
 
     At most :data:`MAX_WHERE_LENGTH` characters and :data:`MAX_WHERE_DEPTH` levels, so that
     no RecursionError or MemoryError can come out of parsing, checking or evaluating it.
     """
-    if len(text) > MAX_WHERE_LENGTH:
-        raise ValueError(f"expected an expression of at most {MAX_WHERE_LENGTH} characters, got {len(text)}")
-    try:
-        tree = ast.parse(text, mode="eval").body
-    except (SyntaxError, ValueError):
-        raise ValueError(f'cannot parse {text!r} (expected e.g. "click == 1")') from None
-    except (RecursionError, MemoryError):
-        raise ValueError(f"expected an expression nested at most {MAX_WHERE_DEPTH} levels deep") from None
-    depth = _depth(tree)
-    if depth > MAX_WHERE_DEPTH:
-        raise ValueError(f"expected an expression nested at most {MAX_WHERE_DEPTH} levels deep, got {depth}")
+    tree = _parse_tree(text, '"click == 1"', MAX_WHERE_DEPTH)
     cols: list[str] = []
     kinds: list[tuple[str, str]] = []
     _check(tree, cols, text, kinds)
     return WhereExpr(text, tree, tuple(dict.fromkeys(cols)), tuple(dict.fromkeys(kinds)))
+
+
+# ----------------------------------------------------------------------------- rank formulas
+# A task name may hold hyphens (``my-task``), which Python reads as a minus: inside a name
+# (between word characters) a hyphen is spelled as this identifier text while parsing.
+_NAME_HYPHEN = re.compile(r"(?<=[A-Za-z0-9_])-(?=[A-Za-z_])")
+_HYPHEN_IN_NAME = "__hyphen__"
+_FORMULA_FORMS = "expected a product like 'ctr^1*cvr^0.5' or a weighted sum like '0.7*ctr+0.3*cvr'"
+
+Term = tuple[float | None, list[tuple[str, float | None]]]
+"""One term of a formula: its weight (``None``: none written) and its ``(task, exponent)`` factors."""
+
+
+def parse_formula(text: str) -> list[Term]:
+    """The terms of a rank formula, ``ctr^1*cvr^0.5`` or ``0.7*ctr + -0.5*dislike``: a sum
+    (``+``) of terms, each a product (``*``) of at most one number and task names with
+    optional numeric exponents (``^``). Parsed with :mod:`ast` like ``where``; ``ValueError``
+    (one line) for anything else."""
+    if not text.strip():
+        raise ValueError("empty expression")
+    if "**" in text or _HYPHEN_IN_NAME in text:
+        raise ValueError(_FORMULA_FORMS)
+    source = _NAME_HYPHEN.sub(_HYPHEN_IN_NAME, text.strip()).replace("^", "**")
+    try:
+        tree = _parse_tree(source, "'ctr^1*cvr^0.5'", None)
+    except ValueError as exc:
+        raise ValueError(_FORMULA_FORMS if str(exc).startswith("cannot parse") else str(exc)) from None
+    return [_formula_term(node) for node in _chain(tree, ast.Add)]
+
+
+def _chain(node: ast.expr, op: type) -> list[ast.expr]:
+    """The operands of ``a op b op c`` from left to right (iteratively: chains may be long)."""
+    out, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.BinOp) and isinstance(n.op, op):
+            stack += [n.right, n.left]
+        else:
+            out.append(n)
+    return out
+
+
+def _formula_term(node: ast.expr) -> Term:
+    weight: float | None = None
+    factors: list[tuple[str, float | None]] = []
+    for f in _chain(node, ast.Mult):
+        if isinstance(f, ast.Name):
+            factors.append((f.id.replace(_HYPHEN_IN_NAME, "-"), None))
+        elif isinstance(f, ast.BinOp) and isinstance(f.op, ast.Pow) and isinstance(f.left, ast.Name):
+            factors.append((f.left.id.replace(_HYPHEN_IN_NAME, "-"), _formula_number(f.right)))
+        elif weight is None:
+            weight = _formula_number(f)
+        else:
+            raise ValueError(_FORMULA_FORMS)
+    if not factors:
+        raise ValueError(_FORMULA_FORMS)
+    return weight, factors
+
+
+def _formula_number(node: ast.expr) -> float:
+    sign = 1.0
+    while isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign = -sign if isinstance(node.op, ast.USub) else sign
+        node = node.operand
+    if not (
+        isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    ):
+        raise ValueError(_FORMULA_FORMS)
+    value = sign * float(node.value)
+    if not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    return value
 
 
 def _depth(tree: ast.expr) -> int:

@@ -313,19 +313,14 @@ def _plain_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
-# What an unfinished folder (training's NAME.incomplete) may hold besides its marker.
-_STAGING_NAMES = {
-    "model": {
-        "config.yaml",
-        "meta.json",
-        "model.safetensors",
-        "preprocess",
-        "metrics.json",
-        "log.jsonl",
-        "diagnostics.json",
-        "resume",
-    },
-}
+# What an unfinished folder (training's NAME.incomplete) may hold besides its marker, by kind:
+# each kind's owner registers its names (the model directory's are mtrec.model_dir's).
+_STAGING_NAMES: dict[str, frozenset[str]] = {}
+
+
+def allow_staging_names(kind: str, names: Iterable[str]) -> None:
+    """Declares the top-level names an unfinished folder of ``kind`` may hold."""
+    _STAGING_NAMES[kind] = frozenset(names)
 
 
 def owned_problem(folder: Path, kinds: Iterable[str], *, whole: bool = False) -> str | None:

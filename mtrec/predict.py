@@ -1,6 +1,6 @@
 """The one prediction loop: a model over encoded columns, in row order, batch by batch.
 
-Training's validation, evaluation, diagnostics, export checks and :class:`mtrec.score.Ranker`
+Training's validation, evaluation, diagnostics, export checks and :class:`mtrec.inference.Ranker`
 all predict through :func:`predict_logits`. It sits beside :mod:`mtrec.batch`, below every
 stage that needs it (training validates with it, so it cannot live in a stage above training).
 """

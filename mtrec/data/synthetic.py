@@ -522,25 +522,21 @@ def _calibrate(world: _World, seed: int) -> None:
     world.b_sat = _solve_intercept(rows["sat_logit"], p_click, _TARGET_SAT_RATE)
 
 
-def _sample_rows(w: _World, rng: np.random.Generator, row_start: int, n: int, total_rows: int) -> dict[str, np.ndarray]:
-    """Draws ``n`` impressions (features + label logits, without intercepts).
-
-    ``row_start``/``total_rows`` place the chunk on the global time axis so that
-    request_ts increases with the row index over the whole file.
-    """
-    out: dict[str, np.ndarray] = {}
-    k = _LATENT_DIM
-    sqrt_k = np.sqrt(k)
-
-    # --- time: monotone in the global row index, shaped by diurnal traffic.
+def _sample_time(w: _World, out: dict[str, np.ndarray], row_start: int, n: int, total_rows: int) -> np.ndarray:
+    """Fills request_ts and hour: monotone in the global row index, shaped by diurnal traffic."""
     frac = (np.arange(row_start, row_start + n, dtype=np.float64) + 0.5) / total_rows
     minute = np.interp(frac, w.ts_cdf, np.arange(len(w.ts_cdf), dtype=np.float64))
     ts = _TS_START + np.floor(minute * 60.0).astype(np.int64)
     hour = (ts // 3600) % 24
     out["request_ts"] = ts
     out["hour"] = hour
+    return hour
 
-    # --- who sees what.
+
+def _sample_impressions(
+    w: _World, rng: np.random.Generator, out: dict[str, np.ndarray], n: int
+) -> tuple[np.ndarray, ...]:
+    """Draws who sees what: ``(user, item, cat, author, position, city, device)``, 0-based."""
     user = _draw(w.user_cdf, rng, n)
     # A share of impressions comes from a personalised candidate source (the
     # user's favourite categories), the rest from global popularity.
@@ -563,8 +559,14 @@ def _sample_rows(w: _World, rng: np.random.Generator, row_start: int, n: int, to
     out["user"], out["item"], out["cat"], out["author"] = user, item, cat, author
     out["position"] = position + 1
     out["city"], out["device"] = city, device
+    return user, item, cat, author, position, city, device
 
-    # --- history: a window of the user's recent-item pool.
+
+def _sample_history(
+    w: _World, rng: np.random.Generator, out: dict[str, np.ndarray], n: int, user: np.ndarray, iv: np.ndarray
+) -> np.ndarray:
+    """Draws each row's history (a window of the user's recent-item pool); returns its match with the item."""
+    k = _LATENT_DIM
     hist_len = np.minimum(rng.poisson(w.u_hist_mean[user]), _HIST_MAX).astype(np.int32)
     start = np.floor(rng.random(n) * (_HIST_POOL - hist_len + 1)).astype(np.int32)
     offsets = np.zeros(n + 1, dtype=np.int32)
@@ -576,18 +578,95 @@ def _sample_rows(w: _World, rng: np.random.Generator, row_start: int, n: int, to
     del slot
     out["hist_offsets"], out["hist_items"] = offsets, hist_items
 
-    # --- latent interactions.
-    uv = w.u_vec[user]
-    iv = w.i_vec[item]
-    aff = np.einsum("ij,ij->i", uv, iv, dtype=np.float64) / sqrt_k
-    ucat = np.einsum("ij,ij->i", uv, w.c_vec[cat], dtype=np.float64) / sqrt_k
     # Mean history vector, one latent dimension at a time to keep memory at O(total).
     hist_match = np.zeros(n)
     for d in range(k):
         summed = np.bincount(row_of, weights=w.i_vec_t[d][hist_items], minlength=n)
         hist_match += summed * iv[:, d]
     del row_of
-    hist_match /= np.maximum(hist_len, 1) * sqrt_k
+    hist_match /= np.maximum(hist_len, 1) * np.sqrt(k)
+    return hist_match
+
+
+def _sample_extra_dense(
+    w: _World,
+    rng: np.random.Generator,
+    out: dict[str, np.ndarray],
+    n: int,
+    user: np.ndarray,
+    uv: np.ndarray,
+    iv: np.ndarray,
+    logits: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Draws the extra dense columns into ``out``, adding their effects to the (click, conv, sat) logits in place."""
+    click, _, sat = logits
+    for col in w.extra_dense:
+        if col.kind == "user_gauss":
+            signal = uv @ col.loading
+            z = signal + 0.35 * rng.standard_normal(n)
+            click += 0.12 * col.effect * signal
+            values = col.mu + col.scale * z
+        elif col.kind == "item_lognorm":
+            signal = iv @ col.loading
+            click += 0.12 * col.effect * signal
+            values = np.exp(0.3 * col.mu + 0.5 * signal + 0.15 * rng.standard_normal(n))
+        elif col.kind == "ctx_gauss":
+            # Context signal (think session engagement) that exists only in this column.
+            z = rng.standard_normal(n)
+            click += 0.25 * col.effect * z
+            sat += 0.2 * col.effect * z
+            values = col.mu + col.scale * z
+        elif col.kind == "user_lognorm":
+            # Noisy proxy of the purchase-intent factor: informative for conversion only.
+            values = np.exp(0.3 * col.mu + 0.6 * w.u_intent[user] + 0.5 * rng.standard_normal(n))
+        elif col.kind == "noise_gauss":
+            values = col.mu + col.scale * rng.standard_normal(n)
+        else:  # noise_lognorm
+            values = np.exp(0.3 * col.mu + 0.8 * rng.standard_normal(n))
+        out[col.name] = values.astype(np.float32)
+
+
+def _sample_extra_sparse(
+    w: _World,
+    rng: np.random.Generator,
+    out: dict[str, np.ndarray],
+    n: int,
+    user: np.ndarray,
+    item: np.ndarray,
+    logits: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Draws the extra sparse columns into ``out``, adding their biases to the (click, conv, sat) logits in place."""
+    click, conv, sat = logits
+    for col in w.extra_sparse:
+        if col.attach == "user":
+            vidx = col.entity_value[user]
+        elif col.attach == "item":
+            vidx = col.entity_value[item]
+        else:
+            vidx = _draw(col.value_cdf, rng, n)
+        click += col.click_bias[vidx]
+        conv += col.conv_bias[vidx]
+        sat += col.sat_bias[vidx]
+        out[col.name] = col.value_ids[vidx]
+
+
+def _sample_rows(w: _World, rng: np.random.Generator, row_start: int, n: int, total_rows: int) -> dict[str, np.ndarray]:
+    """Draws ``n`` impressions (features + label logits, without intercepts).
+
+    ``row_start``/``total_rows`` place the chunk on the global time axis so that
+    request_ts increases with the row index over the whole file.
+    """
+    out: dict[str, np.ndarray] = {}
+    sqrt_k = np.sqrt(_LATENT_DIM)
+    hour = _sample_time(w, out, row_start, n, total_rows)
+    user, item, cat, author, position, city, device = _sample_impressions(w, rng, out, n)
+
+    # --- latent interactions.
+    uv = w.u_vec[user]
+    iv = w.i_vec[item]
+    hist_match = _sample_history(w, rng, out, n, user, iv)
+    aff = np.einsum("ij,ij->i", uv, iv, dtype=np.float64) / sqrt_k
+    ucat = np.einsum("ij,ij->i", uv, w.c_vec[cat], dtype=np.float64) / sqrt_k
 
     # --- dense features.
     price = w.i_price[item] * np.exp(rng.normal(0.0, 0.05, n))  # per-impression discounting
@@ -621,43 +700,8 @@ def _sample_rows(w: _World, rng: np.random.Generator, row_start: int, n: int, to
         - 0.5 * w.i_zduration[item]
         + w.device_sat[device]
     )
-
-    for col in w.extra_dense:
-        if col.kind == "user_gauss":
-            signal = uv @ col.loading
-            z = signal + 0.35 * rng.standard_normal(n)
-            click += 0.12 * col.effect * signal
-            values = col.mu + col.scale * z
-        elif col.kind == "item_lognorm":
-            signal = iv @ col.loading
-            click += 0.12 * col.effect * signal
-            values = np.exp(0.3 * col.mu + 0.5 * signal + 0.15 * rng.standard_normal(n))
-        elif col.kind == "ctx_gauss":
-            # Context signal (think session engagement) that exists only in this column.
-            z = rng.standard_normal(n)
-            click += 0.25 * col.effect * z
-            sat += 0.2 * col.effect * z
-            values = col.mu + col.scale * z
-        elif col.kind == "user_lognorm":
-            # Noisy proxy of the purchase-intent factor: informative for conversion only.
-            values = np.exp(0.3 * col.mu + 0.6 * w.u_intent[user] + 0.5 * rng.standard_normal(n))
-        elif col.kind == "noise_gauss":
-            values = col.mu + col.scale * rng.standard_normal(n)
-        else:  # noise_lognorm
-            values = np.exp(0.3 * col.mu + 0.8 * rng.standard_normal(n))
-        out[col.name] = values.astype(np.float32)
-
-    for col in w.extra_sparse:
-        if col.attach == "user":
-            vidx = col.entity_value[user]
-        elif col.attach == "item":
-            vidx = col.entity_value[item]
-        else:
-            vidx = _draw(col.value_cdf, rng, n)
-        click += col.click_bias[vidx]
-        conv += col.conv_bias[vidx]
-        sat += col.sat_bias[vidx]
-        out[col.name] = col.value_ids[vidx]
+    _sample_extra_dense(w, rng, out, n, user, uv, iv, (click, conv, sat))
+    _sample_extra_sparse(w, rng, out, n, user, item, (click, conv, sat))
 
     out["click_logit"], out["conv_logit"], out["sat_logit"] = click, conv, sat
     return out

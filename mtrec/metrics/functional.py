@@ -283,24 +283,33 @@ def auc(
     q_val, r_val = (s_pos, s_neg) if query_is_pos else (s_neg, s_pos)
 
     if w is None:
-        q_sorted = np.sort(q_val)
-        r_sorted = np.sort(r_val)
-        lo = np.searchsorted(r_sorted, q_sorted, side="left")
-        hi = np.searchsorted(r_sorted, q_sorted, side="right")
-        # Integer pair counts are exact; Python ints avoid any overflow.
-        below = int(lo.sum(dtype=np.int64))
-        ties = int((hi - lo).sum(dtype=np.int64))
-        total = int(s_pos.size) * int(s_neg.size)
-        if query_is_pos:
-            wins = below
-        else:
-            # "below" counted positives under each negative (the wrong order).
-            wins = total - below - ties
-        return (2 * wins + ties) / (2 * total)
-
+        return _auc_unweighted(q_val, r_val, query_is_pos)
     w_pos = w[pos_mask]
     w_neg = w[~pos_mask]
     q_w, r_w = (w_pos, w_neg) if query_is_pos else (w_neg, w_pos)
+    return _auc_weighted(q_val, r_val, q_w, r_w, query_is_pos)
+
+
+def _auc_unweighted(q_val: np.ndarray, r_val: np.ndarray, query_is_pos: bool) -> float:
+    """AUC from the scores of the query class ``q_val`` searched into the other class ``r_val``."""
+    q_sorted = np.sort(q_val)
+    r_sorted = np.sort(r_val)
+    lo = np.searchsorted(r_sorted, q_sorted, side="left")
+    hi = np.searchsorted(r_sorted, q_sorted, side="right")
+    # Integer pair counts are exact; Python ints avoid any overflow.
+    below = int(lo.sum(dtype=np.int64))
+    ties = int((hi - lo).sum(dtype=np.int64))
+    total = int(q_val.size) * int(r_val.size)
+    if query_is_pos:
+        wins = below
+    else:
+        # "below" counted positives under each negative (the wrong order).
+        wins = total - below - ties
+    return (2 * wins + ties) / (2 * total)
+
+
+def _auc_weighted(q_val: np.ndarray, r_val: np.ndarray, q_w: np.ndarray, r_w: np.ndarray, query_is_pos: bool) -> float:
+    """Weighted :func:`_auc_unweighted`; ``nan`` when a class has zero total weight."""
     total = float(q_w.sum()) * float(r_w.sum())
     if total == 0.0:
         return float("nan")
@@ -581,18 +590,32 @@ def calibration(
         raise ValueError("y_prob must lie in [0, 1]")
     mean_pred = _mean(p, w)
     mean_label = _mean(y, w)
+    edges = _calibration_edges(p, w, bins, strategy)
+    return {
+        "ratio": mean_pred / mean_label if mean_label > 0 else float("nan"),
+        "mean_pred": mean_pred,
+        "mean_label": mean_label,
+        "bins": _reliability_table(y, p, w, edges),
+    }
 
+
+def _calibration_edges(p: np.ndarray, w: np.ndarray | None, bins: int, strategy: str) -> np.ndarray:
+    """Bin edges of :func:`calibration` (at least two, possibly equal)."""
     if strategy == "uniform":
-        edges = np.linspace(0.0, 1.0, int(bins) + 1)
-    else:
-        order = np.argsort(p, kind="stable")
-        ps = p[order]
-        mass = np.cumsum(np.ones(len(ps)) if w is None else w[order])
-        targets = mass[-1] * np.arange(1, int(bins)) / bins
-        inner = ps[np.minimum(np.searchsorted(mass, targets, side="right"), len(ps) - 1)]
-        edges = np.unique(np.concatenate(([ps[0]], inner, [ps[-1]])))
-        if len(edges) == 1:
-            edges = np.array([edges[0], edges[0]])
+        return np.linspace(0.0, 1.0, int(bins) + 1)
+    order = np.argsort(p, kind="stable")
+    ps = p[order]
+    mass = np.cumsum(np.ones(len(ps)) if w is None else w[order])
+    targets = mass[-1] * np.arange(1, int(bins)) / bins
+    inner = ps[np.minimum(np.searchsorted(mass, targets, side="right"), len(ps) - 1)]
+    edges = np.unique(np.concatenate(([ps[0]], inner, [ps[-1]])))
+    if len(edges) == 1:
+        edges = np.array([edges[0], edges[0]])
+    return edges
+
+
+def _reliability_table(y: np.ndarray, p: np.ndarray, w: np.ndarray | None, edges: np.ndarray) -> list[dict[str, Any]]:
+    """The non-empty bins of :func:`calibration`, with their (weighted) mean prediction and label."""
     n_bins = len(edges) - 1
     idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
     counts = np.bincount(idx, minlength=n_bins)
@@ -612,12 +635,7 @@ def calibration(
                 "mean_label": float(y_bin[i] / w_bin[i]) if has_mass else float("nan"),
             }
         )
-    return {
-        "ratio": mean_pred / mean_label if mean_label > 0 else float("nan"),
-        "mean_pred": mean_pred,
-        "mean_label": mean_label,
-        "bins": table,
-    }
+    return table
 
 
 # --------------------------------------------------------------------------

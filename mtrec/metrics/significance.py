@@ -146,6 +146,37 @@ def _group_stats(
     return _per_group_auc(run_start, group_start, y_sorted, None)
 
 
+def _paired_group_stats(
+    pos: np.ndarray, a: np.ndarray, b: np.ndarray, grp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-group ``(numerator_a, numerator_b, positives, negatives, rows)`` of both models."""
+    # One group coding for both models, so both per-group arrays are in the same group order.
+    codes_a, codes_b = _score_codes(a), _score_codes(b)
+    g, gbits = _group_codes(grp, max_bits=64 - max(codes_a[1], codes_b[1]) - 1)
+    num_a, pos_g, neg_g, rows_g = _group_stats(pos, codes_a, g, gbits)
+    num_b = _group_stats(pos, codes_b, g, gbits)[0]
+    return num_a, num_b, pos_g, neg_g, rows_g
+
+
+def _bootstrap_interval(w: np.ndarray, wd: np.ndarray, resamples: int, seed: int) -> dict[str, float]:
+    """``ci_low``, ``ci_high``, ``p_value`` of ``sum(wd) / sum(w)`` over groups resampled with replacement."""
+    k = len(w)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(resamples, 4_000_000 // k))  # resamples per draw, bounding memory
+    deltas = np.empty(resamples, dtype=np.float64)
+    for lo in range(0, resamples, chunk):
+        hi = min(lo + chunk, resamples)
+        idx = rng.integers(0, k, size=(hi - lo, k))
+        deltas[lo:hi] = wd[idx].sum(axis=1) / w[idx].sum(axis=1)
+    ci_low, ci_high = np.quantile(deltas, [0.025, 0.975])
+    tail = min(int(np.count_nonzero(deltas <= 0.0)), int(np.count_nonzero(deltas >= 0.0)))
+    return {
+        "ci_low": float(ci_low),
+        "ci_high": float(ci_high),
+        "p_value": min(1.0, 2.0 * (1 + tail) / (resamples + 1)),
+    }
+
+
 def bootstrap_gauc_paired(
     y: ArrayLike,
     score_a: ArrayLike,
@@ -195,11 +226,7 @@ def bootstrap_gauc_paired(
     F._check_lengths(y=yy, score_a=a, score_b=b, groups=grp)
     pos = F._binary_mask(yy)
     a, b = F._sortable_scores(a), F._sortable_scores(b)
-    # One group coding for both models, so both per-group arrays are in the same group order.
-    codes_a, codes_b = _score_codes(a), _score_codes(b)
-    g, gbits = _group_codes(grp, max_bits=64 - max(codes_a[1], codes_b[1]) - 1)
-    num_a, pos_g, neg_g, rows_g = _group_stats(pos, codes_a, g, gbits)
-    num_b = _group_stats(pos, codes_b, g, gbits)[0]
+    num_a, num_b, pos_g, neg_g, rows_g = _paired_group_stats(pos, a, b, grp)
 
     used = (pos_g > 0) & (neg_g > 0)
     k = int(np.count_nonzero(used))
@@ -225,19 +252,5 @@ def bootstrap_gauc_paired(
     out.update(gauc_a=gauc_a, gauc_b=gauc_b, delta=gauc_b - gauc_a)
     if k < 2:
         return out
-    wd = w * (auc_b - auc_a)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(resamples, 4_000_000 // k))  # resamples per draw, bounding memory
-    deltas = np.empty(resamples, dtype=np.float64)
-    for lo in range(0, resamples, chunk):
-        hi = min(lo + chunk, resamples)
-        idx = rng.integers(0, k, size=(hi - lo, k))
-        deltas[lo:hi] = wd[idx].sum(axis=1) / w[idx].sum(axis=1)
-    ci_low, ci_high = np.quantile(deltas, [0.025, 0.975])
-    tail = min(int(np.count_nonzero(deltas <= 0.0)), int(np.count_nonzero(deltas >= 0.0)))
-    out.update(
-        ci_low=float(ci_low),
-        ci_high=float(ci_high),
-        p_value=min(1.0, 2.0 * (1 + tail) / (resamples + 1)),
-    )
+    out.update(_bootstrap_interval(w, w * (auc_b - auc_a), resamples, seed))
     return out

@@ -173,7 +173,6 @@ def init_distributed(
         ConfigError: Incomplete torchrun environment, an unsupported device, or a process
             group that cannot be joined.
     """
-    global _OWNS_GROUP
     device = torch.device(device)
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
@@ -183,6 +182,26 @@ def init_distributed(
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+    backend, device = _backend_and_device(device, rank, local_rank, local_world_size)
+    _join_group(backend, device, rank, world_size, timeout_s)
+    ctx = DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        backend=backend,
+    )
+    if ctx.world_size != world_size or ctx.rank != rank:
+        raise ConfigError(
+            f"the process group has rank {ctx.rank} of {ctx.world_size}, the environment says {rank} of {world_size}"
+        )
+    return ctx, device
+
+
+def _backend_and_device(
+    device: torch.device, rank: int, local_rank: int, local_world_size: int
+) -> tuple[str, torch.device]:
+    """The backend for ``device`` and this rank's device (a CUDA one is made current)."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"train.device: {device} requested but no CUDA device is available")
@@ -210,32 +229,26 @@ def init_distributed(
         raise ConfigError(f"train.device: distributed training runs on cpu or cuda, not {device.type}")
     if not available:
         raise ConfigError(f"this torch build has no {backend} backend, needed for distributed training on {device}")
+    return backend, device
+
+
+def _join_group(backend: str, device: torch.device, rank: int, world_size: int, timeout_s: float) -> None:
+    """Joins the default process group, or checks the backend of one already joined."""
+    global _OWNS_GROUP
     if dist.is_initialized():
         # Someone (a test, a notebook, an outer framework) already joined: reuse its group.
         if dist.get_backend() != backend:
             raise ConfigError(f"the process group uses {dist.get_backend()}, but training on {device} needs {backend}")
-    else:
-        for name in ("MASTER_ADDR", "MASTER_PORT"):
-            if not os.environ.get(name):
-                raise ConfigError(f"WORLD_SIZE={world_size} but {name} is not set (start with torchrun)")
-        try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        except Exception as exc:  # network/store errors of every kind: one clear line instead
-            where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-            raise ConfigError(f"rank {rank}: could not join the {backend} process group at {where}: {exc}") from None
-        _OWNS_GROUP = True
-    ctx = DistContext(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        local_rank=local_rank,
-        local_world_size=local_world_size,
-        backend=backend,
-    )
-    if ctx.world_size != world_size or ctx.rank != rank:
-        raise ConfigError(
-            f"the process group has rank {ctx.rank} of {ctx.world_size}, the environment says {rank} of {world_size}"
-        )
-    return ctx, device
+        return
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise ConfigError(f"WORLD_SIZE={world_size} but {name} is not set (start with torchrun)")
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except Exception as exc:  # network/store errors of every kind: one clear line instead
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise ConfigError(f"rank {rank}: could not join the {backend} process group at {where}: {exc}") from None
+    _OWNS_GROUP = True
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -3,7 +3,7 @@
 :class:`RunRecord` is the bookkeeping (history, best epoch, early-stopping count);
 :class:`ResumableState` names every part of the resume state once, with how it is read
 from and written back to the live objects. The file format (safetensors + JSON, checked on
-load) is :mod:`mtrec.checkpoint`'s.
+load) is :mod:`mtrec.model_dir`'s.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from mtrec.checkpoint import check_state_tensors
 from mtrec.errors import ModelError
+from mtrec.model_dir import check_state_tensors
 from mtrec.training.distributed import DistContext, gather_rows
 
 __all__ = ["ResumableState", "RunRecord"]

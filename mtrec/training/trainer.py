@@ -25,19 +25,6 @@ from torch import nn
 
 from mtrec._version import __version__
 from mtrec.batch import Batch
-from mtrec.checkpoint import (
-    RESUME,
-    WEIGHTS,
-    build_model,
-    check_state_tensors,
-    claim_model_dir,
-    commit_model_dir,
-    has_resume_state,
-    load_resume_state,
-    save_model_files,
-    save_resume_state,
-    save_weights,
-)
 from mtrec.config import Config
 from mtrec.data.batches import TensorColumns, prefetch_to_device
 from mtrec.data.loading import (
@@ -52,6 +39,24 @@ from mtrec.data.streaming import ParquetStream
 from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.errors import ConfigError, DataError, ModelError, MtrecError
 from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
+from mtrec.model_dir import (
+    DIAGNOSTICS,
+    LOG,
+    META,
+    METRICS,
+    PREPROCESS,
+    RESUME,
+    WEIGHTS,
+    build_model,
+    check_state_tensors,
+    claim_model_dir,
+    commit_model_dir,
+    has_resume_state,
+    load_resume_state,
+    save_model_files,
+    save_resume_state,
+    save_weights,
+)
 from mtrec.models.base import MultiTaskModel
 from mtrec.predict import predict_logits
 from mtrec.progress import Progress, format_seconds, say
@@ -478,7 +483,7 @@ class Trainer:
         elif self.staging is not None:  # rank 0 writes the model directory and its log
             save_model_files(self.staging, self.config, self.data.preprocessor, self.meta)
         if self.staging is not None:
-            self.log_fh = (self.staging / "log.jsonl").open("a")
+            self.log_fh = (self.staging / LOG).open("a")
 
     def _restore(self, resume: dict[str, Any]) -> None:
         # load_resume_state checked the structure; whether it fits this model is known only here.
@@ -599,7 +604,7 @@ class Trainer:
         model.load_state_dict(best)
         gates = gate_diagnostics(model, self.valid_cols, batch_size=self.t.eval_batch_size)
         if gates is not None:
-            atomic_write_text(staging / "diagnostics.json", json.dumps({"gates": gates}, indent=2))
+            atomic_write_text(staging / DIAGNOSTICS, json.dumps({"gates": gates}, indent=2))
             self.say(format_gates(gates))
         summary = {
             "best_epoch": record.best_epoch,
@@ -607,9 +612,9 @@ class Trainer:
             "best": record.best_metrics,
             "history": [{k: v for k, v in h.items() if k != "event"} for h in record.history],
         }
-        atomic_write_text(staging / "metrics.json", json.dumps(summary, indent=2))
+        atomic_write_text(staging / METRICS, json.dumps(summary, indent=2))
         self.meta["best_epoch"] = record.best_epoch
-        atomic_write_text(staging / "meta.json", json.dumps(self.meta, indent=2))
+        atomic_write_text(staging / META, json.dumps(self.meta, indent=2))
 
 
 def _check_resumable(
@@ -622,13 +627,13 @@ def _check_resumable(
             f"{state.get('data_mode')} mode; resume it the same way (now {ctx.world_size}, {mode})"
         )
 
-    saved = Preprocessor.load(config.schema, staging / "preprocess")
+    saved = Preprocessor.load(config.schema, staging / PREPROCESS)
     same = saved.vocabs.keys() == pre.vocabs.keys() and all(saved.vocabs[k].equals(pre.vocabs[k]) for k in pre.vocabs)
     same = same and json.dumps(saved.dense_stats, sort_keys=True) == json.dumps(pre.dense_stats, sort_keys=True)
     if not same:
         raise DataError(
             f"{config.data.train}: the training data no longer gives the preprocessing of the run being resumed "
-            f"(vocabularies or statistics changed since {staging / 'preprocess'} was fitted)"
+            f"(vocabularies or statistics changed since {staging / PREPROCESS} was fitted)"
         )
 
 

@@ -232,7 +232,7 @@ def test_kill_during_resume_cleanup_keeps_the_finished_run(clicks: Path, tmp_pat
 
 def test_kill_inside_export_overwrite_is_detected_and_repaired(model: Path, clicks: Path, tmp_path: Path):
     from mtrec.errors import ModelError
-    from mtrec.export import load_exported
+    from mtrec.inference.export import load_exported
 
     other = tmp_path / "other"  # another model, so that its graph differs from the first export's
     assert mtrec(*_train_args(clicks, other, "--set=train.seed=7")).returncode == 0

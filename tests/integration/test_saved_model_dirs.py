@@ -52,3 +52,19 @@ def test_saved_model_dir_predicts_the_same_through_the_python_api(name):
     assert set(preds) == set(expected.column_names[2:])
     for task, values in preds.items():
         np.testing.assert_allclose(np.asarray(values), expected.column(task).to_numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_loading_a_model_dir_builds_no_training_objects(monkeypatch):
+    """Inference reads the saved config without constructing a loss weighting or an optimiser."""
+    import mtrec
+    import mtrec.weighting as weighting
+    from mtrec.training import optim
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training object was built while loading a model for inference")
+
+    monkeypatch.setattr(weighting, "create_weighting", refuse)
+    monkeypatch.setattr(optim, "make_optimizers", refuse)
+    ranker = mtrec.load_model(FIXTURES / "mmoe")
+    preds = ranker.predict(pq.read_table(FIXTURES / "candidates.parquet"))
+    assert len(next(iter(preds.values()))) == pq.read_metadata(FIXTURES / "candidates.parquet").num_rows

@@ -64,8 +64,8 @@ def expected_predictions(model: Path, data: Path) -> dict[str, np.ndarray]:
 def test_score_a_file_keeps_columns_and_matches_predict_and_evaluate(model: Path, clicks: Path, work: Path):
     import mtrec
     from mtrec.data.batches import TensorColumns
+    from mtrec.inference import rank_score
     from mtrec.predict import predict_logits
-    from mtrec.score import rank_score
 
     out = work / "scores.parquet"
     proc = cli(

@@ -4,11 +4,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mtrec.checkpoint import claim_model_dir, commit_model_dir
 from mtrec.config import config_from_dict
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import ConfigError, DataError, MtrecError
 from mtrec.files import atomic_write_text
+from mtrec.model_dir import claim_model_dir, commit_model_dir
 from mtrec.schema import DenseFeature, Schema, Task
 
 BASE = {
@@ -136,7 +136,7 @@ def test_saved_weights_are_readable_files(tmp_path):
 
     import torch
 
-    from mtrec.checkpoint import save_weights
+    from mtrec.model_dir import save_weights
 
     save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")
     mode = stat.S_IMODE(os.stat(tmp_path / "w.safetensors").st_mode)

@@ -11,7 +11,7 @@ import mtrec
 from mtrec.config import config_from_dict
 from mtrec.data.synthetic import write_click_log
 from mtrec.errors import MtrecError
-from mtrec.export import _reference_logits, export_model
+from mtrec.inference.export import _reference_logits, export_model
 from mtrec.quickstart import synthetic_features, synthetic_tasks
 
 

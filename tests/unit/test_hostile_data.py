@@ -20,8 +20,8 @@ import mtrec
 from mtrec.data.loading import load_training_data
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import DataError
+from mtrec.inference import Ranker, rank_score, score_parquet
 from mtrec.schema import Schema, SequenceFeature, SparseFeature, Task
-from mtrec.score import Ranker, rank_score, score_parquet
 from tests.integration.helpers import assert_one_line_error
 from tests.integration.helpers import mtrec as cli
 from tests.unit.test_score import _table, model_dir  # noqa: F401  (model_dir: the tiny trained model fixture)

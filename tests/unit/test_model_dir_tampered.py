@@ -13,10 +13,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mtrec.checkpoint import has_resume_state, load_model_dir
 from mtrec.config import Config, config_from_dict
 from mtrec.data.synthetic import write_click_log
 from mtrec.errors import ModelError, MtrecError
+from mtrec.model_dir import has_resume_state, load_model_dir
 from mtrec.training import train
 from tests.integration.helpers import assert_one_line_error, mtrec
 

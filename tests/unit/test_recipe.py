@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtrec.checkpoint import has_resume_state, load_resume_state
 from mtrec.config import config_from_dict
 from mtrec.data.synthetic import write_click_log
 from mtrec.errors import ConfigError
+from mtrec.model_dir import has_resume_state, load_resume_state
 from mtrec.quickstart import synthetic_features, synthetic_tasks
 from mtrec.training import make_optimizers, train
 from mtrec.training.optim import LazyAdam, SparseAdamW, lr_factor, make_lr_schedulers
@@ -200,7 +200,7 @@ def test_the_recipe_keys_are_range_checked(key, value, message):
 
 
 def test_make_optimizers_passes_the_embedding_weight_decay_to_either_path():
-    from mtrec.checkpoint import build_model
+    from mtrec.model_dir import build_model
     from mtrec.schema import InputLayout
 
     layout = InputLayout((30, 20), (0, 1), (), (), (), 0)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtrec.checkpoint import _pack, _unpack, has_resume_state
 from mtrec.config import config_from_dict
 from mtrec.data.synthetic import write_click_log
 from mtrec.errors import MtrecError
+from mtrec.model_dir import _pack, _unpack, has_resume_state
 from mtrec.quickstart import synthetic_features, synthetic_tasks
 from mtrec.training import train
 from tests.integration.helpers import mtrec

@@ -15,7 +15,7 @@ import mtrec
 from mtrec.config import config_from_dict
 from mtrec.errors import DataError, MtrecError
 from mtrec.files import MARKER
-from mtrec.score import Ranker, parse_rank, rank_score, score_parquet
+from mtrec.inference import Ranker, parse_rank, rank_score, score_parquet
 
 N = 3000
 
@@ -251,7 +251,7 @@ def test_a_failure_midway_leaves_no_output_and_no_temp_files(model_dir: Path, tm
             raise KeyboardInterrupt
         return np.zeros(len(preds["ctr"]))
 
-    monkeypatch.setattr(mtrec.score, "rank_score", failing)
+    monkeypatch.setattr(mtrec.inference.score, "rank_score", failing)
     with pytest.raises(KeyboardInterrupt):
         score_parquet(model_dir, folder, tmp_path / "out", rank="ctr", progress=False)
     assert len(calls) == 2
@@ -272,7 +272,7 @@ def test_progress_lines_are_plain_off_a_terminal(model_dir: Path, tmp_path):
     src = tmp_path / "in.parquet"
     pq.write_table(_table(200, 3), src)
     stream = io.StringIO()
-    mtrec.score._Progress(10, stream, True, every=0.0).update(5)
+    mtrec.inference.score._Progress(10, stream, True, every=0.0).update(5)
     assert "scored 5/10 rows (50.0 %)" in stream.getvalue() and "eta" in stream.getvalue()
     quiet = io.StringIO()
     score_parquet(model_dir, src, tmp_path / "o.parquet", progress=False, stream=quiet)

@@ -11,7 +11,7 @@ from tests.unit.architecture.imports import cycles, graph
 # Room -> the mtrec modules (prefixes) it must never import. nn/ works on any tensor (no schema,
 # no data, no model), models/ builds modules from a layout (no files, no data, no training), data/
 # turns files into tensors (no model); none of them knows the stages above it.
-ABOVE = ("mtrec.training", "mtrec.score", "mtrec.evaluate", "mtrec.compare", "mtrec.cli", "mtrec.checkpoint")
+ABOVE = ("mtrec.training", "mtrec.inference", "mtrec.evaluation", "mtrec.cli", "mtrec.model_dir")
 FORBIDDEN = {
     "mtrec.nn": ("mtrec.schema", "mtrec.config", "mtrec.data", "mtrec.models", "mtrec.files", *ABOVE),
     "mtrec.models": ("mtrec.config", "mtrec.data", "mtrec.files", *ABOVE),

@@ -18,6 +18,7 @@ import numpy as np
 
 from mtrec.errors import MtrecError
 from mtrec.metrics import calibration, roc_curve_points
+from mtrec.model_dir import LOG
 
 __all__ = ["SECTIONS", "write_report"]
 
@@ -174,7 +175,7 @@ def write_report(directory: Path, result: dict[str, Any], predictions: dict[str,
     else:
         parts.append(("roc", "ROC curves", "<p>No binary task with both classes.</p>"))
         parts.append(("calibration", "Calibration", "<p>No binary task with both classes.</p>"))
-    training = _training_figure(Path(model_dir) / "log.jsonl")
+    training = _training_figure(Path(model_dir) / LOG)
     parts.append(("training", "Training curves", f"<img src='{training}'>" if training else "<p>No training log.</p>"))
     if result.get("gates"):
         warnings = "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in result["gates"]["warnings"])

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mtrec.errors import MtrecError
-from mtrec.evaluate import evaluate_model_dir
+from mtrec.evaluation.evaluate import evaluate_model_dir
 from mtrec.metrics import bootstrap_gauc_paired, delong_paired
 
 __all__ = ["compare_models", "format_comparison"]

@@ -36,6 +36,7 @@ from mtrec.config import Config, config_from_dict, config_to_dict, parse_yaml_te
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import ConfigError, ModelError, MtrecError
 from mtrec.files import (
+    allow_staging_names,
     atomic_write_text,
     claim_output,
     commit_dir,
@@ -62,7 +63,16 @@ __all__ = [
     "save_weights",
 ]
 
+# Every name in a model directory (the names of its manifest are these and preprocess/*).
+CONFIG = "config.yaml"
+META = "meta.json"
 WEIGHTS = "model.safetensors"
+PREPROCESS = "preprocess"
+METRICS = "metrics.json"
+LOG = "log.jsonl"
+DIAGNOSTICS = "diagnostics.json"
+EVALUATIONS = "evaluations"  # evaluate's JSON files, added to a finished directory
+RESUME = "resume"  # in the unfinished folder only: dropped when the run is committed
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -102,6 +112,7 @@ def build_model(config: Config, layout: InputLayout) -> nn.Module:
 
 
 MODEL_KIND = "model"
+allow_staging_names(MODEL_KIND, (CONFIG, META, WEIGHTS, PREPROCESS, METRICS, LOG, DIAGNOSTICS, RESUME))
 
 
 @contextmanager
@@ -136,9 +147,9 @@ def commit_model_dir(staging: Path, output: Path) -> None:
 
 def save_model_files(staging: Path, config: Config, preprocessor: Preprocessor, meta: dict[str, Any]) -> None:
     """Writes the config, preprocessing state and meta data of a model folder."""
-    atomic_write_text(staging / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    preprocessor.save(staging / "preprocess")
-    atomic_write_text(staging / "meta.json", json.dumps(meta, indent=2))
+    atomic_write_text(staging / CONFIG, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    preprocessor.save(staging / PREPROCESS)
+    atomic_write_text(staging / META, json.dumps(meta, indent=2))
 
 
 @dataclass
@@ -164,25 +175,25 @@ def load_model_dir(directory: str | Path, *, map_location: str = "cpu") -> Loade
         pass  # best effort: a read-only location, or a pending swap over a foreign folder (left as it is)
     if not directory.is_dir():
         raise ModelError(f"{directory}: no such model directory")
-    for name in ("config.yaml", "meta.json", WEIGHTS, "preprocess"):
+    for name in (CONFIG, META, WEIGHTS, PREPROCESS):
         path = directory / name
         if not path.exists():
             raise ModelError(f"{directory}: not a complete model directory ({name} is missing)")
-        if name == "preprocess" and not path.is_dir():
+        if name == PREPROCESS and not path.is_dir():
             raise ModelError(f"{path}: expected a folder of preprocessing state, found a file")
-        if name != "preprocess" and not path.is_file():
+        if name != PREPROCESS and not path.is_file():
             raise ModelError(f"{path}: expected a file, found {'a folder' if path.is_dir() else 'no regular file'}")
-    config_path = directory / "config.yaml"
+    config_path = directory / CONFIG
     text = _read_text(config_path)
     try:
         raw = parse_yaml_text(text, str(config_path))  # bounded and alias-free, like a config file
     except ConfigError as exc:
         raise ModelError(f"invalid saved config: {_first_line(exc)}") from None
     try:
-        config = config_from_dict(raw)
+        config = config_from_dict(raw, training=False)  # inference: no training objects
     except (ConfigError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelError(f"{config_path}: invalid saved config ({_first_line(exc)})") from None
-    meta_path = directory / "meta.json"
+    meta_path = directory / META
     try:
         meta = json.loads(_read_text(meta_path))
     except (ValueError, RecursionError) as exc:
@@ -191,7 +202,7 @@ def load_model_dir(directory: str | Path, *, map_location: str = "cpu") -> Loade
         raise ModelError(f"{meta_path}: expected a JSON object, got {_json_type(meta)}")
     if not isinstance(meta.get("layout"), dict):
         raise ModelError(f"{meta_path}: expected a 'layout' object, got {_json_type(meta.get('layout'))}")
-    pre = Preprocessor.load(config.schema, directory / "preprocess")
+    pre = Preprocessor.load(config.schema, directory / PREPROCESS)
     layout = pre.layout()
     if dataclasses.asdict(layout) != _lists_to_tuples(meta["layout"]):
         raise ModelError(f"{directory}: preprocessing state does not match the layout in meta.json")
@@ -283,7 +294,6 @@ def _lists_to_tuples(x: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- resume state
-RESUME = "resume"
 
 
 def _pack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

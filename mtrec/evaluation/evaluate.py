@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mtrec.data.batches import TensorColumns
 from mtrec.predict import predict_logits
 from mtrec.tasks import compute_metrics
+
+if TYPE_CHECKING:
+    from mtrec.schema import Task
 
 __all__ = ["evaluate_model_dir"]
 
@@ -40,11 +44,10 @@ def evaluate_model_dir(
             ``sample_weight`` and the ``group_by`` keys ``groups``, or ``None``) for plots
             and paired tests.
     """
-    from mtrec.checkpoint import load_model_dir
     from mtrec.data.parquet import iter_row_groups, resolve_paths
     from mtrec.diagnostics import gate_diagnostics
     from mtrec.errors import DataError
-    from mtrec.metrics import gauc
+    from mtrec.model_dir import load_model_dir
 
     loaded = load_model_dir(model_dir)
     schema = loaded.config.schema
@@ -87,20 +90,7 @@ def evaluate_model_dir(
     }
     if group_by is not None:
         keys = np.concatenate(groups)
-        for j, task in enumerate(tasks):
-            if not task.kind.ranks:
-                continue
-            m = m_all[:, j]
-            if m.any():
-                g = result["tasks"][task.name]["gauc"] = gauc(
-                    y_all[m, j],
-                    z_all[task.name][m],
-                    keys[m],
-                    sample_weight=None if w_all is None else w_all[m, j],
-                    weighting=gauc_weighting,
-                )
-                if math.isnan(g["gauc"]):
-                    g["gauc"] = None  # JSON has no NaN; "groups_used": 0 says why
+        _add_gauc(result["tasks"], tasks, z_all, y_all, m_all, w_all, keys, gauc_weighting)
         result["group_by"] = group_by
     if gates is not None:
         result["gates"] = gates
@@ -108,6 +98,34 @@ def evaluate_model_dir(
         result["predictions"] = {"logits": z_all, "labels": y_all, "mask": m_all, "tasks": tasks}
         result["predictions"].update(sample_weight=w_all, groups=keys if group_by is not None else None)
     return result
+
+
+def _add_gauc(
+    metrics: dict[str, Any],
+    tasks: Sequence[Task],
+    logits: dict[str, np.ndarray],
+    labels: np.ndarray,
+    mask: np.ndarray,
+    weights: np.ndarray | None,
+    keys: np.ndarray,
+    weighting: str,
+) -> None:
+    """Adds ``"gauc"`` to each ranking task's metrics, over that task's own sample space."""
+    from mtrec.metrics import gauc
+
+    for j, task in enumerate(tasks):
+        m = mask[:, j]
+        if not task.kind.ranks or not m.any():
+            continue
+        g = metrics[task.name]["gauc"] = gauc(
+            labels[m, j],
+            logits[task.name][m],
+            keys[m],
+            sample_weight=None if weights is None else weights[m, j],
+            weighting=weighting,
+        )
+        if math.isnan(g["gauc"]):
+            g["gauc"] = None  # JSON has no NaN; "groups_used": 0 says why
 
 
 def _check_group_column(paths: list[Path], column: str) -> None:

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from mtrec.batch import Batch
-from mtrec.checkpoint import load_model_dir
 from mtrec.data.batches import TensorColumns
 from mtrec.errors import ModelError, MtrecError
 from mtrec.files import (
@@ -32,6 +31,7 @@ from mtrec.files import (
     staged_dir,
     write_file,
 )
+from mtrec.model_dir import load_model_dir
 
 __all__ = ["EncodedInputModel", "export_model", "load_exported"]
 
