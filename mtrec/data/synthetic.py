@@ -965,9 +965,9 @@ def write_click_log(
 ) -> dict[str, Any]:
     """Writes a synthetic click log to Parquet, streaming chunk by chunk.
 
-    The Parquet file and ``<path>.truth.json`` are each written to a temporary
-    file in the destination directory and moved into place with
-    ``os.replace``, so readers never see a partial file. The data is identical
+    The Parquet file and ``<path>.truth.json`` are each written through
+    :mod:`mtrec.files` (a temporary beside the destination, then renamed), so
+    readers never see a partial file. The data is identical
     to ``generate_click_log`` with the same arguments.
 
     Args:

@@ -24,7 +24,7 @@ from mtrec.inference import Ranker, rank_score, score_parquet
 from mtrec.schema import Schema, SequenceFeature, SparseFeature, Task
 from tests.integration.helpers import assert_one_line_error
 from tests.integration.helpers import mtrec as cli
-from tests.unit.test_score import _table, model_dir  # noqa: F401  (model_dir: the tiny trained model fixture)
+from tests.unit.inference.test_score import _table, model_dir  # noqa: F401  (model_dir: the tiny trained model fixture)
 
 # The CLI subprocesses run the mtrec these tests imported, wherever it lives.
 CODE_ROOT = Path(mtrec.__file__).resolve().parents[1]

@@ -122,8 +122,8 @@ def _impressions_step_equals_single_process(ctx) -> None:
     losses give the gradient of one process's impressions loss on all 13 rows."""
     from mtrec.models import create_model
     from mtrec.training.distributed import sync_sparse_grads, wrap_model
-    from tests.unit.test_distributed import LAYOUT, TASK_NAMES, TASKS, WORLD, _concat
-    from tests.unit.test_distributed import _batch as rank_batch
+    from tests.unit.training.test_distributed import LAYOUT, TASK_NAMES, TASKS, WORLD, _concat
+    from tests.unit.training.test_distributed import _batch as rank_batch
 
     torch.manual_seed(100)
     model = create_model("mmoe", LAYOUT, TASK_NAMES, embedding_dim=4)
@@ -153,7 +153,7 @@ def test_impressions_under_ddp_equal_one_process_on_the_global_batch():
 
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("needs torch.distributed with gloo")
-    from tests.unit.test_distributed import _spawn
+    from tests.unit.training.test_distributed import _spawn
 
     _spawn(_impressions_step_equals_single_process)
 

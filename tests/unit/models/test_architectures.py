@@ -9,7 +9,7 @@ from mtrec.models import create_model, list_models
 from mtrec.nn.aitm import AdaptiveInformationTransfer, AITMLayer, expectation_calibration
 from mtrec.nn.cross_stitch import CrossStitch, CrossStitchNetwork
 from mtrec.nn.experts import PLE, Gate
-from tests.unit.test_models import LAYOUT, TASKS, _batch
+from tests.unit.models.test_models import LAYOUT, TASKS, _batch
 
 NEW = ("shared_embedding", "independent", "omoe", "cgc", "cross_stitch", "aitm")
 

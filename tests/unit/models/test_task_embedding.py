@@ -11,7 +11,7 @@ import torch
 from mtrec.config import ConfigError, config_from_dict, config_to_dict
 from mtrec.models import create_model
 from mtrec.models.base import EmbeddingSpec, FeatureInput, TaskAwareInput
-from tests.unit.test_models import LAYOUT, TASKS, _batch
+from tests.unit.models.test_models import LAYOUT, TASKS, _batch
 
 BACKBONES = ("mmoe", "cgc", "ple", "shared_bottom", "omoe", "cross_stitch", "aitm")
 T = len(TASKS)

@@ -23,7 +23,7 @@ from mtrec.data.logs import (
 )
 from mtrec.errors import DataError, MtrecError
 
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "samples"
+SAMPLES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "samples"
 pytestmark = pytest.mark.skipif(
     not SAMPLES.is_dir(), reason=f"the real sample logs are not at {SAMPLES} (../shared/data/samples)"
 )

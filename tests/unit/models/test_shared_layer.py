@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mtrec.models import create_model, list_models
 from mtrec.models.esmm import EsmmModel
-from tests.unit.test_models import LAYOUT, TASKS, _batch
+from tests.unit.models.test_models import LAYOUT, TASKS, _batch
 
 # Models that share no dense layer between tasks (GradNorm falls back to fixed weights).
 NOTHING_SHARED = {"shared_embedding", "independent"}

@@ -22,7 +22,7 @@ from mtrec.data.parquet import resolve_paths
 from mtrec.errors import DataError
 from mtrec.schema import Schema, SparseFeature, Task
 from tests.integration.helpers import mtrec as cli
-from tests.unit.test_score import _table, model_dir  # noqa: F401  (model_dir: the tiny trained model fixture)
+from tests.unit.inference.test_score import _table, model_dir  # noqa: F401  (model_dir: the tiny trained model fixture)
 
 # Subprocesses run the mtrec these tests imported, wherever it lives.
 CODE_ROOT = Path(mtrec.__file__).resolve().parents[1]

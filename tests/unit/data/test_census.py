@@ -12,7 +12,7 @@ import pytest
 from mtrec.data.census import CATEGORICAL, FIELDS, NUMERIC, prepare_census_income, read_census_file
 from mtrec.errors import DataError, MtrecError
 
-SOURCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "census-income-kdd"
+SOURCE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "census-income-kdd"
 pytestmark = pytest.mark.skipif(not (SOURCE / "census-income.test.gz").is_file(), reason=f"{SOURCE} not present")
 
 
