@@ -92,7 +92,7 @@ class StrictLoader(yaml.SafeLoader):
             )
         self._depth += 1
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -102,7 +102,7 @@ class StrictLoader(yaml.SafeLoader):
             # decimal strings are limited) into an int that no error message can print.
             raise _LimitError(problem="integers of more than 100 digits are not allowed", problem_mark=node.start_mark)
         try:
-            return super().construct_object(node, deep=deep)  # type: ignore[no-untyped-call]
+            return super().construct_object(node, deep=deep)
         except (ValueError, TypeError, OverflowError) as exc:
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read this value ({exc})", node.start_mark

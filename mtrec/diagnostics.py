@@ -8,7 +8,7 @@ identical (collapse: the mixture then has nothing to choose from).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -19,6 +19,15 @@ from mtrec.models.base import TaskAwareInput
 
 __all__ = ["gate_diagnostics"]
 
+
+class _GateReporting(Protocol):
+    """A backbone with gates: what :func:`gate_diagnostics` asks of it."""
+
+    def gate_report(
+        self, x: Any, task_names: tuple[str, ...] | None = ...
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[int]]]: ...
+
+
 DOMINANT_SHARE = 0.9
 COLLAPSE_SIMILARITY = 0.95
 
@@ -28,7 +37,7 @@ def _input_mode(inner: nn.Module) -> str:
     return inner.features.mode if isinstance(inner.features, TaskAwareInput) else "shared"
 
 
-def _backbone(model: nn.Module) -> nn.Module | None:
+def _backbone(model: nn.Module) -> _GateReporting | None:
     inner = getattr(model, "inner", model)
     if _input_mode(inner) == "per_task":
         return None  # each task's gate reads its own input: no one set of expert outputs to report
@@ -37,7 +46,7 @@ def _backbone(model: nn.Module) -> nn.Module | None:
 
 
 def _backbone_input(inner: nn.Module, batch: Any) -> torch.Tensor:
-    x = inner.features(batch)
+    x = cast(nn.Module, inner.features)(batch)
     # stem gives every task the same input values (T, B, d): the gates of all tasks are on x[0]
     return x[0] if _input_mode(inner) == "stem" else x
 
@@ -66,7 +75,7 @@ def gate_diagnostics(model: nn.Module, columns: TensorColumns, *, batch_size: in
     try:
         for batch in columns.iter_batches(batch_size):
             x = _backbone_input(inner, batch)
-            gates, experts, labels, covers = backbone.gate_report(x, tuple(inner.task_names))
+            gates, experts, labels, covers = backbone.gate_report(x, tuple(cast("tuple[str, ...]", inner.task_names)))
             g = gates.float()
             batch_sum = g.sum(0).cpu().numpy()  # (T, E_t)
             batch_ent = -(g * g.clamp_min(1e-12).log()).sum(-1).sum(0).cpu().numpy()  # (T,)
@@ -83,7 +92,7 @@ def gate_diagnostics(model: nn.Module, columns: TensorColumns, *, batch_size: in
         model.train(was_training)
     if sums is None or entropy is None or rows == 0:
         return None
-    task_names = list(inner.task_names)
+    task_names = list(cast("tuple[str, ...]", inner.task_names))
     report: dict[str, Any] = {"experts": labels, "tasks": {}, "rows": rows, "warnings": []}
     for t, name in enumerate(task_names):
         mean = sums[t] / rows

@@ -22,6 +22,7 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -35,7 +36,7 @@ MAX_WHERE_DEPTH = 32
 """Deepest nesting of ``and`` / ``or`` / ``not`` / comparisons accepted: checking and
 evaluating the tree recurse once per level."""
 
-_COMPARE: dict[type, Callable[[object, object], object]] = {
+_COMPARE: dict[type, Callable[[Any, Any], Any]] = {
     ast.Eq: operator.eq,
     ast.NotEq: operator.ne,
     ast.Lt: operator.lt,
@@ -206,7 +207,7 @@ def _check(node: ast.expr, cols: list[str], text: str, kinds: list[tuple[str, st
         const = right if isinstance(right, ast.Constant) else left
         if not isinstance(const, ast.Constant) or not isinstance(const.value, (int, float, str, bool)):
             raise ValueError(f"in {text!r}: constants must be numbers or strings")
-        name = left.id if isinstance(left, ast.Name) else right.id  # type: ignore[attr-defined]
+        name = left.id if isinstance(left, ast.Name) else cast(ast.Name, right).id
         kinds.append((name, "str" if isinstance(const.value, str) else "number"))
     elif isinstance(node, ast.Name):
         cols.append(node.id)

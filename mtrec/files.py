@@ -251,7 +251,9 @@ def _walk(folder: Path, skip: Iterable[str] = ()) -> tuple[list[str], list[str],
     The marker and the top-level entries named in ``skip`` are left out.
     """
     skip = set(skip)
-    files, dirs, other = [], [], []
+    files: list[str] = []
+    dirs: list[str] = []
+    other: list[str] = []
     for root, dirnames, filenames in os.walk(folder, followlinks=False):
         base = Path(root)
         if base == folder:

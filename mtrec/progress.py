@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO, cast
 
 __all__ = ["Progress", "format_seconds", "say"]
 
@@ -75,7 +75,7 @@ class Progress:
         now = time.perf_counter()
         if postfix is not None and (now - self.shown >= self.refresh_s or done == self.total):
             self.shown = now
-            self.bar.set_postfix(**postfix())
+            self.bar.set_postfix(**cast("dict[str, Any]", postfix()))
 
     def due(self, every_s: float) -> bool:
         """For plain lines by time: whether ``every_s`` seconds passed since the last one."""

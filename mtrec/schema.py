@@ -284,7 +284,12 @@ class Schema:
 
     def input_columns(self) -> list[str]:
         """Feature columns read from the data."""
-        return [f.name for f in (*self.sparse, *self.dense, *self.sequence)]
+        features: tuple[SparseFeature | DenseFeature | SequenceFeature, ...] = (
+            *self.sparse,
+            *self.dense,
+            *self.sequence,
+        )
+        return [f.name for f in features]
 
     def read_columns(self, with_labels: bool = True) -> list[str]:
         """Every column read from the data, each once: the features, and with ``with_labels``

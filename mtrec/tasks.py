@@ -34,11 +34,16 @@ __all__ = [
 class _TaskFields(Protocol):
     """The fields of :class:`mtrec.schema.Task` a kind reads (schema imports this module)."""
 
-    name: str
-    num_classes: int | None
-    loss: str
-    huber_delta: float
-    label_transform: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def num_classes(self) -> int | None: ...
+    @property
+    def loss(self) -> str: ...
+    @property
+    def huber_delta(self) -> float: ...
+    @property
+    def label_transform(self) -> str: ...
 
 
 class TaskKind:

@@ -194,6 +194,8 @@ class UncertaintyWeighting(LossWeighting):
     weight decay (decay would pull ``s_t`` to 0).
     """
 
+    _w: torch.Tensor  # buffer
+
     def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...]) -> None:
         super().__init__(task_names, base_weights)
         self.log_vars = nn.Parameter(torch.zeros(self.num_tasks))
@@ -334,6 +336,10 @@ class GradNorm(LossWeighting):
     """
 
     _MIN_WEIGHT = 1e-4
+
+    # Buffers (registered in __init__).
+    enabled: torch.Tensor
+    initial_losses: torch.Tensor
 
     def __init__(
         self,

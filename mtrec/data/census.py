@@ -19,7 +19,7 @@ Labels (written as 0/1 ``Int8`` columns, the source columns they come from remov
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -148,6 +148,6 @@ def prepare_census_income(source: Path, output: Path, *, seed: int = 0, overwrit
         "tasks": ["income", "never_married", "college"],
         "features": {"categorical": list(CATEGORICAL), "numeric": list(NUMERIC)},
         "not_features": ["instance_weight"],
-        "positive_rate": {t: float(frame[t].mean()) for t in ("income", "never_married", "college")},
+        "positive_rate": {t: float(cast(float, frame[t].mean())) for t in ("income", "never_married", "college")},
     }
     return write_prepared(Path(output), splits, manifest, overwrite=overwrite)

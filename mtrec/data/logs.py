@@ -23,6 +23,7 @@ nothing is written.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,7 +320,7 @@ def _positive_rate(splits: dict[str, pl.DataFrame], labels: tuple[str, ...]) -> 
     return {label: sum(int(f.get_column(label).sum()) for f in splits.values()) / rows for label in labels}
 
 
-def _folder(source: Path, fmt: LogFormat, files: dict[str, tuple[str, ...]]) -> Path:
+def _folder(source: Path, fmt: LogFormat, files: Mapping[str, tuple[str, ...]]) -> Path:
     if source.is_file():
         expected = "; ".join(f"{split}: {' or '.join(names)}" for split, names in files.items())
         raise DataError(f"{source}: is a file, expected the {fmt.name} folder holding {expected}")

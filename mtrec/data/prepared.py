@@ -73,7 +73,11 @@ def write_prepared(
             info["splits"] = {}
             for name, frame in splits.items():
                 path = staging / f"{name}.parquet"
-                write_file(path, lambda tmp, frame=frame: frame.write_parquet(tmp, row_group_size=65536))
+
+                def write(tmp: Path, frame: pl.DataFrame = frame) -> None:
+                    frame.write_parquet(tmp, row_group_size=65536)
+
+                write_file(path, write)
                 info["splits"][name] = {"file": path.name, "rows": frame.height}
             info["columns"] = {c: str(t) for c, t in next(iter(splits.values())).schema.items()}
             atomic_write_text(staging / MANIFEST, json.dumps(info, indent=2) + "\n")

@@ -321,8 +321,8 @@ class _FitState:
         for s in self.schema.sequence:
             if s.vocab_from is None:
                 self.vocabs[s.name].add(source, s.name, _id_values(source, s.name, table.column(s.name), is_list=True))
-        for f in self.schema.dense:
-            self.dense[f.name].add(Preprocessor._dense_values(source, f, table.column(f.name)))
+        for d in self.schema.dense:
+            self.dense[d.name].add(Preprocessor._dense_values(source, d, table.column(d.name)))
 
     def finish(self, source: str) -> tuple[dict[str, pa.Array], dict[str, dict[str, float]]]:
         if self.rows == 0:
@@ -599,8 +599,8 @@ class Preprocessor:
         for j, f in enumerate(schema.sparse):
             sparse[:, j] = self._encode_sparse(source, f, table.column(f.name))
         dense = np.empty((n, len(schema.dense)), dtype=np.float32)
-        for j, f in enumerate(schema.dense):
-            dense[:, j] = self._encode_dense(source, f, table.column(f.name))
+        for j, d in enumerate(schema.dense):
+            dense[:, j] = self._encode_dense(source, d, table.column(d.name))
         sequences, lengths = [], np.zeros((n, len(schema.sequence)), dtype=np.int64)
         hashed = {f.name: f for f in schema.sparse if f.hash_buckets is not None}
         for s in schema.sequence:

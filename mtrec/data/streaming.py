@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -149,7 +149,7 @@ class _Reader:
 
 def _row_groups(paths: Sequence[Path], columns: Sequence[str]) -> list[tuple[Path, int, int]]:
     """``(file, row group, rows)`` of every file, from the metadata; checks the columns."""
-    out = []
+    out: list[tuple[Path, int, int]] = []
     for path in paths:
         with open_parquet(path) as pf:
             _check_columns(path, pf, columns)
@@ -487,7 +487,7 @@ class ParquetStream:
         finally:
             reader.close()
 
-    def _batches(self, epoch: int, groups: list[int], *, worker: int, workers: int) -> Iterator[Batch]:
+    def _batches(self, epoch: int, groups: list[int], *, worker: int, workers: int) -> Generator[Batch, None, None]:
         """Batches of one reader: its row groups through its own shuffle buffer."""
         rng = np.random.default_rng(_seed_entropy(self.seed, epoch, _SHUFFLE_TAG, self.rank, worker))
         capacity = -(-self.shuffle_buffer // workers)
@@ -507,7 +507,7 @@ class ParquetStream:
             if close is not None:
                 close()
 
-    def _worker_batches(self, epoch: int, groups: list[int]) -> Iterator[Batch]:
+    def _worker_batches(self, epoch: int, groups: list[int]) -> Generator[Batch, None, None]:
         loader = DataLoader(
             _WorkerShares(self, epoch, groups),
             batch_size=None,

@@ -24,7 +24,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -639,9 +639,9 @@ def _sample_extra_sparse(
     click, conv, sat = logits
     for col in w.extra_sparse:
         if col.attach == "user":
-            vidx = col.entity_value[user]
+            vidx = cast(np.ndarray, col.entity_value)[user]
         elif col.attach == "item":
-            vidx = col.entity_value[item]
+            vidx = cast(np.ndarray, col.entity_value)[item]
         else:
             vidx = _draw(col.value_cdf, rng, n)
         click += col.click_bias[vidx]

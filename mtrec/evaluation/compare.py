@@ -131,7 +131,7 @@ def _gauc_test(
     if task.sample_weight is not None:
         return _untested("sample-weighted task: the paired bootstrap is unweighted")
     g = bootstrap_gauc_paired(y, z_a, z_b, keys, resamples=resamples, seed=seed, weighting=weighting)
-    out = {
+    out: dict[str, Any] = {
         "delta": _none_if_nan(g["delta"]),
         "ci_low": _none_if_nan(g["ci_low"]),
         "ci_high": _none_if_nan(g["ci_high"]),
@@ -247,7 +247,7 @@ def compare_models(
         results[str(p)] = result
     archs = {model: result["architecture"] for model, result in results.items()}
     base = _default_baseline(archs) if baseline is None else str(Path(baseline))
-    tests = {"bootstrap": bootstrap, "seed": seed, "gauc_weighting": gauc_weighting}
+    tests: dict[str, Any] = {"bootstrap": bootstrap, "seed": seed, "gauc_weighting": gauc_weighting}
     table = {
         model: {"architecture": archs[model], "tasks": _model_rows(results[base], result, model == base, **tests)}
         for model, result in results.items()

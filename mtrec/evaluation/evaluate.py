@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -117,12 +117,16 @@ def _add_gauc(
         m = mask[:, j]
         if not task.kind.ranks or not m.any():
             continue
-        g = metrics[task.name]["gauc"] = gauc(
-            labels[m, j],
-            logits[task.name][m],
-            keys[m],
-            sample_weight=None if weights is None else weights[m, j],
-            weighting=weighting,
+        # dict[str, Any]: "gauc" may become None below
+        g = metrics[task.name]["gauc"] = cast(
+            "dict[str, Any]",
+            gauc(
+                labels[m, j],
+                logits[task.name][m],
+                keys[m],
+                sample_weight=None if weights is None else weights[m, j],
+                weighting=weighting,
+            ),
         )
         if math.isnan(g["gauc"]):
             g["gauc"] = None  # JSON has no NaN; "groups_used": 0 says why

@@ -130,7 +130,7 @@ def _export_bytes(loaded: Any, fmt: str) -> bytes:
             torch.onnx.export(
                 wrapper,
                 example,
-                buffer,
+                buffer,  # type: ignore[arg-type]  # torch stub: the dynamo=False exporter also takes a file-like f
                 input_names=input_names,
                 output_names=list(names),
                 dynamic_axes=dynamic,

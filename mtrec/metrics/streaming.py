@@ -19,6 +19,7 @@ Typical use in an evaluation loop::
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from mtrec.metrics import functional as F
 from mtrec.metrics.functional import ArrayLike
@@ -35,7 +36,7 @@ class _ChunkStore:
         pred_dtype: dtype predictions are stored in.
     """
 
-    def __init__(self, label_dtype: np.dtype, pred_dtype: np.dtype) -> None:
+    def __init__(self, label_dtype: DTypeLike, pred_dtype: DTypeLike) -> None:
         self._label_dtype = np.dtype(label_dtype)
         self._pred_dtype = np.dtype(pred_dtype)
         self._labels: list[np.ndarray] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -25,6 +26,8 @@ __all__ = [
 ]
 
 EMBEDDING_MODES = ("shared", "per_task", "stem")
+
+_M = TypeVar("_M", bound="MultiTaskModel")
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,8 @@ class TaskAwareInput(nn.Module):
     shared set of ``stem`` is a second table, so the two may differ in width.
     """
 
+    own: torch.Tensor  # buffer (``stem`` only)
+
     def __init__(self, layout: InputLayout, spec: EmbeddingSpec, num_tasks: int) -> None:
         super().__init__()
         if spec.mode not in ("per_task", "stem"):
@@ -243,7 +248,7 @@ class MultiTaskModel(nn.Module):
 
     @classmethod
     def assemble(
-        cls,
+        cls: type[_M],
         layout: InputLayout,
         task_names: tuple[str, ...],
         *,
@@ -254,7 +259,7 @@ class MultiTaskModel(nn.Module):
         backbone: Callable[[int], nn.Module] | nn.Module,
         embedding_copies: int = 1,
         features: nn.Module | None = None,
-    ) -> MultiTaskModel:
+    ) -> _M:
         """The feature input for ``layout`` (as ``embedding`` says), ``backbone(in_dim)`` on it
         and one tower per task on the backbone's ``out_dim``: what every registered
         architecture builds (``embedding_copies``: see :class:`FeatureInput`; shared mode only).
@@ -263,12 +268,12 @@ class MultiTaskModel(nn.Module):
         ``features`` with its ``backbone`` already built on it."""
         if features is None:
             features = feature_input(layout, embedding, len(task_names), copies=embedding_copies)
-        net = backbone if isinstance(backbone, nn.Module) else backbone(features.out_dim)
+        net = backbone if isinstance(backbone, nn.Module) else backbone(cast(int, features.out_dim))
         return cls(
             features=features,
             task_names=task_names,
             backbone=net,
-            backbone_out=net.out_dim,
+            backbone_out=cast(int, net.out_dim),
             tower_hidden=tower_hidden,
             output_dims=output_dims,
             dropout=dropout,

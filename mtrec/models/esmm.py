@@ -13,11 +13,16 @@ weight (0 by default), so the wrapper needs no loss of its own.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 
 from mtrec.batch import Batch
 from mtrec.weighting import SharedLayer
+
+if TYPE_CHECKING:
+    from mtrec.models.base import MultiTaskModel
 
 __all__ = ["EsmmModel", "product_logit"]
 
@@ -51,9 +56,11 @@ class EsmmModel(nn.Module):
 
     def __init__(self, inner: nn.Module, *, ctr: str, cvr: str, name: str = "ctcvr") -> None:
         super().__init__()
-        self.inner = inner
+        # Every registered builder returns a MultiTaskModel; its interface is what is delegated to.
+        model = cast("MultiTaskModel", inner)
+        self.inner = model
         self.ctr, self.cvr, self.name = ctr, cvr, name
-        self.task_names = (*inner.task_names, name)
+        self.task_names = (*model.task_names, name)
 
     @property
     def features(self) -> nn.Module:

@@ -19,6 +19,7 @@ calibrator penalises a later step predicted more likely than the step before it.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -112,7 +113,7 @@ class AITMLayer(nn.Module):
         """The last layer of task 0's tower, the one layer whose output every task reads."""
         if self.num_tasks == 1:
             return []
-        last = [m for m in self.towers[0] if isinstance(m, nn.Linear)][-1]
+        last = [m for m in cast(MLP, self.towers[0]) if isinstance(m, nn.Linear)][-1]
         return list(last.parameters())
 
     def forward(self, x: torch.Tensor, return_weights: bool = False):  # noqa: ANN201 - tensor or pair

@@ -37,6 +37,8 @@ class FusedEmbedding(nn.Module):
         torch.Size([1, 3, 4])
     """
 
+    column_offsets: torch.Tensor  # buffer
+
     def __init__(
         self,
         table_sizes: tuple[int, ...],

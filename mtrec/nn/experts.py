@@ -8,6 +8,7 @@ share their input, then one ``baddbmm`` per further layer.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -151,6 +152,10 @@ class CGCLayer(nn.Module):
         ``(B, T, H)`` task outputs and ``(B, H)`` shared output (or ``None``).
     """
 
+    # Buffers (registered in __init__).
+    expert_input: torch.Tensor
+    task_experts: torch.Tensor
+
     def __init__(
         self,
         in_dim: int,
@@ -260,7 +265,7 @@ class PLE(nn.Module):
         the first ``S`` rows of its weight and bias (:class:`~mtrec.weighting.ParameterSlice`);
         nothing (GradNorm then falls back to fixed weights) without shared experts.
         """
-        last = self.levels[-1]
+        last = cast(CGCLayer, self.levels[-1])
         if last.num_shared == 0:
             return []
         rows = slice(0, last.num_shared)
@@ -275,7 +280,7 @@ class PLE(nn.Module):
         for cgc in self.levels[:-1]:
             task_out, shared_out = cgc(h)
             h = torch.cat([task_out.transpose(0, 1), shared_out.unsqueeze(0)], dim=0)
-        last = self.levels[-1]
+        last = cast(CGCLayer, self.levels[-1])
         _, _, gates, _ = last(h, return_gates=True)
         experts = last.experts(h if h.dim() == 2 else h.index_select(0, last.expert_input))
         labels = _expert_labels(last.num_shared, last.num_specific, last.num_tasks, task_names)
@@ -313,6 +318,10 @@ class AFTBLayer(nn.Module):
         >>> layer((torch.zeros(3, 4), torch.zeros(2, 3, 6))).shape
         torch.Size([3, 2, 8])
     """
+
+    # Buffers (registered in __init__).
+    expert_input: torch.Tensor
+    live: torch.Tensor
 
     def __init__(
         self,

@@ -59,7 +59,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import torch
@@ -293,7 +293,11 @@ def _embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
     if fn is not None:
         return list(fn())
     # Any other module: the weights of lookups declared sparse (nn.Embedding(sparse=True), ...).
-    return [m.weight for m in model.modules() if getattr(m, "sparse", False) is True and hasattr(m, "weight")]
+    return [
+        cast(nn.Parameter, m.weight)
+        for m in model.modules()
+        if getattr(m, "sparse", False) is True and hasattr(m, "weight")
+    ]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
@@ -230,6 +230,15 @@ def make_lr_schedulers(
     return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
 
 
+class HasEmbeddingTables(Protocol):
+    """What training asks of a model about its embedding tables (as :class:`mtrec.models.base.MultiTaskModel`)."""
+
+    def embedding_tables(self) -> list[nn.Parameter]: ...
+    def embedding_parameters(self) -> list[nn.Parameter]: ...
+    def dense_parameters(self) -> list[nn.Parameter]: ...
+    def use_sparse_embedding_grads(self, sparse: bool) -> None: ...
+
+
 def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
     """Adam (fused where supported) for dense weights, Adam on touched rows for the embedding.
 
@@ -241,8 +250,9 @@ def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimi
     :class:`mtrec.training.optim.SparseAdamW` and ``LazyAdam(weight_decay=...)``).
     """
     t = config.train
-    tables = model.embedding_tables()
-    dense = model.dense_parameters()
+    embedded = cast(HasEmbeddingTables, model)  # a built model (build_model) has these methods
+    tables = embedded.embedding_tables()
+    dense = embedded.dense_parameters()
     try:
         opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     except (RuntimeError, TypeError):
@@ -250,7 +260,7 @@ def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimi
     optimizers: list[torch.optim.Optimizer] = [opt]
     if tables:
         lr = t.embedding_lr or t.lr
-        sparse = bool(model.embedding_parameters())
+        sparse = bool(embedded.embedding_parameters())
         wd = t.embedding_weight_decay
         embedding_opt = SparseAdamW if sparse else LazyAdam
         optimizers.append(embedding_opt(tables, lr=lr, weight_decay=wd))

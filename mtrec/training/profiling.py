@@ -99,7 +99,7 @@ class HostSyncCounter:
         counter = self
 
         class Operators(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func.name()
                 if name.startswith("profiler::_record_function_enter"):
                     counter._ranges.append(STEP_RANGE in args)
@@ -117,7 +117,7 @@ class HostSyncCounter:
                 return func(*args, **(kwargs or {}))
 
         class Reads(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            def __torch_function__(self, func, types, args=(), kwargs=None):
                 name = getattr(func, "__name__", "")
                 if name in HOST_READS and counter._in_step():
                     counter.counts[f"Tensor.{name}"] += 1

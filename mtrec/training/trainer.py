@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ from mtrec.training.distributed import (
 )
 from mtrec.training.labels import format_correlations, label_correlations
 from mtrec.training.losses import multitask_loss
-from mtrec.training.optim import make_lr_schedulers, make_optimizers
+from mtrec.training.optim import HasEmbeddingTables, make_lr_schedulers, make_optimizers
 from mtrec.training.policy import resolve_device, resolve_embedding_optimizer, resolve_precision
 from mtrec.training.state import ResumableState, RunRecord
 from mtrec.training.step import TrainStep
@@ -427,11 +427,11 @@ class Trainer:
         self.weighting = create_weighting(
             weighting_cfg.pop("name"), self.task_names, tuple(task.weight for task in self.tasks), **weighting_cfg
         ).to(device)
-        table_values = sum(table.numel() for table in model.embedding_tables())
+        table_values = sum(table.numel() for table in cast(HasEmbeddingTables, model).embedding_tables())
         self.embedding_optimizer = resolve_embedding_optimizer(
             t.embedding_optimizer, device, table_values, ctx.world_size
         )
-        model.use_sparse_embedding_grads(self.embedding_optimizer == "sparse")
+        cast(HasEmbeddingTables, model).use_sparse_embedding_grads(self.embedding_optimizer == "sparse")
         # DDP for the dense weights (and a table with dense gradients); a table with sparse
         # gradients is kept out of DDP and averaged by sync_sparse_grads (see mtrec.training.distributed).
         self.replica = wrap_model(model, ctx, device)
