@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mtrec.errors import MtrecError
+from mtrec.tables import format_metrics
 
 __all__ = ["main"]
 
@@ -253,71 +254,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--format", dest="fmt", choices=["torchscript", "onnx"], required=True, help="export format")
     x.add_argument("--output", type=Path, required=True, help="file to write (state goes to OUTPUT.preprocess/)")
     x.add_argument("--overwrite", action="store_true", help="replace existing files")
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def format_metrics(tasks: dict[str, dict[str, Any]]) -> str:
-    """A per-task metrics table."""
-
-    def num(v: Any, digits: int = 4) -> str:
-        if v is None:
-            return "n/a"
-        return f"{v:,}" if isinstance(v, int) else f"{v:.{digits}f}"
-
-    rows = [
-        [
-            "task",
-            "rows",
-            "positives",
-            "auc",
-            "logloss",
-            "ne",
-            "pr_auc",
-            "calib",
-            "rmse",
-            "accuracy",
-            "mean_pred",
-            "mean_label",
-        ]
-    ]
-    for name, m in tasks.items():
-        rows.append(
-            [
-                name,
-                num(m.get("count")),
-                num(m.get("positives")) if "positives" in m else "-",
-                num(m.get("auc")) if "positives" in m else "-",
-                num(m.get("logloss")) if "logloss" in m else "-",
-                num(m.get("normalized_entropy")) if "positives" in m else "-",
-                num(m.get("pr_auc")) if "positives" in m else "-",
-                num(m.get("calibration")) if "positives" in m else "-",
-                num(m.get("rmse")) if "rmse" in m else "-",
-                num(m.get("accuracy")) if "accuracy" in m else "-",
-                num(m.get("mean_pred")) if "mean_pred" in m else "-",
-                num(m.get("mean_label")) if "mean_label" in m else "-",
-            ]
-        )
-    if any("gauc" in m for m in tasks.values()):
-        rows[0].insert(4, "gauc")
-        for row, m in zip(rows[1:], tasks.values(), strict=True):
-            row.insert(4, num(m["gauc"]["gauc"]) if "gauc" in m and m["gauc"]["gauc"] == m["gauc"]["gauc"] else "-")
-    notes = [f"{name}: {m['note']}" for name, m in tasks.items() if m.get("note")]
-    notes += [
-        f"{name}: gauc over {m['gauc']['groups_used']:,} groups ({m['gauc']['groups_skipped_one_class']:,} "
-        "with one class skipped)"
-        for name, m in tasks.items()
-        if "gauc" in m
-    ]
-    return _table(rows) + ("\n" + "\n".join(notes) if notes else "")
 
 
 # Real datasets: name -> (module, function, summary, example). Each function takes

@@ -19,6 +19,7 @@ import numpy as np
 from mtrec.errors import MtrecError
 from mtrec.evaluation.evaluate import evaluate_model_dir
 from mtrec.metrics import bootstrap_gauc_paired, delong_paired
+from mtrec.tables import text_table
 
 __all__ = ["compare_models", "format_comparison"]
 
@@ -318,9 +319,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
                     if t.get("p_value") is not None:
                         counts[t["transfer"]] += 1
                 rows.append([Path(model).name, info["architecture"], task, metric, shown, *cells])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows, align="left").split("\n")
     test = comparison.get("test", {})
     how = "paired DeLong for AUC"
     if "gauc" in test:

@@ -19,6 +19,7 @@ import numpy as np
 from mtrec.errors import MtrecError
 from mtrec.metrics import calibration, roc_curve_points
 from mtrec.model_dir import LOG
+from mtrec.tables import cell
 
 __all__ = ["SECTIONS", "write_report"]
 
@@ -151,8 +152,7 @@ def _metrics_table(result: dict[str, Any]) -> str:
     for name, m in tasks.items():
         cells = []
         for c in used:
-            v = m.get(c)
-            cells.append("-" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4f}"))
+            cells.append(cell(m.get(c), missing="-"))
         if has_gauc:
             g = m.get("gauc", {}).get("gauc")
             cells.append("-" if g is None or g != g else f"{g:.4f}")

@@ -50,3 +50,12 @@ def test_lower_rooms_do_not_import_upward(room):
         if any(_within(target, f) for f in FORBIDDEN[room])
     ]
     assert bad == []
+
+
+# Leaves: shared helpers every room may use, so they import no other mtrec module.
+LEAVES = ("mtrec.errors", "mtrec.typed", "mtrec.tables", "mtrec._version")
+
+
+@pytest.mark.parametrize("leaf", LEAVES)
+def test_leaf_modules_import_nothing_of_mtrec(leaf):
+    assert sorted(t for t in graph()[leaf] if _within(t, "mtrec")) == []

@@ -1,0 +1,76 @@
+"""The one owner of metric tables: the per-task metrics table and plain-text table layout.
+
+``mtrec train`` and ``mtrec evaluate`` print :func:`format_metrics`; ``mtrec compare`` lays
+out its rows with :func:`text_table`; the HTML report formats its cells with :func:`cell`.
+A leaf module: it knows metric key names, not models, files or tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+__all__ = ["cell", "format_metrics", "text_table"]
+
+
+def cell(value: Any, missing: str = "n/a", digits: int = 4) -> str:
+    """One metric value as shown: integers with thousands separators, floats to ``digits``."""
+    if value is None:
+        return missing
+    return f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
+
+
+def text_table(rows: Sequence[Sequence[str]], align: Literal["numbers_right", "left"] = "numbers_right") -> str:
+    """Columns padded to their widest cell, with a rule under the header row.
+
+    ``numbers_right`` left-aligns the first column and right-aligns the others (a table of
+    figures); ``left`` left-aligns every column and strips trailing blanks (a table of words).
+    """
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    if align == "left":
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    else:
+        lines = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in rows
+        ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# (column, metric key, the key whose presence says the task kind reports it)
+_METRIC_COLUMNS = (
+    ("rows", "count", None),
+    ("positives", "positives", "positives"),
+    ("auc", "auc", "positives"),
+    ("logloss", "logloss", "logloss"),
+    ("ne", "normalized_entropy", "positives"),
+    ("pr_auc", "pr_auc", "positives"),
+    ("calib", "calibration", "positives"),
+    ("rmse", "rmse", "rmse"),
+    ("accuracy", "accuracy", "accuracy"),
+    ("mean_pred", "mean_pred", "mean_pred"),
+    ("mean_label", "mean_label", "mean_label"),
+)
+
+
+def format_metrics(tasks: Mapping[str, Mapping[str, Any]]) -> str:
+    """A per-task metrics table (``-`` where a task's kind has no such metric, ``n/a`` where
+    it is undefined on these rows), with each task's notes and GAUC group counts below."""
+    rows = [["task", *(c for c, _, _ in _METRIC_COLUMNS)]]
+    for name, m in tasks.items():
+        rows.append(
+            [name, *(cell(m.get(key)) if when is None or when in m else "-" for _, key, when in _METRIC_COLUMNS)]
+        )
+    if any("gauc" in m for m in tasks.values()):
+        rows[0].insert(4, "gauc")
+        for row, m in zip(rows[1:], tasks.values(), strict=True):
+            row.insert(4, cell(m["gauc"]["gauc"]) if "gauc" in m and m["gauc"]["gauc"] == m["gauc"]["gauc"] else "-")
+    notes = [f"{name}: {m['note']}" for name, m in tasks.items() if m.get("note")]
+    notes += [
+        f"{name}: gauc over {m['gauc']['groups_used']:,} groups ({m['gauc']['groups_skipped_one_class']:,} "
+        "with one class skipped)"
+        for name, m in tasks.items()
+        if "gauc" in m
+    ]
+    return text_table(rows) + ("\n" + "\n".join(notes) if notes else "")
