@@ -11,41 +11,26 @@ learning rate of ``alpha`` by 10^2-10^3; here it trains with the other dense par
 
 from __future__ import annotations
 
-from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
-from mtrec.models.registry import register_model
+from torch import nn
+
+from mtrec.models.registry import register_backbone
 from mtrec.nn.cross_stitch import CrossStitchNetwork
-from mtrec.schema import InputLayout
 
 __all__ = ["cross_stitch"]
 
 
-@register_model(
+@register_backbone(
     "cross_stitch", "Cross-stitch: task MLP columns mixed by learnable T x T units (Misra et al., CVPR 2016)"
 )
 def cross_stitch(
-    layout: InputLayout,
-    task_names: tuple[str, ...],
+    in_dim: int,
+    num_tasks: int,
     *,
-    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
-    output_dims: tuple[int, ...] | None = None,
     hidden: tuple[int, ...] = (256, 128),
     stitch_self_weight: float = 0.9,
-    tower_hidden: tuple[int, ...] = (64,),
     dropout: float = 0.0,
-) -> MultiTaskModel:
-    """Builds a cross-stitch multi-task model."""
-    return MultiTaskModel.assemble(
-        layout,
-        task_names,
-        embedding=embedding,
-        output_dims=output_dims,
-        tower_hidden=tower_hidden,
-        dropout=dropout,
-        backbone=lambda in_dim: CrossStitchNetwork(
-            in_dim,
-            num_tasks=len(task_names),
-            hidden=hidden,
-            self_weight=stitch_self_weight,
-            dropout=dropout,
-        ),
+) -> nn.Module:
+    """Cross-stitch's backbone: one MLP column per task, mixed after every layer."""
+    return CrossStitchNetwork(
+        in_dim, num_tasks=num_tasks, hidden=hidden, self_weight=stitch_self_weight, dropout=dropout
     )

@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
-from mtrec.models.registry import register_model
+from mtrec.models.registry import register_backbone
 from mtrec.nn.experts import ExpertGroup, Gate
-from mtrec.schema import InputLayout
 
 __all__ = ["OMoELayer", "omoe"]
 
@@ -59,31 +57,14 @@ class OMoELayer(nn.Module):
         return (out, gate.expand(-1, self.num_tasks, -1)) if return_gates else out
 
 
-@register_model("omoe", "OMoE: shared experts mixed by one gate for all tasks (Ma et al., KDD 2018 baseline)")
+@register_backbone("omoe", "OMoE: shared experts mixed by one gate for all tasks (Ma et al., KDD 2018 baseline)")
 def omoe(
-    layout: InputLayout,
-    task_names: tuple[str, ...],
+    in_dim: int,
+    num_tasks: int,
     *,
-    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
-    output_dims: tuple[int, ...] | None = None,
     num_experts: int = 4,
     expert_hidden: tuple[int, ...] = (256, 128),
-    tower_hidden: tuple[int, ...] = (64,),
     dropout: float = 0.0,
-) -> MultiTaskModel:
-    """Builds a One-gate MoE multi-task model."""
-    return MultiTaskModel.assemble(
-        layout,
-        task_names,
-        embedding=embedding,
-        output_dims=output_dims,
-        tower_hidden=tower_hidden,
-        dropout=dropout,
-        backbone=lambda in_dim: OMoELayer(
-            in_dim,
-            num_tasks=len(task_names),
-            num_experts=num_experts,
-            expert_hidden=expert_hidden,
-            dropout=dropout,
-        ),
-    )
+) -> nn.Module:
+    """OMoE's backbone: ``num_experts`` MLP experts mixed by one gate that all tasks read."""
+    return OMoELayer(in_dim, num_tasks=num_tasks, num_experts=num_experts, expert_hidden=expert_hidden, dropout=dropout)

@@ -1,17 +1,33 @@
-"""Model registry: ``register_model`` / ``create_model`` / ``list_models``."""
+"""Model registry: ``register_backbone`` / ``register_model`` / ``create_model`` / ``list_models``.
+
+Most architectures differ only in the network between the feature input and the task towers:
+they register that backbone with :func:`register_backbone`, and the registry owns the rest
+(the embedding, the towers, their dropout). An architecture that builds more than a backbone
+(its own input module, towers that talk to each other) registers a whole builder with
+:func:`register_model`.
+"""
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from mtrec.models.base import EmbeddingSpec
+from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
 from mtrec.schema import InputLayout
 from mtrec.typed import parameter_spec
 
-__all__ = ["check_embedding_mode", "create_model", "list_models", "model_parameters", "register_model"]
+__all__ = [
+    "check_embedding_mode",
+    "create_model",
+    "list_models",
+    "model_parameters",
+    "register_backbone",
+    "register_model",
+]
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {}
 # Former names that saved model directories may still carry: built, never listed.
@@ -20,6 +36,9 @@ _ALIASES: dict[str, str] = {}
 # set): they take no other embedding mode, and say why.
 _FIXED_EMBEDDING: dict[str, str] = {}
 _FIXED = ("layout", "task_names", "embedding", "output_dims")
+# What a backbone is given rather than configured with: its input width, the task count and
+# the dropout it shares with the towers.
+_BACKBONE_FIXED = ("in_dim", "num_tasks", "dropout")
 
 
 def register_model(
@@ -36,15 +55,83 @@ def register_model(
     """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY or name in _ALIASES:
-            raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = (fn, description)
-        _ALIASES.update(dict.fromkeys(aliases, name))
-        if fixed_embedding is not None:
-            _FIXED_EMBEDDING[name] = fixed_embedding
+        _add(name, description, fn, aliases, fixed_embedding)
         return fn
 
     return wrap
+
+
+def register_backbone(
+    name: str, description: str, *, aliases: tuple[str, ...] = (), fixed_embedding: str | None = None
+) -> Callable[[Callable[..., nn.Module]], Callable[..., MultiTaskModel]]:
+    """Registers an architecture by its backbone ``fn(in_dim, num_tasks, *, ..., dropout) -> nn.Module``
+    (``(B, in_dim) -> (B, T, out_dim)``, with an ``out_dim`` attribute).
+
+    The model is :meth:`MultiTaskModel.assemble`: the feature input (as ``embedding`` says),
+    the backbone on it, one tower per task. Its config keys are the backbone's keyword
+    parameters, then ``tower_hidden`` (default ``(64,)``) and ``dropout``, which the backbone
+    and the towers share. The decorator returns the whole model builder,
+    ``builder(layout, task_names, *, embedding, output_dims, tower_hidden, dropout, ...)``.
+    """
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., MultiTaskModel]:
+        own = tuple(parameter_spec(fn, skip=_BACKBONE_FIXED))
+
+        def build(
+            layout: InputLayout,
+            task_names: tuple[str, ...],
+            *,
+            embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
+            output_dims: tuple[int, ...] | None = None,
+            tower_hidden: tuple[int, ...] = (64,),
+            dropout: float = 0.0,
+            **params: Any,
+        ) -> MultiTaskModel:
+            return MultiTaskModel.assemble(
+                layout,
+                task_names,
+                embedding=embedding,
+                output_dims=output_dims,
+                tower_hidden=tower_hidden,
+                dropout=dropout,
+                backbone=lambda in_dim: fn(in_dim, len(task_names), dropout=dropout, **params),
+            )
+
+        build.__name__ = build.__qualname__ = fn.__name__
+        build.__doc__ = f"Builds the {name} multi-task model ({description})."
+        _show_backbone_keywords(build, fn, own)
+        _add(name, description, build, aliases, fixed_embedding)
+        return build
+
+    return wrap
+
+
+def _show_backbone_keywords(build: Callable[..., Any], backbone: Callable[..., Any], names: tuple[str, ...]) -> None:
+    """Gives ``build`` (which passes ``**params`` on to ``backbone``) the signature it has in
+    effect: the backbone's keywords ``names`` before ``tower_hidden``, so that ``help()``,
+    ``inspect`` and :func:`~mtrec.typed.parameter_spec` see every config key with its type."""
+    own = inspect.signature(backbone).parameters
+    hints = {**typing.get_type_hints(build), **typing.get_type_hints(backbone)}
+    params = [p for p in inspect.signature(build).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    at = [p.name for p in params].index("tower_hidden")
+    params[at:at] = [own[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in names]
+    build.__signature__ = inspect.signature(build).replace(parameters=params)  # type: ignore[attr-defined]
+    build.__annotations__ = {p.name: hints[p.name] for p in params if p.name in hints} | {"return": hints["return"]}
+
+
+def _add(
+    name: str,
+    description: str,
+    builder: Callable[..., nn.Module],
+    aliases: tuple[str, ...],
+    fixed_embedding: str | None,
+) -> None:
+    if name in _REGISTRY or name in _ALIASES:
+        raise ValueError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = (builder, description)
+    _ALIASES.update(dict.fromkeys(aliases, name))
+    if fixed_embedding is not None:
+        _FIXED_EMBEDDING[name] = fixed_embedding
 
 
 def check_embedding_mode(name: str, mode: str) -> None:
@@ -88,13 +175,12 @@ def create_model(
 ) -> nn.Module:
     """Builds a registered model (the embedding keys: see :class:`~mtrec.models.base.EmbeddingSpec`).
 
-        Example:
-            >>> from mtrec.schema import InputLayout
-    from mtrec.typed import parameter_spec
-            >>> layout = InputLayout((10,), (0,), (), (), (), 2)
-            >>> model = create_model("mmoe", layout, ("ctr", "cvr"), embedding_dim=4, num_experts=2)
-            >>> sorted(model.task_names)
-            ['ctr', 'cvr']
+    Example:
+        >>> from mtrec.schema import InputLayout
+        >>> layout = InputLayout((10,), (0,), (), (), (), 2)
+        >>> model = create_model("mmoe", layout, ("ctr", "cvr"), embedding_dim=4, num_experts=2)
+        >>> sorted(model.task_names)
+        ['ctr', 'cvr']
     """
     builder = _builder(name)
     check_embedding_mode(name, embedding)

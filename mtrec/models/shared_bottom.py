@@ -8,10 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
-from mtrec.models.registry import register_model
+from mtrec.models.registry import register_backbone
 from mtrec.nn.mlp import MLP
-from mtrec.schema import InputLayout
 
 __all__ = ["SharedBottom", "shared_bottom"]
 
@@ -34,24 +32,9 @@ class SharedBottom(nn.Module):
         return self.mlp(x).unsqueeze(1).expand(-1, self.num_tasks, -1)
 
 
-@register_model("shared_bottom", "Shared-Bottom: one MLP shared by all task towers (hard sharing)")
+@register_backbone("shared_bottom", "Shared-Bottom: one MLP shared by all task towers (hard sharing)")
 def shared_bottom(
-    layout: InputLayout,
-    task_names: tuple[str, ...],
-    *,
-    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
-    output_dims: tuple[int, ...] | None = None,
-    bottom_hidden: tuple[int, ...] = (256, 128),
-    tower_hidden: tuple[int, ...] = (64,),
-    dropout: float = 0.0,
-) -> MultiTaskModel:
-    """Builds a Shared-Bottom multi-task model."""
-    return MultiTaskModel.assemble(
-        layout,
-        task_names,
-        embedding=embedding,
-        output_dims=output_dims,
-        tower_hidden=tower_hidden,
-        dropout=dropout,
-        backbone=lambda in_dim: SharedBottom(in_dim, num_tasks=len(task_names), hidden=bottom_hidden, dropout=dropout),
-    )
+    in_dim: int, num_tasks: int, *, bottom_hidden: tuple[int, ...] = (256, 128), dropout: float = 0.0
+) -> nn.Module:
+    """Shared-Bottom's backbone: one MLP whose output every task tower reads."""
+    return SharedBottom(in_dim, num_tasks=num_tasks, hidden=bottom_hidden, dropout=dropout)
