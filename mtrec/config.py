@@ -31,7 +31,6 @@ import yaml
 
 from mtrec.errors import ConfigError, SchemaError
 from mtrec.schema import DenseFeature, Esmm, Schema, SequenceFeature, SparseFeature, Task
-from mtrec.typed import parameter_spec
 
 __all__ = [
     "StrictLoader",
@@ -697,13 +696,13 @@ def _checked_params(
 
 
 def _weighting_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    from mtrec.weighting import WEIGHTINGS
+    from mtrec.weighting import WEIGHTINGS, weighting_parameters
 
     raw = dict(raw)
     name = raw.pop("name", "fixed")
     if not isinstance(name, str) or name not in WEIGHTINGS:
         raise ConfigError(f"train.loss_weighting.name: expected one of {', '.join(WEIGHTINGS)}, got {_show(name)}")
-    spec = parameter_spec(WEIGHTINGS[name].__init__, skip=("task_names", "base_weights"))
+    spec = weighting_parameters(name)
     params = _checked_params(raw, spec, prefix="train.loss_weighting", owner=repr(name), fixed=("name",), rules=name)
     return {"name": name, **params}
 

@@ -28,14 +28,15 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
+
+from mtrec.typed import parameter_spec
 
 __all__ = [
     "DWA",
@@ -48,6 +49,8 @@ __all__ = [
     "SharedLayer",
     "UncertaintyWeighting",
     "create_weighting",
+    "register_weighting",
+    "weighting_parameters",
 ]
 
 
@@ -67,6 +70,31 @@ class ParameterSlice(NamedTuple):
 
 SharedLayer = nn.Parameter | ParameterSlice
 """An entry of ``last_shared``: a whole parameter or a :class:`ParameterSlice` of one."""
+
+
+# Strategy name -> class, filled by @register_weighting in the order the classes are defined.
+WEIGHTINGS: dict[str, type[LossWeighting]] = {}
+_FIXED_ARGS = ("task_names", "base_weights")
+_W = TypeVar("_W", bound="type[LossWeighting]")
+
+
+def register_weighting(name: str) -> Callable[[_W], _W]:
+    """Registers a :class:`LossWeighting` subclass as ``train.loss_weighting.name: NAME``; the
+    keyword parameters of its ``__init__`` (after the task names and base weights), with their
+    annotations and defaults, are the strategy's config keys."""
+
+    def wrap(cls: _W) -> _W:
+        if name in WEIGHTINGS:
+            raise ValueError(f"loss weighting {name!r} is registered twice")
+        WEIGHTINGS[name] = cls
+        return cls
+
+    return wrap
+
+
+def weighting_parameters(name: str) -> dict[str, tuple[Any, Any]]:
+    """The strategy's keyword parameters: ``{name: (annotation, default)}``."""
+    return parameter_spec(WEIGHTINGS[name].__init__, skip=_FIXED_ARGS)
 
 
 class LossWeighting(nn.Module):
@@ -167,10 +195,12 @@ def _present(loss: torch.Tensor) -> torch.Tensor:
     return (loss.detach() != 0).to(loss.dtype)
 
 
+@register_weighting("fixed")
 class FixedWeighting(LossWeighting):
     """``total = sum_t w_t * L_t (+ extra)``: the config's weights, unchanged."""
 
 
+@register_weighting("uncertainty")
 class UncertaintyWeighting(LossWeighting):
     """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
 
@@ -220,83 +250,7 @@ class UncertaintyWeighting(LossWeighting):
         return [self.log_vars]
 
 
-class DWA(LossWeighting):
-    """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019).
-
-    With ``L_t(e)`` the mean training loss of task t in epoch e (from :meth:`epoch_end`),
-    the weights used during epoch ``e`` are
-
-        lambda_t(e) = T * softmax_t( r_t(e - 1) / temperature ),  r_t(e - 1) = L_t(e - 1) / L_t(e - 2)
-
-    and ``lambda_t = 1`` for the first two epochs (before two epochs of history exist).
-    The objective is ``sum_t w_t * lambda_t * L_t (+ extra)``, ``w_t`` the config's weights,
-    so the ``lambda`` sum to ``T`` (the effective weights do when all ``w_t = 1``). A ratio
-    whose denominator is 0 or not finite (a task with no row in a whole epoch) counts as 1.
-
-    Args:
-        task_names: Task names.
-        base_weights: The config's per-task weights.
-        temperature: Softmax temperature; larger is closer to uniform weights.
-    """
-
-    def __init__(
-        self, task_names: tuple[str, ...], base_weights: tuple[float, ...], *, temperature: float = 2.0
-    ) -> None:
-        super().__init__(task_names, base_weights)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"dwa: temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self._history: list[tuple[float, ...]] = []
-        self._lambdas: tuple[float, ...] = (1.0,) * self.num_tasks
-
-    def epoch_end(self, epoch_losses: Mapping[str, float]) -> None:
-        if set(epoch_losses) != set(self.task_names):
-            raise ValueError(f"epoch losses are for tasks {sorted(epoch_losses)}, expected {sorted(self.task_names)}")
-        self._history.append(tuple(float(epoch_losses[n]) for n in self.task_names))
-        if len(self._history) < 2:
-            return
-        prev2, prev1 = self._history[-2], self._history[-1]
-        ratios = [
-            b / a if a > 0 and math.isfinite(a) and math.isfinite(b) else 1.0 for a, b in zip(prev2, prev1, strict=True)
-        ]
-        # Softmax with the max subtracted, so large ratios cannot overflow exp(); over the
-        # tasks with a non-zero configured weight only (ESMM's CVR has weight 0).
-        on = [w > 0 for w in self.base_weights]
-        top = max(r / self.temperature for r, o in zip(ratios, on, strict=True) if o)
-        e = [math.exp(r / self.temperature - top) if o else 0.0 for r, o in zip(ratios, on, strict=True)]
-        self._lambdas = tuple(sum(on) * v / sum(e) for v in e)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        # Part of state_dict(), so that `mtrec train --resume` continues the same weights.
-        return {"history": [list(h) for h in self._history], "lambdas": list(self._lambdas)}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._history = [tuple(float(x) for x in h) for h in state["history"]]
-        self._lambdas = tuple(float(x) for x in state["lambdas"])
-
-    def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        weights = [w * lam for w, lam in zip(self.base_weights, self._lambdas, strict=True)]
-        return sum((w * loss for w, loss in zip(weights, losses, strict=True)), losses[0].new_zeros(()))
-
-    def weights(self) -> dict[str, float]:
-        return {n: w * lam for n, w, lam in zip(self.task_names, self.base_weights, self._lambdas, strict=True)}
-
-
-def _dense_grads(
-    loss: torch.Tensor, params: Sequence[nn.Parameter], *, what: str, retain_graph: bool = True
-) -> list[torch.Tensor]:
-    """``d loss / d params`` as dense tensors (zeros where unused), keeping the graph alive."""
-    if not loss.requires_grad:
-        return [torch.zeros_like(p) for p in params]
-    grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
-    out = []
-    for p, g in zip(params, grads, strict=True):
-        if g is not None and g.is_sparse:
-            raise ValueError(f"{what} must be dense parameters; embedding tables are never shared parameters")
-        out.append(torch.zeros_like(p) if g is None else g)
-    return out
-
-
+@register_weighting("gradnorm")
 class GradNorm(LossWeighting):
     """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018).
 
@@ -451,6 +405,85 @@ class GradNorm(LossWeighting):
             self._optimizer.load_state_dict(state["optimizer"])
 
 
+@register_weighting("dwa")
+class DWA(LossWeighting):
+    """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019).
+
+    With ``L_t(e)`` the mean training loss of task t in epoch e (from :meth:`epoch_end`),
+    the weights used during epoch ``e`` are
+
+        lambda_t(e) = T * softmax_t( r_t(e - 1) / temperature ),  r_t(e - 1) = L_t(e - 1) / L_t(e - 2)
+
+    and ``lambda_t = 1`` for the first two epochs (before two epochs of history exist).
+    The objective is ``sum_t w_t * lambda_t * L_t (+ extra)``, ``w_t`` the config's weights,
+    so the ``lambda`` sum to ``T`` (the effective weights do when all ``w_t = 1``). A ratio
+    whose denominator is 0 or not finite (a task with no row in a whole epoch) counts as 1.
+
+    Args:
+        task_names: Task names.
+        base_weights: The config's per-task weights.
+        temperature: Softmax temperature; larger is closer to uniform weights.
+    """
+
+    def __init__(
+        self, task_names: tuple[str, ...], base_weights: tuple[float, ...], *, temperature: float = 2.0
+    ) -> None:
+        super().__init__(task_names, base_weights)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"dwa: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self._history: list[tuple[float, ...]] = []
+        self._lambdas: tuple[float, ...] = (1.0,) * self.num_tasks
+
+    def epoch_end(self, epoch_losses: Mapping[str, float]) -> None:
+        if set(epoch_losses) != set(self.task_names):
+            raise ValueError(f"epoch losses are for tasks {sorted(epoch_losses)}, expected {sorted(self.task_names)}")
+        self._history.append(tuple(float(epoch_losses[n]) for n in self.task_names))
+        if len(self._history) < 2:
+            return
+        prev2, prev1 = self._history[-2], self._history[-1]
+        ratios = [
+            b / a if a > 0 and math.isfinite(a) and math.isfinite(b) else 1.0 for a, b in zip(prev2, prev1, strict=True)
+        ]
+        # Softmax with the max subtracted, so large ratios cannot overflow exp(); over the
+        # tasks with a non-zero configured weight only (ESMM's CVR has weight 0).
+        on = [w > 0 for w in self.base_weights]
+        top = max(r / self.temperature for r, o in zip(ratios, on, strict=True) if o)
+        e = [math.exp(r / self.temperature - top) if o else 0.0 for r, o in zip(ratios, on, strict=True)]
+        self._lambdas = tuple(sum(on) * v / sum(e) for v in e)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # Part of state_dict(), so that `mtrec train --resume` continues the same weights.
+        return {"history": [list(h) for h in self._history], "lambdas": list(self._lambdas)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._history = [tuple(float(x) for x in h) for h in state["history"]]
+        self._lambdas = tuple(float(x) for x in state["lambdas"])
+
+    def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        weights = [w * lam for w, lam in zip(self.base_weights, self._lambdas, strict=True)]
+        return sum((w * loss for w, loss in zip(weights, losses, strict=True)), losses[0].new_zeros(()))
+
+    def weights(self) -> dict[str, float]:
+        return {n: w * lam for n, w, lam in zip(self.task_names, self.base_weights, self._lambdas, strict=True)}
+
+
+def _dense_grads(
+    loss: torch.Tensor, params: Sequence[nn.Parameter], *, what: str, retain_graph: bool = True
+) -> list[torch.Tensor]:
+    """``d loss / d params`` as dense tensors (zeros where unused), keeping the graph alive."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
+    out = []
+    for p, g in zip(params, grads, strict=True):
+        if g is not None and g.is_sparse:
+            raise ValueError(f"{what} must be dense parameters; embedding tables are never shared parameters")
+        out.append(torch.zeros_like(p) if g is None else g)
+    return out
+
+
+@register_weighting("pcgrad")
 class PCGrad(LossWeighting):
     """Projecting conflicting gradients (Yu et al., "Gradient Surgery for Multi-Task
     Learning", NeurIPS 2020), on the shared dense parameters.
@@ -551,17 +584,6 @@ class PCGrad(LossWeighting):
         return total.detach()
 
 
-WEIGHTINGS: dict[str, type[LossWeighting]] = {
-    "fixed": FixedWeighting,
-    "uncertainty": UncertaintyWeighting,
-    "gradnorm": GradNorm,
-    "dwa": DWA,
-    "pcgrad": PCGrad,
-}
-
-_FIXED_ARGS = ("self", "task_names", "base_weights")
-
-
 def create_weighting(
     name: str, task_names: tuple[str, ...], base_weights: tuple[float, ...], **params: Any
 ) -> LossWeighting:
@@ -584,7 +606,7 @@ def create_weighting(
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {name!r} (expected one of {', '.join(sorted(WEIGHTINGS))})")
     cls = WEIGHTINGS[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in _FIXED_ARGS]
+    accepted = list(weighting_parameters(name))
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         allowed = ", ".join(accepted) if accepted else "none"

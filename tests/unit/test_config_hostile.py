@@ -27,6 +27,7 @@ from mtrec.errors import ConfigError
 from mtrec.models import list_models
 from mtrec.models.registry import model_parameters
 from mtrec.schema import DenseFeature, Esmm, SequenceFeature, SparseFeature, Task
+from mtrec.typed import parameter_spec
 from mtrec.weighting import WEIGHTINGS
 from tests.integration.helpers import assert_one_line_error, mtrec
 
@@ -437,7 +438,7 @@ def _float_params() -> list[tuple[str, str, str]]:
         if tp is float
     ]
     for name, cls in WEIGHTINGS.items():
-        spec = config_module.parameter_spec(cls.__init__, skip=("task_names", "base_weights"))
+        spec = parameter_spec(cls.__init__, skip=("task_names", "base_weights"))
         cases += [("weighting", name, param) for param, (tp, _) in spec.items() if tp is float]
     return cases
 

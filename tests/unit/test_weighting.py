@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from mtrec.batch import Batch
-from mtrec.config import parameter_spec
 from mtrec.models import create_model
 from mtrec.schema import InputLayout, Task
 from mtrec.training.losses import multitask_loss
+from mtrec.typed import parameter_spec
 from mtrec.weighting import DWA, WEIGHTINGS, GradNorm, PCGrad, create_weighting
 
 
