@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
-from mtrec.models.registry import register_model
+from mtrec.models.base import MultiTaskModel
+from mtrec.models.registry import register_backbone
 from mtrec.models.shared_embedding import TaskNetworks
-from mtrec.schema import InputLayout
 
 __all__ = ["IndependentModel", "independent"]
 
@@ -31,29 +30,15 @@ class IndependentModel(MultiTaskModel):
         return []
 
 
-@register_model(
+@register_backbone(
     "independent",
     "Single-task baseline: own embedding tables, MLP and tower per task (nothing shared)",
     fixed_embedding="it already has its own table set per task, read by that task's network alone",
+    model=IndependentModel,
+    table_set_per_task=True,
 )
 def independent(
-    layout: InputLayout,
-    task_names: tuple[str, ...],
-    *,
-    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
-    output_dims: tuple[int, ...] | None = None,
-    hidden: tuple[int, ...] = (256, 128),
-    tower_hidden: tuple[int, ...] = (64,),
-    dropout: float = 0.0,
-) -> IndependentModel:
-    """Builds one independent model per task (own tables, MLP and tower)."""
-    return IndependentModel.assemble(
-        layout,
-        task_names,
-        embedding=embedding,
-        output_dims=output_dims,
-        tower_hidden=tower_hidden,
-        dropout=dropout,
-        embedding_copies=len(task_names),
-        backbone=lambda in_dim: TaskNetworks(in_dim, num_tasks=len(task_names), hidden=hidden, dropout=dropout),
-    )
+    in_dim: int, num_tasks: int, *, hidden: tuple[int, ...] = (256, 128), dropout: float = 0.0
+) -> nn.Module:
+    """One MLP per task, each on its own task's table set."""
+    return TaskNetworks(in_dim, num_tasks=num_tasks, hidden=hidden, dropout=dropout)

@@ -62,7 +62,13 @@ def register_model(
 
 
 def register_backbone(
-    name: str, description: str, *, aliases: tuple[str, ...] = (), fixed_embedding: str | None = None
+    name: str,
+    description: str,
+    *,
+    aliases: tuple[str, ...] = (),
+    fixed_embedding: str | None = None,
+    model: type[MultiTaskModel] = MultiTaskModel,
+    table_set_per_task: bool = False,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., MultiTaskModel]]:
     """Registers an architecture by its backbone ``fn(in_dim, num_tasks, *, ..., dropout) -> nn.Module``
     (``(B, in_dim) -> (B, T, out_dim)``, with an ``out_dim`` attribute).
@@ -70,7 +76,10 @@ def register_backbone(
     The model is :meth:`MultiTaskModel.assemble`: the feature input (as ``embedding`` says),
     the backbone on it, one tower per task. Its config keys are the backbone's keyword
     parameters, then ``tower_hidden`` (default ``(64,)``) and ``dropout``, which the backbone
-    and the towers share. The decorator returns the whole model builder,
+    and the towers share. ``model`` is the :class:`MultiTaskModel` subclass to build (one
+    that says what it shares), ``table_set_per_task`` gives every task its own embedding
+    tables (``embedding_copies``, see :class:`~mtrec.models.base.FeatureInput`). The decorator
+    returns the whole model builder,
     ``builder(layout, task_names, *, embedding, output_dims, tower_hidden, dropout, ...)``.
     """
 
@@ -87,13 +96,14 @@ def register_backbone(
             dropout: float = 0.0,
             **params: Any,
         ) -> MultiTaskModel:
-            return MultiTaskModel.assemble(
+            return model.assemble(
                 layout,
                 task_names,
                 embedding=embedding,
                 output_dims=output_dims,
                 tower_hidden=tower_hidden,
                 dropout=dropout,
+                embedding_copies=len(task_names) if table_set_per_task else 1,
                 backbone=lambda in_dim: fn(in_dim, len(task_names), dropout=dropout, **params),
             )
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
-from mtrec.models.registry import register_model
+from mtrec.models.base import MultiTaskModel
+from mtrec.models.registry import register_backbone
 from mtrec.nn.experts import ExpertGroup
-from mtrec.schema import InputLayout
 
 __all__ = ["SharedEmbeddingModel", "TaskNetworks", "shared_embedding"]
 
@@ -57,29 +56,15 @@ class SharedEmbeddingModel(MultiTaskModel):
         return []
 
 
-@register_model(
+@register_backbone(
     "shared_embedding",
     "One MLP and tower per task over one shared embedding table (hard sharing; the baseline is independent)",
     aliases=("single_task",),
     fixed_embedding="its one shared table set is what it measures; independent is the per-task one",
+    model=SharedEmbeddingModel,
 )
 def shared_embedding(
-    layout: InputLayout,
-    task_names: tuple[str, ...],
-    *,
-    embedding: EmbeddingSpec = DEFAULT_EMBEDDING,
-    output_dims: tuple[int, ...] | None = None,
-    hidden: tuple[int, ...] = (256, 128),
-    tower_hidden: tuple[int, ...] = (64,),
-    dropout: float = 0.0,
-) -> SharedEmbeddingModel:
-    """Builds one network per task over one shared embedding table."""
-    return SharedEmbeddingModel.assemble(
-        layout,
-        task_names,
-        embedding=embedding,
-        output_dims=output_dims,
-        tower_hidden=tower_hidden,
-        dropout=dropout,
-        backbone=lambda in_dim: TaskNetworks(in_dim, num_tasks=len(task_names), hidden=hidden, dropout=dropout),
-    )
+    in_dim: int, num_tasks: int, *, hidden: tuple[int, ...] = (256, 128), dropout: float = 0.0
+) -> nn.Module:
+    """One MLP per task over the one shared table set."""
+    return TaskNetworks(in_dim, num_tasks=num_tasks, hidden=hidden, dropout=dropout)

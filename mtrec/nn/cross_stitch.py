@@ -7,10 +7,10 @@ CVPR 2016: every task has its own column; after each layer a learnable ``T x T``
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from mtrec.nn.mlp import batched_layers
 
 __all__ = ["CrossStitch", "CrossStitchNetwork"]
 
@@ -89,14 +89,7 @@ class CrossStitchNetwork(nn.Module):
             raise ValueError("a cross-stitch network needs num_tasks >= 1 and at least one hidden layer")
         self.num_tasks = num_tasks
         self.out_dim = hidden[-1]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        width = in_dim
-        for h in hidden:
-            bound = 1.0 / math.sqrt(width)
-            self.weights.append(nn.Parameter(torch.empty(num_tasks, width, h).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_tasks, 1, h).uniform_(-bound, bound)))
-            width = h
+        self.weights, self.biases = batched_layers(num_tasks, in_dim, hidden)
         self.stitches = nn.ModuleList(CrossStitch(num_tasks, self_weight=self_weight) for _ in hidden if num_tasks > 1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

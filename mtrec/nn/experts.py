@@ -13,6 +13,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from mtrec.nn.mlp import batched_layers
 from mtrec.weighting import ParameterSlice, SharedLayer
 
 __all__ = ["AFTBLayer", "CGCLayer", "ExpertGroup", "Gate", "MMoELayer", "PLE"]
@@ -48,14 +49,7 @@ class ExpertGroup(nn.Module):
             raise ValueError("an expert group needs num_experts >= 1 and at least one hidden layer")
         self.num_experts = num_experts
         self.out_dim = hidden[-1]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        width = in_dim
-        for h in hidden:
-            bound = 1.0 / math.sqrt(width)
-            self.weights.append(nn.Parameter(torch.empty(num_experts, width, h).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_experts, 1, h).uniform_(-bound, bound)))
-            width = h
+        self.weights, self.biases = batched_layers(num_experts, in_dim, hidden)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

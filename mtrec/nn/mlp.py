@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-__all__ = ["MLP", "Tower"]
+__all__ = ["MLP", "Tower", "batched_layers"]
 
 
 class MLP(nn.Sequential):
@@ -58,3 +60,18 @@ class Tower(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.out(self.mlp(x))
         return out.squeeze(-1) if self.out_dim == 1 else out
+
+
+def batched_layers(copies: int, in_dim: int, hidden: tuple[int, ...]) -> tuple[nn.ParameterList, nn.ParameterList]:
+    """``copies`` stacks of linear layers ``in_dim -> hidden[0] -> ... -> hidden[-1]`` held as
+    batched weights ``(copies, width, h)`` and biases ``(copies, 1, h)`` (for one ``bmm`` per
+    layer instead of ``copies`` matmuls), drawn layer by layer from ``U(-1/sqrt(width),
+    1/sqrt(width))`` as ``nn.Linear`` bounds them."""
+    weights, biases = nn.ParameterList(), nn.ParameterList()
+    width = in_dim
+    for h in hidden:
+        bound = 1.0 / math.sqrt(width)
+        weights.append(nn.Parameter(torch.empty(copies, width, h).uniform_(-bound, bound)))
+        biases.append(nn.Parameter(torch.empty(copies, 1, h).uniform_(-bound, bound)))
+        width = h
+    return weights, biases
