@@ -23,3 +23,25 @@ def test_top_level_unit_tests_are_about_top_level_modules():
         if not any(p.stem == f"test_{m}" or p.stem.startswith(f"test_{m}_") for m in modules)
     ]
     assert unmatched == []
+
+
+def test_no_module_is_shadowed_by_a_name_of_its_package():
+    """``mtrec.train`` is the function and ``mtrec.training`` the package: no package binds a
+    submodule's name to something else (which made ``import mtrec.train`` mean two things)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import mtrec
+
+    shadowed = []
+    packages = [mtrec] + [
+        importlib.import_module(m.name) for m in pkgutil.walk_packages(mtrec.__path__, "mtrec.") if m.ispkg
+    ]
+    for pkg in packages:
+        for sub in pkgutil.iter_modules(pkg.__path__):
+            bound = getattr(pkg, sub.name, None)
+            if bound is not None and not isinstance(bound, types.ModuleType):
+                shadowed.append(f"{pkg.__name__}.{sub.name}")
+    assert shadowed == []
+    assert callable(mtrec.train) and isinstance(importlib.import_module("mtrec.training"), types.ModuleType)
