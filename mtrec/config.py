@@ -300,7 +300,7 @@ class TrainConfig:
             once).
         loss_weighting: How task losses are balanced: ``{name: fixed}`` (the tasks'
             weights), ``uncertainty``, ``gradnorm`` (``alpha``, ``lr``), ``dwa``
-            (``temperature``) or ``pcgrad`` (``seed``); see :mod:`mtrec.weighting`.
+            (``temperature``), ``rlw`` (``seed``) or ``pcgrad`` (``seed``); see :mod:`mtrec.weighting`.
         loss_normalization: How a task's loss is normalised over its sample space (see
             :mod:`mtrec.training.losses`): ``sample_space`` (the default), the mean over the batch rows
             in the task's space, so CVR on the ~5 % clicked rows weighs as much as CTR on

@@ -3,7 +3,7 @@
 A strategy owns the whole backward pass of a training step: it receives the per-task
 losses (scalar, still attached to the graph) and leaves in every parameter's ``.grad``
 what the optimisers should apply. Strategies that only rescale losses (``fixed``,
-``uncertainty``, ``dwa``) need one ordinary backward; the gradient-based ones
+``uncertainty``, ``dwa``, ``rlw``) need one ordinary backward; the gradient-based ones
 (``gradnorm``, ``pcgrad``) additionally take per-task gradients of the *shared dense*
 parameters they are given, never of the embedding tables (see DESIGN.md).
 
@@ -46,6 +46,7 @@ __all__ = [
     "LossWeighting",
     "PCGrad",
     "ParameterSlice",
+    "RandomLossWeighting",
     "SharedLayer",
     "UncertaintyWeighting",
     "create_weighting",
@@ -483,6 +484,57 @@ def _dense_grads(
     return out
 
 
+@register_weighting("rlw")
+class RandomLossWeighting(LossWeighting):
+    """Random loss weighting (Lin, Ye, Xu, Shi and Zhang, "Reasonable Effectiveness of Random
+    Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022).
+
+    Every step draws ``lambda = softmax(z)`` with ``z ~ N(0, I_T)`` (the paper's normal
+    variant) and backpropagates
+
+        total = sum_t T * lambda_t * w_t * L_t (+ extra)
+
+    The factor ``T`` keeps the objective on fixed weighting's scale: ``E[T lambda_t] = 1``, so
+    in expectation the step is fixed weighting's; the noise is what the paper finds to help
+    escape sharp minima, and the litmus test is whether a balancing method beats it. One
+    pass: no extra backward, no parameters. The draws come from a CPU generator seeded by
+    ``seed`` (the same on every device and every DDP rank, whose step counts agree, and
+    restored on resume) and enter the graph as Python floats, so the step never makes the
+    host wait for the device.
+
+    Args:
+        task_names: Task names.
+        base_weights: The config's per-task weights.
+        seed: Seed of the weight draws.
+    """
+
+    def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...], *, seed: int = 0) -> None:
+        super().__init__(task_names, base_weights)
+        self.seed = int(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._last = tuple(self.base_weights)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self._generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._generator.set_state(state["generator"])
+
+    def draw(self) -> tuple[float, ...]:
+        """The next step's ``T * lambda_t`` (positive, summing to ``T``)."""
+        z = torch.randn(self.num_tasks, generator=self._generator, dtype=torch.float64)
+        return tuple(float(x) for x in torch.softmax(z, dim=0) * self.num_tasks)
+
+    def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        scale = self.draw()
+        self._last = tuple(s * w for s, w in zip(scale, self.base_weights, strict=True))
+        return sum((w * loss for w, loss in zip(self._last, losses, strict=True)), losses[0].new_zeros(()))
+
+    def weights(self) -> dict[str, float]:
+        """The weights of the last step (the base weights before the first)."""
+        return dict(zip(self.task_names, self._last, strict=True))
+
+
 @register_weighting("pcgrad")
 class PCGrad(LossWeighting):
     """Projecting conflicting gradients (Yu et al., "Gradient Surgery for Multi-Task
@@ -591,7 +643,7 @@ def create_weighting(
 
     Args:
         name: One of :data:`WEIGHTINGS` (``fixed``, ``uncertainty``, ``gradnorm``, ``dwa``,
-            ``pcgrad``).
+            ``rlw``, ``pcgrad``).
         task_names: Task names.
         base_weights: The config's per-task weights.
         **params: The strategy's keyword parameters (e.g. ``alpha`` for ``gradnorm``).

@@ -76,6 +76,50 @@ def _assert_grads_close(a, b, names=None, atol=1e-6):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
 
 
+# ---- rlw -----------------------------------------------------------------------------
+
+
+def test_rlw_weights_are_softmax_of_a_normal_draw_scaled_to_T_and_unbiased():
+    weighting = create_weighting("rlw", ("a", "b", "c"), (1.0, 1.0, 1.0), seed=3)
+    draws = torch.tensor([weighting.draw() for _ in range(20000)], dtype=torch.float64)
+    assert bool((draws > 0).all())
+    torch.testing.assert_close(draws.sum(dim=1), torch.full((20000,), 3.0, dtype=torch.float64))
+    # E[T * softmax(z)_t] = 1 for every t: in expectation the objective is fixed weighting's.
+    torch.testing.assert_close(draws.mean(dim=0), torch.ones(3, dtype=torch.float64), atol=0.02, rtol=0)
+    assert float(draws.std(dim=0).min()) > 0.3  # and it does vary from step to step
+
+
+def test_rlw_gradient_is_the_weighted_sum_with_the_reported_weights():
+    torch.manual_seed(0)
+    model, data = Toy(), _data()
+    weighting = create_weighting("rlw", ("t0", "t1"), (0.5, 2.0), seed=1)
+    assert weighting.weights() == {"t0": 0.5, "t1": 2.0}  # before the first step
+    for _ in range(3):
+        losses = _toy_losses(model, data)
+        total = _call(weighting, model, losses)
+        got, w = _grads(model), weighting.weights()
+        assert w != {"t0": 0.5, "t1": 2.0} and sum(
+            v / b for v, b in zip(w.values(), (0.5, 2.0), strict=True)
+        ) == pytest.approx(2.0)
+        _assert_grads_close(got, _plain_grads(model, _toy_losses(model, data), w))
+        assert total.item() == pytest.approx(w["t0"] * losses["t0"].item() + w["t1"] * losses["t1"].item(), rel=1e-6)
+        assert model.emb.weight.grad.is_sparse
+    assert weighting.extra_parameters() == []
+
+
+def test_rlw_draws_follow_the_seed_and_resume_where_they_stopped():
+    names, base = ("a", "b"), (1.0, 1.0)
+    one, same, other = (create_weighting("rlw", names, base, seed=s) for s in (7, 7, 8))
+    first = [one.draw() for _ in range(5)]
+    assert first == [same.draw() for _ in range(5)]
+    assert first != [other.draw() for _ in range(5)]
+    state = one.state_dict()
+    ahead = [one.draw() for _ in range(5)]
+    resumed = create_weighting("rlw", names, base, seed=7)
+    resumed.load_state_dict(state)
+    assert [resumed.draw() for _ in range(5)] == ahead
+
+
 # ---- fixed ---------------------------------------------------------------------------
 
 
@@ -456,7 +500,9 @@ def test_all_losses_constant_leaves_no_gradient():
 
 
 def test_create_weighting_rejects_unknown_names_and_parameters():
-    with pytest.raises(ValueError, match="unknown loss weighting 'nope'.*dwa, fixed, gradnorm, pcgrad, uncertainty"):
+    with pytest.raises(
+        ValueError, match="unknown loss weighting 'nope'.*dwa, fixed, gradnorm, pcgrad, rlw, uncertainty"
+    ):
         create_weighting("nope", ("a",), (1.0,))
     with pytest.raises(ValueError, match="unknown parameter.*alpah.*gradnorm.*accepted: alpha, lr"):
         create_weighting("gradnorm", ("a", "b"), (1.0, 1.0), alpah=2.0)
@@ -481,6 +527,7 @@ def test_weighting_parameters_are_annotated_config_keys():
         "uncertainty": {},
         "gradnorm": {"alpha": (float, 1.5), "lr": (float, 0.025)},
         "dwa": {"temperature": (float, 2.0)},
+        "rlw": {"seed": (int, 0)},
         "pcgrad": {"seed": (int, 0)},
     }
 
@@ -493,7 +540,7 @@ def test_zero_weight_task_stays_out_of_every_strategy():
     shared = torch.nn.Linear(4, 4)
     heads = torch.nn.ModuleList(torch.nn.Linear(4, 1) for _ in names)
     x = torch.randn(32, 4)
-    for name in ("uncertainty", "gradnorm", "dwa"):
+    for name in ("uncertainty", "gradnorm", "dwa", "rlw"):
         w = create_weighting(name, names, (1.0, 0.0, 1.0))
         opt = torch.optim.Adam([*shared.parameters(), *heads.parameters(), *w.extra_parameters()], lr=0.1)
         for epoch in range(4):

@@ -396,5 +396,5 @@ def test_gradient_based_weightings_are_refused_under_ddp():
         with pytest.raises(ConfigError, match=f"loss_weighting: {name} is not supported with 2 processes"):
             check_loss_weighting(name, ddp)
         check_loss_weighting(name, SINGLE_PROCESS)
-    for name in ("fixed", "uncertainty", "dwa"):
+    for name in ("fixed", "uncertainty", "dwa", "rlw"):
         check_loss_weighting(name, ddp)

@@ -55,7 +55,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("mode", "weighting", "embedding"),
-    [("stream", "fixed", "auto"), ("memory", "dwa", "auto"), ("memory", "fixed", "dense")],
+    [("stream", "fixed", "auto"), ("memory", "dwa", "auto"), ("memory", "fixed", "dense"), ("memory", "rlw", "auto")],
 )
 def test_resumed_run_equals_the_uninterrupted_run(files, tmp_path, mode, weighting, embedding):
     data = files[0].parent
