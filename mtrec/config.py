@@ -491,6 +491,10 @@ _PARAM_RULES: dict[str, _Range] = {
     "num_levels": _Range(low=1, cap=64),
     "calibration_weight": _NON_NEGATIVE,
     "stitch_self_weight": _UNIT,
+    "gate_k": _Range(low=1, cap=64),
+    "gate_gamma": _POSITIVE,
+    "gate_entropy": _NON_NEGATIVE,
+    "expert_balance": _NON_NEGATIVE,
     # loss weighting parameters (mtrec.weighting)
     "alpha": _NON_NEGATIVE,
     "lr": _POSITIVE,
@@ -659,6 +663,7 @@ def _model_config(raw: Any) -> ModelConfig:
     )
     if params.get("num_shared_experts") == 0 and params.get("num_task_experts") == 0:
         raise ConfigError("model.num_task_experts: expected >= 1 when num_shared_experts is 0 (no expert at all)")
+    _check_gate_params(params)
     return ModelConfig(
         name=name,
         embedding_dim=dim,
@@ -667,6 +672,23 @@ def _model_config(raw: Any) -> ModelConfig:
         task_embedding_dim=task_dim,
         embedding_dropout=dropout,
     )
+
+
+def _check_gate_params(params: Mapping[str, Any]) -> None:
+    """The gate keys of mmoe / cgc / ple that depend on each other (see :mod:`mtrec.nn.gates`)."""
+    if "gate" not in params:
+        return
+    if params["gate"] == "softmax" and params.get("gate_entropy", 0.0) > 0:
+        raise ConfigError("model.gate_entropy: DSelect-k's selector penalty needs gate: dselect_k")
+    if params["gate"] != "dselect_k":
+        return
+    if "num_experts" in params:
+        experts, which = params["num_experts"], "num_experts"
+    else:
+        experts = params["num_shared_experts"] + params["num_task_experts"]
+        which = "num_shared_experts + num_task_experts, the experts a task gate mixes"
+    if params["gate_k"] > experts:
+        raise ConfigError(f"model.gate_k: expected at most {experts} ({which}), got {params['gate_k']}")
 
 
 def _checked_params(

@@ -81,12 +81,14 @@ class AITM(MultiTaskModel):
             batch: Unused: the calibrator needs no label and covers every row.
 
         Returns:
-            A scalar, or ``None`` with a single task (no chain to calibrate).
+            A scalar, or ``None`` with a single task (no chain to calibrate) and no layer penalty.
         """
+        layers = super().auxiliary_loss(logits, batch)
         if len(self.task_names) < 2 or self.calibration_weight == 0:
-            return None
+            return layers
         stacked = torch.stack([logits[name] for name in self.task_names], dim=1)  # (B, T)
-        return self.calibration_weight * expectation_calibration(stacked)
+        own = self.calibration_weight * expectation_calibration(stacked)
+        return own if layers is None else own + layers
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Towers, transfers and attentions whose output reaches more than one task."""

@@ -11,6 +11,7 @@ from torch import nn
 
 from mtrec.batch import Batch
 from mtrec.nn.embedding import FusedEmbedding, masked_pool
+from mtrec.nn.gates import take_penalties
 from mtrec.nn.mlp import Tower
 from mtrec.schema import InputLayout
 from mtrec.weighting import SharedLayer
@@ -292,8 +293,12 @@ class MultiTaskModel(nn.Module):
         }
 
     def auxiliary_loss(self, logits: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor | None:
-        """An architecture's own extra loss term (e.g. AITM's calibration); none by default."""
-        return None
+        """The extra loss terms of the last training forward pass: the penalties the layers
+        collected (gate load balance, DSelect-k's selector entropy; :mod:`mtrec.nn.gates`),
+        plus an architecture's own (e.g. AITM's calibration); ``None`` if there is none, and
+        always ``None`` in evaluation mode (a penalty left over from training is dropped)."""
+        total = take_penalties(self)
+        return total if self.training else None
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Dense parameters shared by several tasks (the backbone), never embeddings."""

@@ -13,11 +13,14 @@ from torch import nn
 
 from mtrec.models.registry import register_backbone
 from mtrec.nn.experts import PLE
+from mtrec.nn.gates import SOFTMAX, GateSpec
 
 __all__ = ["cgc"]
 
 
-@register_backbone("cgc", "CGC: shared and task-specific experts, one extraction level (Tang et al., RecSys 2020)")
+@register_backbone(
+    "cgc", "CGC: shared and task-specific experts, one extraction level (Tang et al., RecSys 2020)", gated=True
+)
 def cgc(
     in_dim: int,
     num_tasks: int,
@@ -25,9 +28,14 @@ def cgc(
     num_shared_experts: int = 2,
     num_task_experts: int = 1,
     expert_hidden: tuple[int, ...] = (256, 128),
+    gate: GateSpec = SOFTMAX,
+    expert_norm: bool = False,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """CGC's backbone: PLE with one level."""
+    """CGC's backbone: PLE with one level.
+
+    ``gate`` and ``expert_norm``: the gate keys (:func:`~mtrec.models.registry.gate_keys`).
+    """
     return PLE(
         in_dim,
         num_tasks=num_tasks,
@@ -36,4 +44,6 @@ def cgc(
         num_specific=num_task_experts,
         expert_hidden=expert_hidden,
         dropout=dropout,
+        gate=gate,
+        expert_norm=expert_norm,
     )

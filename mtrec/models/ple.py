@@ -11,11 +11,14 @@ from torch import nn
 
 from mtrec.models.registry import register_backbone
 from mtrec.nn.experts import PLE
+from mtrec.nn.gates import SOFTMAX, GateSpec
 
 __all__ = ["ple"]
 
 
-@register_backbone("ple", "PLE: stacked CGC levels of shared and task-specific experts (Tang et al., RecSys 2020)")
+@register_backbone(
+    "ple", "PLE: stacked CGC levels of shared and task-specific experts (Tang et al., RecSys 2020)", gated=True
+)
 def ple(
     in_dim: int,
     num_tasks: int,
@@ -24,9 +27,14 @@ def ple(
     num_shared_experts: int = 2,
     num_task_experts: int = 1,
     expert_hidden: tuple[int, ...] = (256, 128),
+    gate: GateSpec = SOFTMAX,
+    expert_norm: bool = False,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """PLE's backbone: ``num_levels`` extraction levels of shared and task-specific experts."""
+    """PLE's backbone: ``num_levels`` extraction levels of shared and task-specific experts.
+
+    ``gate`` and ``expert_norm``: the gate keys (:func:`~mtrec.models.registry.gate_keys`).
+    """
     return PLE(
         in_dim,
         num_tasks=num_tasks,
@@ -35,4 +43,6 @@ def ple(
         num_specific=num_task_experts,
         expert_hidden=expert_hidden,
         dropout=dropout,
+        gate=gate,
+        expert_norm=expert_norm,
     )

@@ -12,16 +12,18 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
 from mtrec.models.base import DEFAULT_EMBEDDING, EmbeddingSpec, MultiTaskModel
+from mtrec.nn.gates import GateSpec
 from mtrec.schema import InputLayout
 from mtrec.typed import parameter_spec
 
 __all__ = [
     "check_embedding_mode",
+    "gate_keys",
     "create_model",
     "list_models",
     "model_parameters",
@@ -39,6 +41,26 @@ _FIXED = ("layout", "task_names", "embedding", "output_dims")
 # What a backbone is given rather than configured with: its input width, the task count and
 # the dropout it shares with the towers.
 _BACKBONE_FIXED = ("in_dim", "num_tasks", "dropout")
+
+
+def gate_keys(
+    *,
+    gate: Literal["softmax", "dselect_k"] = "softmax",
+    gate_k: int = 2,
+    gate_gamma: float = 1.0,
+    gate_entropy: float = 0.0,
+    expert_balance: float = 0.0,
+    expert_norm: bool = False,
+) -> dict[str, Any]:
+    """The gate keys of every mixture-of-experts backbone registered with ``gated=True``, as
+    the backbone takes them: ``gate`` a :class:`~mtrec.nn.gates.GateSpec` (softmax or
+    DSelect-k with ``gate_k`` selectors, smooth-step width ``gate_gamma`` and selector-entropy
+    penalty ``gate_entropy``; ``expert_balance``, the weight of the importance-CV²
+    load-balancing loss) and ``expert_norm`` (HoME's expert normalisation)."""
+    return {"gate": GateSpec(gate, gate_k, gate_gamma, gate_entropy, expert_balance), "expert_norm": expert_norm}
+
+
+_GATE_KEYS = tuple(inspect.signature(gate_keys).parameters)
 
 
 def register_model(
@@ -69,6 +91,7 @@ def register_backbone(
     fixed_embedding: str | None = None,
     model: type[MultiTaskModel] = MultiTaskModel,
     table_set_per_task: bool = False,
+    gated: bool = False,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., MultiTaskModel]]:
     """Registers an architecture by its backbone ``fn(in_dim, num_tasks, *, ..., dropout) -> nn.Module``
     (``(B, in_dim) -> (B, T, out_dim)``, with an ``out_dim`` attribute).
@@ -78,13 +101,16 @@ def register_backbone(
     parameters, then ``tower_hidden`` (default ``(64,)``) and ``dropout``, which the backbone
     and the towers share. ``model`` is the :class:`MultiTaskModel` subclass to build (one
     that says what it shares), ``table_set_per_task`` gives every task its own embedding
-    tables (``embedding_copies``, see :class:`~mtrec.models.base.FeatureInput`). The decorator
-    returns the whole model builder,
+    tables (``embedding_copies``, see :class:`~mtrec.models.base.FeatureInput`). ``gated``: the
+    backbone takes ``gate`` and ``expert_norm`` as :func:`gate_keys` makes them, and the
+    model's config keys are :func:`gate_keys`'s instead. The decorator returns the whole model
+    builder,
     ``builder(layout, task_names, *, embedding, output_dims, tower_hidden, dropout, ...)``.
     """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., MultiTaskModel]:
-        own = tuple(parameter_spec(fn, skip=_BACKBONE_FIXED))
+        taken = ("gate", "expert_norm") if gated else ()
+        own = tuple(parameter_spec(fn, skip=(*_BACKBONE_FIXED, *taken)))
 
         def build(
             layout: InputLayout,
@@ -96,6 +122,10 @@ def register_backbone(
             dropout: float = 0.0,
             **params: Any,
         ) -> MultiTaskModel:
+            if gated:
+                params = {k: v for k, v in params.items() if k not in _GATE_KEYS} | gate_keys(
+                    **{k: v for k, v in params.items() if k in _GATE_KEYS}
+                )
             return model.assemble(
                 layout,
                 task_names,
@@ -109,22 +139,33 @@ def register_backbone(
 
         build.__name__ = build.__qualname__ = fn.__name__
         build.__doc__ = f"Builds the {name} multi-task model ({description})."
-        _show_backbone_keywords(build, fn, own)
+        _show_backbone_keywords(build, fn, own, extra=gate_keys if gated else None)
         _add(name, description, build, aliases, fixed_embedding)
         return build
 
     return wrap
 
 
-def _show_backbone_keywords(build: Callable[..., Any], backbone: Callable[..., Any], names: tuple[str, ...]) -> None:
+def _show_backbone_keywords(
+    build: Callable[..., Any],
+    backbone: Callable[..., Any],
+    names: tuple[str, ...],
+    *,
+    extra: Callable[..., Any] | None = None,
+) -> None:
     """Gives ``build`` (which passes ``**params`` on to ``backbone``) the signature it has in
-    effect: the backbone's keywords ``names`` before ``tower_hidden``, so that ``help()``,
-    ``inspect`` and :func:`~mtrec.typed.parameter_spec` see every config key with its type."""
+    effect: the backbone's keywords ``names`` (then ``extra``'s keywords) before
+    ``tower_hidden``, so that ``help()``, ``inspect`` and :func:`~mtrec.typed.parameter_spec`
+    see every config key with its type."""
     own = inspect.signature(backbone).parameters
     hints = {**typing.get_type_hints(build), **typing.get_type_hints(backbone)}
+    keys = [own[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in names]
+    if extra is not None:
+        hints |= typing.get_type_hints(extra)
+        keys += list(inspect.signature(extra).parameters.values())
     params = [p for p in inspect.signature(build).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     at = [p.name for p in params].index("tower_hidden")
-    params[at:at] = [own[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in names]
+    params[at:at] = keys
     build.__signature__ = inspect.signature(build).replace(parameters=params)  # type: ignore[attr-defined]
     build.__annotations__ = {p.name: hints[p.name] for p in params if p.name in hints} | {"return": hints["return"]}
 

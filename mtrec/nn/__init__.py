@@ -5,15 +5,18 @@ feature encoder's output.
 """
 
 from mtrec.nn.embedding import FusedEmbedding, masked_pool
-from mtrec.nn.experts import PLE, AFTBLayer, CGCLayer, ExpertGroup, Gate, MMoELayer
+from mtrec.nn.experts import PLE, AFTBLayer, CGCLayer, ExpertGroup, MMoELayer
+from mtrec.nn.gates import DSelectKGate, Gate, GateSpec
 from mtrec.nn.mlp import MLP, Tower
 
 __all__ = [
     "AFTBLayer",
     "CGCLayer",
+    "DSelectKGate",
     "ExpertGroup",
     "FusedEmbedding",
     "Gate",
+    "GateSpec",
     "MLP",
     "MMoELayer",
     "PLE",

@@ -13,6 +13,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from mtrec.nn.gates import SOFTMAX, DSelectKGate, Gate, GateSpec, Penalty, importance_cv2, make_gate
 from mtrec.nn.mlp import batched_layers
 from mtrec.weighting import ParameterSlice, SharedLayer
 
@@ -26,13 +27,19 @@ def _expert_labels(shared: int, specific: int, tasks: int, task_names: tuple[str
 
 
 class ExpertGroup(nn.Module):
-    """``E`` independent ReLU MLPs of identical shape, evaluated as one batched op.
+    """``E`` independent MLPs of identical shape, evaluated as one batched op.
 
     Args:
         num_experts: ``E``.
         in_dim: Input width.
         hidden: Hidden widths of each expert; the last is the output width ``H``.
         dropout: Dropout after each activation.
+        norm: HoME's expert normalisation (Wang et al., "HoME: Hierarchy of Multi-Gate
+            Experts for Multi-Task Learning at Kuaishou", 2024): every layer is
+            ``Swish(BatchNorm(x W + b))``, each expert with its own batch statistics, so all
+            experts' outputs share one scale and few units die (against the ReLU experts
+            whose outputs differ in scale and are mostly zero, which lets a gate collapse
+            onto one of them). Off: ``ReLU(x W + b)``.
 
     Shapes:
         ``x (B, in_dim)`` (every expert reads it) or ``(E, B, in_dim)`` (expert ``e``
@@ -43,7 +50,9 @@ class ExpertGroup(nn.Module):
         torch.Size([5, 3, 4])
     """
 
-    def __init__(self, num_experts: int, in_dim: int, hidden: tuple[int, ...], *, dropout: float = 0.0) -> None:
+    def __init__(
+        self, num_experts: int, in_dim: int, hidden: tuple[int, ...], *, dropout: float = 0.0, norm: bool = False
+    ) -> None:
         super().__init__()
         if num_experts < 1 or not hidden:
             raise ValueError("an expert group needs num_experts >= 1 and at least one hidden layer")
@@ -51,6 +60,15 @@ class ExpertGroup(nn.Module):
         self.out_dim = hidden[-1]
         self.weights, self.biases = batched_layers(num_experts, in_dim, hidden)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.norms = nn.ModuleList(nn.BatchNorm1d(num_experts * h) for h in hidden) if norm else None
+
+    def _activate(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """``(E, B, h)`` pre-activations -> activations."""
+        if self.norms is None:
+            return self.dropout(torch.relu(h))
+        E, B, width = h.shape
+        flat = self.norms[layer](h.transpose(0, 1).reshape(B, E * width))
+        return self.dropout(nn.functional.silu(flat.view(B, E, width).transpose(0, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         E = self.num_experts
@@ -62,31 +80,17 @@ class ExpertGroup(nn.Module):
             h = h.view(B, E, -1).transpose(0, 1)
         else:
             h = torch.baddbmm(b0, x, w0)
-        h = self.dropout(torch.relu(h))
-        for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
-            h = self.dropout(torch.relu(torch.baddbmm(b, h, w)))
+        h = self._activate(h, 0)
+        for layer, (w, b) in enumerate(zip(self.weights[1:], self.biases[1:], strict=True), start=1):
+            h = self._activate(torch.baddbmm(b, h, w), layer)
         return h.transpose(0, 1)
-
-
-class Gate(nn.Module):
-    """``G`` softmax gates over ``E`` experts computed by one linear layer.
-
-    Shapes:
-        ``(B, in_dim) -> (B, G, E)``, each row summing to 1.
-    """
-
-    def __init__(self, in_dim: int, num_experts: int, num_gates: int = 1) -> None:
-        super().__init__()
-        self.num_gates = num_gates
-        self.num_experts = num_experts
-        self.linear = nn.Linear(in_dim, num_gates * num_experts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x).view(-1, self.num_gates, self.num_experts).softmax(dim=-1)
 
 
 class MMoELayer(nn.Module):
     """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018): shared experts, one gate per task.
+
+    ``gate`` chooses the gates (softmax or DSelect-k, see :mod:`mtrec.nn.gates`) and their
+    penalties; ``expert_norm`` is :class:`ExpertGroup`'s ``norm``.
 
     Shapes:
         ``(B, in_dim) -> (B, T, H)``; with ``return_gates`` also ``(B, T, E)``.
@@ -98,11 +102,21 @@ class MMoELayer(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, *, num_tasks: int, num_experts: int, expert_hidden: tuple[int, ...], dropout: float = 0.0
+        self,
+        in_dim: int,
+        *,
+        num_tasks: int,
+        num_experts: int,
+        expert_hidden: tuple[int, ...],
+        dropout: float = 0.0,
+        gate: GateSpec = SOFTMAX,
+        expert_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.experts = ExpertGroup(num_experts, in_dim, expert_hidden, dropout=dropout)
-        self.gates = Gate(in_dim, num_experts, num_tasks)
+        self.experts = ExpertGroup(num_experts, in_dim, expert_hidden, dropout=dropout, norm=expert_norm)
+        self.gates = make_gate(gate, in_dim, num_experts, num_tasks)
+        self.balance = gate.balance
+        self.penalty = Penalty()
         self.out_dim = self.experts.out_dim
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
@@ -111,6 +125,8 @@ class MMoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor, return_gates: bool = False):  # noqa: ANN201 - tensor or pair
         gates = self.gates(x)
+        if self.training and self.balance > 0:
+            self.penalty.record(self.balance * importance_cv2(gates).sum())
         out = torch.bmm(gates, self.experts(x))
         return (out, gates) if return_gates else out
 
@@ -139,6 +155,8 @@ class CGCLayer(nn.Module):
         num_specific: ``K`` experts per task.
         expert_hidden: Hidden widths of every expert (output ``H``).
         shared_gate: Also produce the shared output (all levels of PLE but the last).
+        gate: The gates (softmax or DSelect-k) and their penalties, see :mod:`mtrec.nn.gates`.
+        expert_norm: :class:`ExpertGroup`'s ``norm``.
 
     Shapes:
         ``x (B, in_dim)`` (all experts read the same input) or ``(T + 1, B, in_dim)``
@@ -160,37 +178,56 @@ class CGCLayer(nn.Module):
         expert_hidden: tuple[int, ...],
         shared_gate: bool,
         dropout: float = 0.0,
+        gate: GateSpec = SOFTMAX,
+        expert_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_shared < 0 or num_specific < 0 or num_shared + num_specific < 1:
             raise ValueError("CGC needs at least one shared or task-specific expert per task")
         T, S, K = num_tasks, num_shared, num_specific
         self.num_tasks, self.num_shared, self.num_specific = T, S, K
-        self.experts = ExpertGroup(S + T * K, in_dim, expert_hidden, dropout=dropout)
+        self.experts = ExpertGroup(S + T * K, in_dim, expert_hidden, dropout=dropout, norm=expert_norm)
         self.out_dim = self.experts.out_dim
         expert_input = [T] * S + [t for t in range(T) for _ in range(K)]
         self.register_buffer("expert_input", torch.tensor(expert_input, dtype=torch.int64), persistent=False)
         task_experts = [list(range(S + t * K, S + (t + 1) * K)) + list(range(S)) for t in range(T)]
         self.register_buffer("task_experts", torch.tensor(task_experts, dtype=torch.int64), persistent=False)
-        # One weight block per task gate: (T, in_dim, K + S).
-        bound = 1.0 / math.sqrt(in_dim)
-        self.gate_weight = nn.Parameter(torch.empty(T, in_dim, K + S).uniform_(-bound, bound))
-        self.gate_bias = nn.Parameter(torch.empty(T, 1, K + S).uniform_(-bound, bound))
-        self.shared_gate = Gate(in_dim, S + T * K) if shared_gate else None
+        self.dselect: DSelectKGate | None = None
+        if gate.kind == "dselect_k":  # (its own parameters: a softmax CGC's keep their names)
+            self.dselect = DSelectKGate(
+                in_dim, num_experts=K + S, num_gates=T, k=gate.k, gamma=gate.gamma, entropy=gate.entropy
+            )
+        else:
+            # One weight block per task gate: (T, in_dim, K + S).
+            bound = 1.0 / math.sqrt(in_dim)
+            self.gate_weight = nn.Parameter(torch.empty(T, in_dim, K + S).uniform_(-bound, bound))
+            self.gate_bias = nn.Parameter(torch.empty(T, 1, K + S).uniform_(-bound, bound))
+        self.shared_gate = make_gate(gate, in_dim, S + T * K, 1) if shared_gate else None
+        self.balance = gate.balance
+        self.penalty = Penalty()
+
+    def _task_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, K + S)`` from ``x (B, in_dim)`` or the task inputs ``(T, B, in_dim)``."""
+        if self.dselect is not None:
+            return self.dselect(x)
+        if x.dim() == 2:
+            # All task gates in one GEMM: (B, in) x (in, T * (K + S)).
+            w = self.gate_weight.permute(1, 0, 2).reshape(x.shape[1], -1)
+            gates = torch.addmm(self.gate_bias.reshape(1, -1), x, w).view(x.shape[0], self.num_tasks, -1)
+        else:
+            gates = torch.baddbmm(self.gate_bias, x, self.gate_weight).transpose(0, 1)
+        return gates.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, return_gates: bool = False):  # noqa: ANN201 - tuple
         T = self.num_tasks
         if x.dim() == 2:
             expert_out = self.experts(x)
-            # All task gates in one GEMM: (B, in) x (in, T * (K + S)).
-            w = self.gate_weight.permute(1, 0, 2).reshape(x.shape[1], -1)
-            gates = torch.addmm(self.gate_bias.reshape(1, -1), x, w).view(x.shape[0], T, -1)
+            gates = self._task_gates(x)
             shared_in = x
         else:
             expert_out = self.experts(x.index_select(0, self.expert_input))
-            gates = torch.baddbmm(self.gate_bias, x[:T], self.gate_weight).transpose(0, 1)
+            gates = self._task_gates(x[:T])
             shared_in = x[T]
-        gates = gates.softmax(dim=-1)  # (B, T, K + S)
         # Mixing as K + S broadcast multiply-adds: an einsum here lowers to B*T tiny
         # matrix products, which measured ~2x slower on CPU.
         task_out = gates[..., 0:1] * expert_out[:, self.task_experts[:, 0]]
@@ -201,6 +238,11 @@ class CGCLayer(nn.Module):
         if self.shared_gate is not None:
             shared_gates = self.shared_gate(shared_in)  # (B, 1, E)
             shared_out = torch.bmm(shared_gates, expert_out).squeeze(1)
+        if self.training and self.balance > 0:
+            cv2 = importance_cv2(gates).sum()
+            if shared_gates is not None:
+                cv2 = cv2 + importance_cv2(shared_gates).sum()
+            self.penalty.record(self.balance * cv2)
         if return_gates:
             return task_out, shared_out, gates, shared_gates
         return task_out, shared_out
@@ -209,7 +251,7 @@ class CGCLayer(nn.Module):
 class PLE(nn.Module):
     """Progressive Layered Extraction (Tang et al., RecSys 2020): ``num_levels`` stacked CGC
     layers; every level but the last also has a shared gate feeding the next level's
-    shared experts.
+    shared experts. ``gate`` and ``expert_norm`` apply to every level (see :class:`CGCLayer`).
 
     Shapes:
         ``(B, in_dim) -> (B, T, H)``.
@@ -230,6 +272,8 @@ class PLE(nn.Module):
         num_specific: int,
         expert_hidden: tuple[int, ...],
         dropout: float = 0.0,
+        gate: GateSpec = SOFTMAX,
+        expert_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_levels < 1:
@@ -245,6 +289,8 @@ class PLE(nn.Module):
                 expert_hidden=expert_hidden,
                 shared_gate=level < num_levels - 1,
                 dropout=dropout,
+                gate=gate,
+                expert_norm=expert_norm,
             )
             levels.append(cgc)
             width = cgc.out_dim

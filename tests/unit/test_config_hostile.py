@@ -369,6 +369,22 @@ def test_bad_set_value_is_refused_with_its_key(item: str, prefix: str) -> None:
     [
         ({"name": "cgc", "num_shared_experts": 0, "num_task_experts": 0}, "model.num_task_experts: expected >= 1"),
         ({"name": "ple", "num_levels": 0}, "model.num_levels: expected >= 1, got 0"),
+        ({"name": "mmoe", "gate": "dselect_k", "gate_k": 5}, "model.gate_k: expected at most 4 (num_experts), got 5"),
+        (
+            {"name": "ple", "gate": "dselect_k", "gate_k": 4},
+            "model.gate_k: expected at most 3 (num_shared_experts + num_task_experts, the experts a task gate mixes)",
+        ),
+        ({"name": "cgc", "gate": "topk"}, "model.gate: expected 'softmax' or 'dselect_k', got 'topk'"),
+        (
+            {"name": "mmoe", "gate_entropy": 0.1},
+            "model.gate_entropy: DSelect-k's selector penalty needs gate: dselect_k",
+        ),
+        (
+            {"name": "mmoe", "gate": "dselect_k", "gate_gamma": 0},
+            "model.gate_gamma: expected a positive number, got 0.0",
+        ),
+        ({"name": "ple", "expert_balance": -1}, "model.expert_balance: expected >= 0, got -1.0"),
+        ({"name": "mmoe", "expert_norm": "yes"}, "model.expert_norm: expected"),
         ({"name": "ple", "num_levels": 1000}, "model.num_levels: expected at most 64"),
         ({"name": "single_task", "hidden": []}, "model.hidden: expected a non-empty list"),
         ({"name": "cross_stitch", "hidden": []}, "model.hidden: expected a non-empty list"),

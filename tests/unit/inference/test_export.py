@@ -15,9 +15,11 @@ from mtrec.inference.export import _reference_logits, export_model
 from mtrec.quickstart import synthetic_features, synthetic_tasks
 
 
-@pytest.fixture(scope="module", params=["shared", "stem"])
+@pytest.fixture(scope="module", params=["shared", "stem", "gated"])
 def model_dir(tmp_path_factory, request):
-    """ESMM over PLE, with the shared embedding and with STEM's shared + per-task tables."""
+    """ESMM over PLE, with the shared embedding, with STEM's shared + per-task tables, and
+    with DSelect-k gates, HoME's expert normalisation and the balance penalty."""
+    gated = {"gate": "dselect_k", "gate_k": 2, "expert_norm": True, "expert_balance": 0.1, "gate_entropy": 0.01}
     work = tmp_path_factory.mktemp(f"export-{request.param}")
     data = work / "clicks.parquet"
     write_click_log(data, 6000, seed=1)
@@ -30,9 +32,10 @@ def model_dir(tmp_path_factory, request):
             "model": {
                 "name": "ple",
                 "embedding_dim": 4,
-                "embedding": request.param,
-                "expert_hidden": [16],
+                "embedding": "shared" if request.param == "gated" else request.param,
+                "expert_hidden": [16, 8],
                 "tower_hidden": [8],
+                **(gated if request.param == "gated" else {}),
             },
             "train": {"epochs": 1, "batch_size": 512},
         }

@@ -320,3 +320,26 @@ def test_independent_with_esmm_is_one_config_error():
     }
     with pytest.raises(ConfigError, match="independent baseline shares nothing"):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple"])
+@pytest.mark.parametrize("embedding", ["shared", "per_task"])
+def test_gate_penalties_are_the_models_auxiliary_loss_in_training_only(name, embedding):
+    gated = {"gate": "dselect_k", "gate_k": 2, "gate_entropy": 0.1, "expert_balance": 1.0, "expert_norm": True}
+    model = _model(name, embedding=embedding, **gated)
+    batch = _batch(16)
+    logits = model(batch)
+    aux = model.auxiliary_loss(logits, batch)
+    assert aux is not None and aux.dim() == 0 and aux.item() > 0
+    assert model.auxiliary_loss(logits, batch) is None  # taken once: the next step starts from nothing
+    logits = model(batch)
+    (model.auxiliary_loss(logits, batch) + sum(v.sum() for v in logits.values())).backward()
+    gates = [p for n, p in model.named_parameters() if "dselect" in n or n.endswith("gates.weight")]
+    assert gates and all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
+    model(batch)  # a training pass whose penalty nobody takes ...
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch)
+    assert model.auxiliary_loss(logits, batch) is None  # ... is not evaluation's
+    plain = _model(name, embedding=embedding)
+    assert plain.auxiliary_loss(plain(batch), batch) is None  # no penalty asked for, none computed
