@@ -59,6 +59,24 @@ CASES: dict[str, dict] = {
         "model": MMOE,
         "train": {"embedding_optimizer": "dense", "loss_weighting": {"name": "pcgrad"}},
     },
+    "mmoe_dense_embedding_rlw": {
+        "model": MMOE,
+        "train": {"embedding_optimizer": "dense", "loss_weighting": {"name": "rlw"}},
+    },
+    "mmoe_dense_embedding_famo": {
+        "model": MMOE,
+        "train": {"embedding_optimizer": "dense", "loss_weighting": {"name": "famo"}},
+    },
+    "mmoe_gated_dense_embedding": {
+        "model": {
+            **MMOE,
+            "gate": "dselect_k",
+            "gate_entropy": 0.01,
+            "expert_balance": 0.1,
+            "expert_norm": True,
+        },
+        "train": {"embedding_optimizer": "dense"},
+    },
     "mmoe_dense_embedding_fp16": {
         "model": MMOE,
         "train": {"embedding_optimizer": "dense", "precision": "fp16"},

@@ -300,7 +300,8 @@ class TrainConfig:
             once).
         loss_weighting: How task losses are balanced: ``{name: fixed}`` (the tasks'
             weights), ``uncertainty``, ``gradnorm`` (``alpha``, ``lr``), ``dwa``
-            (``temperature``), ``rlw`` (``seed``) or ``pcgrad`` (``seed``); see :mod:`mtrec.weighting`.
+            (``temperature``), ``rlw`` (``seed``), ``famo`` (``lr``, ``decay``) or ``pcgrad``
+            (``seed``); see :mod:`mtrec.weighting`.
         loss_normalization: How a task's loss is normalised over its sample space (see
             :mod:`mtrec.training.losses`): ``sample_space`` (the default), the mean over the batch rows
             in the task's space, so CVR on the ~5 % clicked rows weighs as much as CTR on
@@ -499,6 +500,7 @@ _PARAM_RULES: dict[str, _Range] = {
     "alpha": _NON_NEGATIVE,
     "lr": _POSITIVE,
     "temperature": _POSITIVE,
+    "decay": _NON_NEGATIVE,
     "seed": _SEED,
 }
 """Ranges of model and loss-weighting parameters, by parameter name: one owner for every

@@ -3,7 +3,7 @@
 A strategy owns the whole backward pass of a training step: it receives the per-task
 losses (scalar, still attached to the graph) and leaves in every parameter's ``.grad``
 what the optimisers should apply. Strategies that only rescale losses (``fixed``,
-``uncertainty``, ``dwa``, ``rlw``) need one ordinary backward; the gradient-based ones
+``uncertainty``, ``dwa``, ``rlw``, ``famo``) need one ordinary backward; the gradient-based ones
 (``gradnorm``, ``pcgrad``) additionally take per-task gradients of the *shared dense*
 parameters they are given, never of the embedding tables (see DESIGN.md).
 
@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +41,7 @@ from mtrec.typed import parameter_spec
 
 __all__ = [
     "DWA",
+    "FAMO",
     "WEIGHTINGS",
     "FixedWeighting",
     "GradNorm",
@@ -522,8 +524,12 @@ class RandomLossWeighting(LossWeighting):
 
     def draw(self) -> tuple[float, ...]:
         """The next step's ``T * lambda_t`` (positive, summing to ``T``)."""
-        z = torch.randn(self.num_tasks, generator=self._generator, dtype=torch.float64)
-        return tuple(float(x) for x in torch.softmax(z, dim=0) * self.num_tasks)
+        # One read of a CPU tensor (never a device wait); the softmax in Python floats.
+        z = torch.randn(self.num_tasks, generator=self._generator, dtype=torch.float64).tolist()
+        top = max(z)
+        e = [math.exp(v - top) for v in z]
+        total = sum(e)
+        return tuple(self.num_tasks * v / total for v in e)
 
     def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
         scale = self.draw()
@@ -533,6 +539,107 @@ class RandomLossWeighting(LossWeighting):
     def weights(self) -> dict[str, float]:
         """The weights of the last step (the base weights before the first)."""
         return dict(zip(self.task_names, self._last, strict=True))
+
+
+@register_weighting("famo")
+class FAMO(LossWeighting):
+    """Fast adaptive multitask optimisation (Liu, Feng, Stone and Liu, "FAMO: Fast Adaptive
+    Multitask Optimization", NeurIPS 2023): balances the tasks so that their losses fall at
+    the same *rate*, with one backward per step and no per-task gradient.
+
+    Task logits ``xi`` give ``z = softmax(xi)``; the step descends
+
+        sum_t c z_t w_t log L_t,   c = 1 / sum_t (z_t / L_t),
+
+    the same gradient as ``sum_t W_t L_t`` with ``W_t = c z_t w_t / L_t`` (what is
+    backpropagated and logged; scaled by the number of tasks present so that the weights sum
+    to it, as fixed weighting's do). After each step the logits move by Adam (``lr``, weight
+    decay ``decay``) along ``J_softmax(xi)^T delta``, ``delta_t = log L_t(before) - log
+    L_t(after)``: a task whose loss fell less than the others gains weight.
+
+    One pass, as the paper's name promises, by lagging the update one step: ``delta`` compares
+    a task's loss at this step with its loss at the previous step (on the previous batch)
+    rather than recomputing the loss of the same batch after the update (the paper's extra
+    forward pass). The logits and their Adam state are part of the resume state; everything
+    stays on the device (no host read).
+
+    Args:
+        task_names: Task names.
+        base_weights: The config's per-task weights ``w_t``.
+        lr: Adam's step size for the task logits (the paper's 0.025).
+        decay: Weight decay on the task logits (the paper's 0.001), pulling them towards equal.
+    """
+
+    # Buffers: each task's last log-loss and whether it has one; the base weights.
+    previous: torch.Tensor
+    seen: torch.Tensor
+    base: torch.Tensor
+
+    def __init__(
+        self, task_names: tuple[str, ...], base_weights: tuple[float, ...], *, lr: float = 0.025, decay: float = 0.001
+    ) -> None:
+        super().__init__(task_names, base_weights)
+        if not (math.isfinite(lr) and lr > 0) or not (math.isfinite(decay) and decay >= 0):
+            raise ValueError(f"famo needs lr > 0 and decay >= 0, got lr={lr}, decay={decay}")
+        T = self.num_tasks
+        # float64: rates differ by little from step to step, and Adam's update divides by them.
+        self.logits = nn.Parameter(torch.zeros(T, dtype=torch.float64))
+        self._optimizer = torch.optim.Adam([self.logits], lr=lr, weight_decay=decay)
+        self.register_buffer("previous", torch.zeros(T, dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros(T, dtype=torch.bool))
+        self.register_buffer("base", torch.tensor(self.base_weights, dtype=torch.float64), persistent=False)
+        self._last: torch.Tensor | None = None
+        self._started = False
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # A copy: the optimiser's state_dict holds its live moment tensors.
+        return {"optimizer": copy.deepcopy(self._optimizer.state_dict()), "started": self._started}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self._started = bool(state["started"])
+
+    def task_weights(self, values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``W_t`` for the detached losses ``values (T,)`` of the tasks ``present``."""
+        z = torch.softmax(self.logits.detach(), 0) * present
+        loss = values.clamp_min(_FAMO_EPS)
+        c = 1.0 / (z / loss).sum().clamp_min(_FAMO_EPS)
+        return present.sum() * self.base * c * z / loss
+
+    @torch.no_grad()
+    def _step_logits(self, log_now: torch.Tensor, present: torch.Tensor) -> None:
+        if self._started:  # (the first step has no earlier loss to compare with)
+            # Over the tasks with a loss now and before, S: the softmax of xi restricted to S and
+            # its Jacobian's product with delta; the other tasks' logits get no gradient. delta is
+            # shifted by its largest entry (J^T 1 = 0), so that equal rates give exactly 0.
+            both = present & self.seen
+            delta = torch.where(both, self.previous - log_now, -math.inf)
+            delta = torch.where(both, delta - delta.max().clamp_min(-1e30), 0.0)
+            z = torch.where(both, torch.exp(self.logits - self.logits.max()), 0.0)
+            z = z / z.sum().clamp_min(1e-30)
+            self.logits.grad = z * (delta - (z * delta).sum())
+            self._optimizer.step()
+            self.logits.grad = None
+        self._started = True
+        self.previous.copy_(torch.where(present, log_now, self.previous))
+        self.seen |= present
+
+    def _combine(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        values = torch.stack([loss.detach().double() for loss in losses])
+        present = values != 0  # exactly 0: no row of the task's sample space this batch
+        self._step_logits(values.clamp_min(_FAMO_EPS).log(), present)
+        self._last = self.task_weights(values, present)
+        weights = self._last.to(losses[0].dtype)
+        return sum((weights[t] * loss for t, loss in enumerate(losses)), losses[0].new_zeros(()))
+
+    def weights(self) -> dict[str, float]:
+        """The weights ``W_t`` of the last step (the base weights before the first)."""
+        if self._last is None:
+            return super().weights()
+        return dict(zip(self.task_names, self._last.tolist(), strict=True))
+
+
+_FAMO_EPS = 1e-8
 
 
 @register_weighting("pcgrad")
@@ -643,7 +750,7 @@ def create_weighting(
 
     Args:
         name: One of :data:`WEIGHTINGS` (``fixed``, ``uncertainty``, ``gradnorm``, ``dwa``,
-            ``rlw``, ``pcgrad``).
+            ``rlw``, ``famo``, ``pcgrad``).
         task_names: Task names.
         base_weights: The config's per-task weights.
         **params: The strategy's keyword parameters (e.g. ``alpha`` for ``gradnorm``).

@@ -708,6 +708,8 @@ UNSUPPORTED_WEIGHTINGS = {
     # GradNorm steps its task weights from the rank's own gradient norms and losses: the
     # weights differ per rank (the model stays in sync, but trains on a mix of them).
     "gradnorm": "its task weights would be balanced on each rank's batch alone and differ between ranks",
+    # FAMO steps its task logits from the rank's own task losses.
+    "famo": "its task logits would step from each rank's own losses and differ between ranks",
 }
 
 
@@ -715,7 +717,7 @@ def check_loss_weighting(name: str, ctx: DistContext) -> None:
     """Refuses the loss weightings that are not correct under data parallelism.
 
     ``fixed``, ``uncertainty`` (with :func:`all_reduce_grads` on its log-variances) and
-    ``dwa`` (with the epoch losses summed over ranks) are exact; ``gradnorm`` and
+    ``dwa`` (with the epoch losses summed over ranks) are exact; ``gradnorm``, ``famo`` and
     ``pcgrad`` are not (see :data:`UNSUPPORTED_WEIGHTINGS`).
 
     Raises:
@@ -724,7 +726,7 @@ def check_loss_weighting(name: str, ctx: DistContext) -> None:
     if ctx.enabled and name in UNSUPPORTED_WEIGHTINGS:
         raise ConfigError(
             f"train.loss_weighting: {name} is not supported with {ctx.world_size} processes: "
-            f"{UNSUPPORTED_WEIGHTINGS[name]}; use fixed, uncertainty or dwa, or train in one process"
+            f"{UNSUPPORTED_WEIGHTINGS[name]}; use fixed, uncertainty, dwa or rlw, or train in one process"
         )
 
 

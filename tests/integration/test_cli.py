@@ -277,6 +277,12 @@ def test_modelling_config_errors(work: Path):
     assert_one_line_error(proc, "tasks.cvr.where", "cannot parse")
     proc = mtrec("train", "--config", "configs/synthetic/esmm_ple.yaml", "--set", "esmm.ctr=clicks")
     assert_one_line_error(proc, "esmm.ctr")
+    sets = ["--set=model.gate=dselect_k", "--set=model.gate_k=5"]
+    proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", *sets)
+    assert_one_line_error(proc, "model.gate_k: expected at most 4 (num_experts), got 5")
+    sets = ["--set=train.loss_weighting={name: famo}", "--set=train.precision=fp16"]
+    proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", *sets)
+    assert_one_line_error(proc, "train.precision: fp16 scales the losses", "not famo")
 
 
 def test_quickstart_end_to_end(tmp_path: Path):

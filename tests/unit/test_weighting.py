@@ -120,6 +120,86 @@ def test_rlw_draws_follow_the_seed_and_resume_where_they_stopped():
     assert [resumed.draw() for _ in range(5)] == ahead
 
 
+# ---- famo ----------------------------------------------------------------------------
+
+
+def _famo_step(weighting, values: tuple[float, ...]) -> torch.Tensor:
+    """One FAMO step on losses ``values * p`` (p = 1, a parameter); returns p's gradient."""
+    p = torch.ones((), requires_grad=True)
+    losses = {name: v * p for name, v in zip(weighting.task_names, values, strict=True)}
+    weighting.backward(losses, shared=[], last_shared=[])
+    return p.grad
+
+
+def test_famo_first_step_weights_the_losses_by_their_inverse_and_sums_to_T():
+    torch.manual_seed(0)
+    model, data = Toy(), _data()
+    weighting = create_weighting("famo", ("t0", "t1"), (1.0, 1.0))
+    losses = _toy_losses(model, data, scales=(1.0, 3.0))
+    total = _call(weighting, model, losses)
+    got, w = _grads(model), weighting.weights()
+    inv = {k: 1.0 / v.item() for k, v in losses.items()}
+    expected = {k: 2.0 * inv[k] / sum(inv.values()) for k in inv}  # equal logits: W_t = T c z_t / L_t
+    assert w == pytest.approx(expected, rel=1e-5)
+    assert sum(w.values()) == pytest.approx(2.0)
+    _assert_grads_close(got, _plain_grads(model, _toy_losses(model, data, scales=(1.0, 3.0)), w))
+    assert total.item() == pytest.approx(sum(w[k] * losses[k].item() for k in w), rel=1e-5)
+    assert weighting.extra_parameters() == []  # the logits have their own update, not the model's optimiser
+
+
+def test_famo_gains_weight_for_the_task_whose_loss_falls_slower():
+    weighting = create_weighting("famo", ("a", "b"), (1.0, 1.0), lr=0.025, decay=0.0)
+    _famo_step(weighting, (1.0, 1.0))
+    torch.testing.assert_close(
+        weighting.logits.detach(), torch.zeros(2, dtype=torch.float64)
+    )  # nothing to compare with yet
+    _famo_step(weighting, (0.5, 1.0))  # a halved, b did not move
+    z = torch.softmax(weighting.logits.detach(), 0)
+    assert z[1] > z[0]
+    # Adam's first step is lr in the direction of -grad: -lr for the fast task, +lr for the slow one
+    torch.testing.assert_close(
+        weighting.logits.detach(), torch.tensor([-0.025, 0.025], dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    # and its weight carries into the gradient: W_b / W_a = (z_b / L_b) / (z_a / L_a)
+    w = weighting.weights()
+    assert w["b"] / w["a"] == pytest.approx(float(z[1] / z[0]) * 0.5, rel=1e-5)
+
+
+def test_famo_leaves_the_logits_alone_when_every_loss_falls_at_the_same_rate():
+    # decay 0: Adam normalises the decay's pull on near-zero logits into steps of about lr
+    weighting = create_weighting("famo", ("a", "b", "c"), (1.0, 1.0, 1.0), decay=0.0)
+    for scale in (1.0, 0.5, 0.25, 0.125):  # (exact in float32: the rates are equal to the last bit)
+        _famo_step(weighting, (2.0 * scale, 0.375 * scale, 5.0 * scale))
+    torch.testing.assert_close(weighting.logits.detach(), torch.zeros(3, dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+def test_famo_skips_an_absent_task_and_resumes_its_logits_and_adam_state():
+    names = ("a", "b")
+    weighting = create_weighting("famo", names, (1.0, 1.0))
+    _famo_step(weighting, (1.0, 1.0))
+    grad = _famo_step(weighting, (0.7, 0.0))  # b has no row this batch
+    assert weighting.weights()["b"] == 0.0
+    assert weighting.weights()["a"] == pytest.approx(1.0)  # one task present: its weight is 1
+    assert grad.item() == pytest.approx(0.7)
+    # with b absent only a has a rate: nothing to balance it against, so no logit moves
+    assert torch.equal(weighting.logits.detach(), torch.zeros(2, dtype=torch.float64))
+    for values in ((0.6, 0.9), (0.55, 0.85)):
+        _famo_step(weighting, values)
+    state = weighting.state_dict()
+    resumed = create_weighting("famo", names, (1.0, 1.0))
+    resumed.load_state_dict(state)
+    for values in ((0.5, 0.8), (0.3, 0.79), (0.2, 0.78)):
+        _famo_step(weighting, values)
+        _famo_step(resumed, values)
+        assert torch.equal(weighting.logits, resumed.logits)
+    assert weighting.weights() == resumed.weights()
+
+
+def test_famo_refuses_a_bad_step_size():
+    with pytest.raises(ValueError, match="famo needs lr > 0 and decay >= 0"):
+        create_weighting("famo", ("a",), (1.0,), lr=0.0)
+
+
 # ---- fixed ---------------------------------------------------------------------------
 
 
@@ -501,7 +581,7 @@ def test_all_losses_constant_leaves_no_gradient():
 
 def test_create_weighting_rejects_unknown_names_and_parameters():
     with pytest.raises(
-        ValueError, match="unknown loss weighting 'nope'.*dwa, fixed, gradnorm, pcgrad, rlw, uncertainty"
+        ValueError, match="unknown loss weighting 'nope'.*dwa, famo, fixed, gradnorm, pcgrad, rlw, uncertainty"
     ):
         create_weighting("nope", ("a",), (1.0,))
     with pytest.raises(ValueError, match="unknown parameter.*alpah.*gradnorm.*accepted: alpha, lr"):
@@ -528,6 +608,7 @@ def test_weighting_parameters_are_annotated_config_keys():
         "gradnorm": {"alpha": (float, 1.5), "lr": (float, 0.025)},
         "dwa": {"temperature": (float, 2.0)},
         "rlw": {"seed": (int, 0)},
+        "famo": {"lr": (float, 0.025), "decay": (float, 0.001)},
         "pcgrad": {"seed": (int, 0)},
     }
 

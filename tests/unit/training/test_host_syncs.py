@@ -24,12 +24,15 @@ def clicks(tmp_path_factory) -> Path:
     return path
 
 
-def _config(data: Path, model: str = "mmoe", *, esmm: bool = False, **train_keys):
+GATED = {"gate": "dselect_k", "gate_entropy": 0.01, "expert_balance": 0.1, "expert_norm": True}
+
+
+def _config(data: Path, model: str = "mmoe", *, esmm: bool = False, model_keys: dict | None = None, **train_keys):
     raw = {
         "data": {"train": str(data), "mode": "memory"},
         "features": synthetic_features(),
         "tasks": synthetic_tasks(),
-        "model": {"name": model, "embedding_dim": 8},
+        "model": {"name": model, "embedding_dim": 8, **(model_keys or {})},
         "train": {"epochs": 1, "batch_size": 1024, "seed": 0, "threads": 1, **train_keys},
     }
     if esmm:
@@ -72,14 +75,29 @@ def test_the_counter_sees_host_reads_and_sync_operators_only_inside_steps():
         ("ple", False, {"grad_clip": 1.0}),
         ("mmoe", True, {"loss_weighting": {"name": "dwa"}}),
         ("shared_bottom", False, {"loss_weighting": {"name": "uncertainty"}}),
+        ("ple", False, {"model_keys": GATED}),
     ],
-    ids=["mmoe", "ple-grad_clip", "esmm-dwa", "shared_bottom-uncertainty"],
+    ids=["mmoe", "ple-grad_clip", "esmm-dwa", "shared_bottom-uncertainty", "ple-gated"],
 )
 def test_a_training_step_with_dense_embedding_gradients_has_no_host_sync(clicks, tmp_path, model, esmm, keys):
     counter, meta = _syncs(_config(clicks, model, esmm=esmm, embedding_optimizer="dense", **keys), tmp_path / "m")
     assert meta["embedding_optimizer"] == "dense"
     assert counter.steps == 6  # 5400 training rows in batches of 1024
     assert counter.per_step() == {}
+
+
+def test_rlw_reads_only_its_draw_from_a_host_generator(clicks, tmp_path):
+    counter, _ = _syncs(_config(clicks, embedding_optimizer="dense", loss_weighting={"name": "rlw"}), tmp_path / "m")
+    assert counter.per_step() == {"Tensor.tolist": 1.0}  # the CPU generator's draw: no GPU wait
+
+
+def test_famo_reads_only_its_adams_step_count_a_host_tensor(clicks, tmp_path):
+    cfg = _config(clicks, embedding_optimizer="dense", loss_weighting={"name": "famo"})
+    counter, _ = _syncs(cfg, tmp_path / "m")
+    # torch's Adam reads its step count, a CPU tensor (no GPU wait), from the second step on
+    # (the first step has no earlier loss to compare with and leaves the logits alone), and
+    # makes that count once, at its first step (a CPU tensor again: no copy to a GPU)
+    assert counter.per_step() == {"Tensor.item": 5 / 6, "aten::lift_fresh": 1 / 6}
 
 
 def test_sparse_embedding_gradients_cost_one_coalesce_per_step(clicks, tmp_path):

@@ -19,14 +19,25 @@ from mtrec.quickstart import synthetic_features, synthetic_tasks
 from mtrec.training import train
 from tests.integration.helpers import mtrec
 
+# DSelect-k gates with both penalties and HoME's batch-normalised experts (running statistics).
+GATED = {"gate": "dselect_k", "gate_entropy": 0.01, "expert_balance": 0.1, "expert_norm": True}
+
 
 def _config(data: Path, mode: str, weighting: str = "fixed", embedding: str = "auto"):
+    gated = GATED if weighting == "famo" else {}
     return config_from_dict(
         {
             "data": {"train": str(data), "mode": mode, "shuffle_buffer": 4096},
             "features": synthetic_features(),
             "tasks": synthetic_tasks(),
-            "model": {"name": "mmoe", "embedding_dim": 8, "expert_hidden": [32], "tower_hidden": [8], "dropout": 0.1},
+            "model": {
+                "name": "mmoe",
+                "embedding_dim": 8,
+                "expert_hidden": [32],
+                "tower_hidden": [8],
+                "dropout": 0.1,
+                **gated,
+            },
             "train": {
                 "epochs": 3,
                 "batch_size": 512,
@@ -55,7 +66,13 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("mode", "weighting", "embedding"),
-    [("stream", "fixed", "auto"), ("memory", "dwa", "auto"), ("memory", "fixed", "dense"), ("memory", "rlw", "auto")],
+    [
+        ("stream", "fixed", "auto"),
+        ("memory", "dwa", "auto"),
+        ("memory", "fixed", "dense"),
+        ("memory", "rlw", "auto"),
+        ("memory", "famo", "auto"),  # FAMO's logits and their Adam state, on a gated model (GATED)
+    ],
 )
 def test_resumed_run_equals_the_uninterrupted_run(files, tmp_path, mode, weighting, embedding):
     data = files[0].parent
