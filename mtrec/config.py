@@ -37,6 +37,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "FeaturesConfig",
+    "Interaction",
     "ModelConfig",
     "TrainConfig",
     "config_from_dict",
@@ -213,12 +214,36 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class Interaction:
+    """``features.interaction``: explicit feature crosses on the concatenated input, before
+    any backbone.
+
+    Args:
+        name: ``dcn_v2``: DCN-v2 cross layers (Wang et al., WWW 2021),
+            ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l``.
+        layers: Cross layers.
+        rank: ``null``: full ``d x d`` matrices; else the rank of the low-rank ``U V^T``.
+    """
+
+    name: Literal["dcn_v2"] = "dcn_v2"
+    layers: int = 2
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
 class FeaturesConfig:
     """The ``features:`` section."""
 
     sparse: tuple[SparseFeature, ...] = ()
     dense: tuple[DenseFeature, ...] = ()
     sequence: tuple[SequenceFeature, ...] = ()
+    interaction: Interaction | None = None
+
+    def interaction_keys(self) -> dict[str, Any]:
+        """The cross layers as :func:`mtrec.models.create_model` takes them."""
+        if self.interaction is None:
+            return {}
+        return {"cross_layers": self.interaction.layers, "cross_rank": self.interaction.rank}
 
 
 @dataclass(frozen=True)
@@ -476,6 +501,8 @@ _FIELD_RULES: dict[tuple[type, str], _Range] = {
     (Task, "weight"): _NON_NEGATIVE,
     (Task, "huber_delta"): _POSITIVE,
     (Task, "num_classes"): _Range(cap=1_000_000),  # the lower bound (>= 2) is the schema's
+    (Interaction, "layers"): _Range(low=1, cap=16),
+    (Interaction, "rank"): _Range(low=1, cap=_WIDTH_MAX),
     (Esmm, "weight"): _NON_NEGATIVE,
     (Esmm, "cvr_loss_weight"): _NON_NEGATIVE,
 }

@@ -103,6 +103,7 @@ def build_model(config: Config, layout: InputLayout) -> nn.Module:
         layout,
         schema.task_names,
         **config.model.embedding_keys(),
+        **config.features.interaction_keys(),
         output_dims=tuple(t.output_dim for t in schema.tasks),
         **config.model.params,
     )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
 from mtrec.batch import Batch
+from mtrec.nn.cross import CrossNetwork
 from mtrec.nn.embedding import FusedEmbedding, masked_pool
 from mtrec.nn.gates import take_penalties
 from mtrec.nn.mlp import Tower
@@ -46,12 +47,18 @@ class EmbeddingSpec:
         task_dim: Width of the per-task sets (``None``: ``dim``).
         dropout: Per-feature embedding dropout: in training each row drops each embedded
             feature's whole vector with this probability (the rest scaled by ``1 / (1 - p)``).
+        cross_layers: DCN-v2 cross layers (:class:`~mtrec.nn.cross.CrossNetwork`) on each
+            concatenated input before the backbone (``features.interaction``); 0: none. Every
+            table set's input gets its own, so per-task inputs still share nothing.
+        cross_rank: Their rank (``None``: full ``d x d`` matrices).
     """
 
     dim: int = 16
     mode: str = "shared"
     task_dim: int | None = None
     dropout: float = 0.0
+    cross_layers: int = 0
+    cross_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in EMBEDDING_MODES:
@@ -62,10 +69,19 @@ class EmbeddingSpec:
             raise ValueError("task_embedding_dim needs embedding per_task or stem (shared has no per-task tables)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"embedding_dropout must be in [0, 1), got {self.dropout}")
+        if self.cross_layers < 0 or (self.cross_rank is not None and self.cross_rank < 1):
+            raise ValueError(
+                f"cross layers must be >= 0 and their rank >= 1, got {self.cross_layers}, {self.cross_rank}"
+            )
 
     @property
     def per_task_dim(self) -> int:
         return self.dim if self.task_dim is None else self.task_dim
+
+    @property
+    def cross(self) -> dict[str, Any]:
+        """The cross-layer keywords of :class:`FeatureInput`."""
+        return {"cross_layers": self.cross_layers, "cross_rank": self.cross_rank}
 
 
 DEFAULT_EMBEDDING = EmbeddingSpec()
@@ -87,11 +103,20 @@ class FeatureInput(nn.Module):
     ``dropout`` is per-feature embedding dropout (training only): each row loses each
     embedded feature's whole vector (a sparse feature or a pooled list) with probability
     ``dropout``, the kept ones scaled by ``1 / (1 - dropout)``; dense features are kept.
-    ``dense=False`` leaves the dense features out of the output.
+    ``dense=False`` leaves the dense features out of the output. ``cross_layers > 0`` puts
+    DCN-v2 cross layers (rank ``cross_rank``) on the concatenated output, one set per copy.
     """
 
     def __init__(
-        self, layout: InputLayout, embedding_dim: int, *, copies: int = 1, dropout: float = 0.0, dense: bool = True
+        self,
+        layout: InputLayout,
+        embedding_dim: int,
+        *,
+        copies: int = 1,
+        dropout: float = 0.0,
+        dense: bool = True,
+        cross_layers: int = 0,
+        cross_rank: int | None = None,
     ) -> None:
         super().__init__()
         if copies < 1:
@@ -120,6 +145,9 @@ class FeatureInput(nn.Module):
         self.out_dim = num_embedded * embedding_dim + (layout.num_dense if self.use_dense else 0)
         if not self.out_dim:
             raise ValueError("the input has no embedded feature (and dense features were left out)")
+        self.cross = (
+            CrossNetwork(self.out_dim, layers=cross_layers, rank=cross_rank, copies=copies) if cross_layers else None
+        )
 
     def forward(self, batch: Batch) -> torch.Tensor:
         C = self.copies
@@ -147,6 +175,8 @@ class FeatureInput(nn.Module):
         if self.use_dense:
             parts.append(batch.dense.repeat(C, 1) if C > 1 else batch.dense)
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if self.cross is not None:
+            out = self.cross(out.view(C, B, -1) if C > 1 else out)
         return out.view(C, B, -1) if C > 1 else out
 
 
@@ -173,8 +203,10 @@ class TaskAwareInput(nn.Module):
         self.mode = spec.mode
         self.num_tasks = num_tasks
         stem = spec.mode == "stem"
-        self.shared = FeatureInput(layout, spec.dim, dropout=spec.dropout) if stem else None
-        self.tasks = FeatureInput(layout, spec.per_task_dim, copies=num_tasks, dropout=spec.dropout, dense=not stem)
+        self.shared = FeatureInput(layout, spec.dim, dropout=spec.dropout, **spec.cross) if stem else None
+        self.tasks = FeatureInput(
+            layout, spec.per_task_dim, copies=num_tasks, dropout=spec.dropout, dense=not stem, **spec.cross
+        )
         self.out_dim = self.tasks.out_dim * (num_tasks if stem else 1) + (self.shared.out_dim if self.shared else 0)
         if stem:
             own = torch.eye(num_tasks, dtype=torch.bool).view(num_tasks, num_tasks, 1, 1)
@@ -200,7 +232,7 @@ def feature_input(
     """The input layer ``embedding`` asks for: one :class:`FeatureInput` (``shared``; ``copies``
     table sets) or a :class:`TaskAwareInput` with one input per task (``per_task``, ``stem``)."""
     if embedding.mode == "shared":
-        return FeatureInput(layout, embedding.dim, copies=copies, dropout=embedding.dropout)
+        return FeatureInput(layout, embedding.dim, copies=copies, dropout=embedding.dropout, **embedding.cross)
     return TaskAwareInput(layout, embedding, num_tasks)
 
 

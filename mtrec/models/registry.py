@@ -221,10 +221,13 @@ def create_model(
     embedding: str = "shared",
     task_embedding_dim: int | None = None,
     embedding_dropout: float = 0.0,
+    cross_layers: int = 0,
+    cross_rank: int | None = None,
     output_dims: tuple[int, ...] | None = None,
     **params: Any,
 ) -> nn.Module:
-    """Builds a registered model (the embedding keys: see :class:`~mtrec.models.base.EmbeddingSpec`).
+    """Builds a registered model (the embedding keys and the cross layers: see
+    :class:`~mtrec.models.base.EmbeddingSpec`).
 
     Example:
         >>> from mtrec.schema import InputLayout
@@ -235,5 +238,12 @@ def create_model(
     """
     builder = _builder(name)
     check_embedding_mode(name, embedding)
-    spec = EmbeddingSpec(dim=embedding_dim, mode=embedding, task_dim=task_embedding_dim, dropout=embedding_dropout)
+    spec = EmbeddingSpec(
+        dim=embedding_dim,
+        mode=embedding,
+        task_dim=task_embedding_dim,
+        dropout=embedding_dropout,
+        cross_layers=cross_layers,
+        cross_rank=cross_rank,
+    )
     return builder(layout, task_names, embedding=spec, output_dims=output_dims, **params)

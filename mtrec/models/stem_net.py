@@ -34,8 +34,8 @@ class StemInput(nn.Module):
     def __init__(self, layout: InputLayout, spec: EmbeddingSpec, num_tasks: int, *, shared: bool) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self.shared = FeatureInput(layout, spec.dim, dropout=spec.dropout) if shared else None
-        self.tasks = FeatureInput(layout, spec.per_task_dim, copies=num_tasks, dropout=spec.dropout)
+        self.shared = FeatureInput(layout, spec.dim, dropout=spec.dropout, **spec.cross) if shared else None
+        self.tasks = FeatureInput(layout, spec.per_task_dim, copies=num_tasks, dropout=spec.dropout, **spec.cross)
         self.shared_dim = self.shared.out_dim if self.shared is not None else 0
         self.task_dim = self.tasks.out_dim
 

@@ -309,6 +309,10 @@ def test_where_within_the_bounds_is_accepted() -> None:
 
 
 BAD_SETS = [
+    ("features.interaction={name: dcn_v2, layers: 0}", "features.interaction.layers: expected >= 1, got 0"),
+    ("features.interaction={name: dcn_v2, rank: 0}", "features.interaction.rank: expected >= 1"),
+    ("features.interaction={name: dcn}", "features.interaction.name: expected 'dcn_v2', got 'dcn'"),
+    ("features.interaction={name: dcn_v2, layer: 2}", "features.interaction.layer: unknown key"),
     ("train.lr=.nan", "train.lr: expected a finite positive number, got nan"),
     ("train.lr=.inf", "train.lr: expected a finite positive number, got inf"),
     ("train.lr=-.inf", "train.lr: expected a finite positive number, got -inf"),

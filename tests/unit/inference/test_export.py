@@ -18,7 +18,7 @@ from mtrec.quickstart import synthetic_features, synthetic_tasks
 @pytest.fixture(scope="module", params=["shared", "stem", "gated"])
 def model_dir(tmp_path_factory, request):
     """ESMM over PLE, with the shared embedding, with STEM's shared + per-task tables, and
-    with DSelect-k gates, HoME's expert normalisation and the balance penalty."""
+    with DCN-v2 cross layers, DSelect-k gates, HoME's expert normalisation and the balance penalty."""
     gated = {"gate": "dselect_k", "gate_k": 2, "expert_norm": True, "expert_balance": 0.1, "gate_entropy": 0.01}
     work = tmp_path_factory.mktemp(f"export-{request.param}")
     data = work / "clicks.parquet"
@@ -26,7 +26,10 @@ def model_dir(tmp_path_factory, request):
     cfg = config_from_dict(
         {
             "data": {"train": str(data)},
-            "features": synthetic_features(num_sparse=10, num_dense=6),
+            "features": {
+                **synthetic_features(num_sparse=10, num_dense=6),
+                **({"interaction": {"name": "dcn_v2", "layers": 2, "rank": 8}} if request.param == "gated" else {}),
+            },
             "tasks": synthetic_tasks(),
             "esmm": {"ctr": "ctr", "cvr": "cvr"},
             "model": {

@@ -343,3 +343,23 @@ def test_gate_penalties_are_the_models_auxiliary_loss_in_training_only(name, emb
     assert model.auxiliary_loss(logits, batch) is None  # ... is not evaluation's
     plain = _model(name, embedding=embedding)
     assert plain.auxiliary_loss(plain(batch), batch) is None  # no penalty asked for, none computed
+
+
+@pytest.mark.parametrize("name", sorted(list_models()))
+def test_every_model_takes_cross_layers_on_its_input(name):
+    plain, crossed = _model(name), _model(name, cross_layers=2, cross_rank=3)
+    batch = _batch(8)
+    assert {k: v.shape for k, v in crossed(batch).items()} == {k: v.shape for k, v in plain(batch).items()}
+    extra = sum(p.numel() for p in crossed.parameters()) - sum(p.numel() for p in plain.parameters())
+    crosses = [m for m in crossed.features.modules() if type(m).__name__ == "CrossNetwork"]
+    assert crosses and extra == sum(p.numel() for m in crosses for p in m.parameters())
+
+
+def test_independent_cross_layers_are_per_task():
+    """The baseline stays independent: task t's loss reaches only its own cross weights."""
+    model = _model("independent", cross_layers=1)
+    (cross,) = [m for m in model.features.modules() if type(m).__name__ == "CrossNetwork"]
+    assert cross.copies == len(TASKS)
+    model(_batch(8))["cvr"].sum().backward()
+    grad = cross.weights[0].grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
