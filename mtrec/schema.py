@@ -78,17 +78,21 @@ class SequenceFeature:
         name: Column name (a Parquet list column of ints or strings).
         max_len: Items kept per row (the last ``max_len``, i.e. the most recent when
             the list is in chronological order).
-        pooling: ``mean`` or ``sum`` over the non-padding items.
+        pooling: ``mean`` or ``sum`` over the non-padding items, or ``target_attention``:
+            DIN's attention of the candidate ``target`` over the items (Zhou et al., KDD 2018).
         vocab_from: Name of a sparse feature whose vocabulary and embedding table this
             list shares (for example ``item_id`` for a list of recent items).
         min_freq: Only used when the list has its own vocabulary.
+        target: The sparse feature (the candidate) that ``target_attention`` attends with;
+            the list must share its table (``vocab_from`` the same feature).
     """
 
     name: str
     max_len: int = 50
-    pooling: Literal["mean", "sum"] = "mean"
+    pooling: Literal["mean", "sum", "target_attention"] = "mean"
     vocab_from: str | None = None
     min_freq: int = 1
+    target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,7 @@ class Schema:
                     f"features.sequence.{s.name}.vocab_from: {s.vocab_from!r} is not a sparse feature "
                     f"(expected one of {sorted(sparse_names)})"
                 )
+            _check_target(s, sparse_names)
         task_names: set[str] = set()
         for t in self.tasks:
             if not _NAME.fullmatch(t.name):
@@ -342,6 +347,26 @@ def _check_task(t: Task) -> None:
         raise SchemaError(f"{where}.label_transform: only for regression tasks")
 
 
+def _check_target(s: SequenceFeature, sparse_names: set[str]) -> None:
+    """A ``target_attention`` list names a sparse candidate whose table it shares."""
+    where = f"features.sequence.{s.name}"
+    if s.pooling != "target_attention":
+        if s.target is not None:
+            raise SchemaError(f"{where}.target: only for pooling: target_attention (got pooling: {s.pooling})")
+        return
+    if s.target is None:
+        raise SchemaError(f"{where}.target: pooling target_attention needs the candidate's sparse feature")
+    if s.target not in sparse_names:
+        raise SchemaError(
+            f"{where}.target: {s.target!r} is not a sparse feature (expected one of {sorted(sparse_names)})"
+        )
+    if s.vocab_from != s.target:
+        raise SchemaError(
+            f"{where}.target: the list must share {s.target!r}'s embedding table to attend with it "
+            f"(set vocab_from: {s.target}; it is {s.vocab_from!r})"
+        )
+
+
 @dataclass(frozen=True)
 class InputLayout:
     """The shape of the encoded inputs, fitted by preprocessing and read by models.
@@ -352,8 +377,11 @@ class InputLayout:
         sparse_tables: Table index of each sparse column, in ``Batch.sparse`` order.
         sequence_tables: Table index of each list column.
         sequence_max_len: Padded length of each list column.
-        sequence_pooling: ``mean`` or ``sum`` for each list column.
+        sequence_pooling: ``mean``, ``sum`` or ``target_attention`` for each list column.
         num_dense: Width of ``Batch.dense``.
+        sequence_targets: For each list column, the sparse column (``Batch.sparse`` index)
+            its ``target_attention`` attends with, -1 for the other poolings; empty when no
+            list pools by attention (as in every layout saved before the option existed).
     """
 
     table_sizes: tuple[int, ...]
@@ -362,3 +390,4 @@ class InputLayout:
     sequence_max_len: tuple[int, ...]
     sequence_pooling: tuple[str, ...]
     num_dense: int
+    sequence_targets: tuple[int, ...] = ()

@@ -427,6 +427,7 @@ class Preprocessor:
             sequence_max_len=tuple(s.max_len for s in schema.sequence),
             sequence_pooling=tuple(s.pooling for s in schema.sequence),
             num_dense=len(schema.dense),
+            sequence_targets=_sequence_targets(schema),
         )
 
     def cardinality(self, f: SparseFeature) -> int:
@@ -666,3 +667,12 @@ class Preprocessor:
         if set(vocabs) != expected or set(dense) != {f.name for f in schema.dense}:
             raise ModelError(f"{directory}: preprocessing state does not match the model's config")
         return cls(schema, vocabs, dense)
+
+
+def _sequence_targets(schema: Schema) -> tuple[int, ...]:
+    """:attr:`InputLayout.sequence_targets`: each list's attention target column, -1 for none
+    (empty when no list pools by target attention)."""
+    if all(s.pooling != "target_attention" for s in schema.sequence):
+        return ()
+    column = {f.name: i for i, f in enumerate(schema.sparse)}
+    return tuple(column[s.target] if s.target is not None else -1 for s in schema.sequence)

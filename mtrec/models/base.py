@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mtrec.batch import Batch
+from mtrec.nn.attention import TargetAttention
 from mtrec.nn.cross import CrossNetwork
 from mtrec.nn.embedding import FusedEmbedding, masked_pool
 from mtrec.nn.gates import take_penalties
@@ -92,8 +93,9 @@ class FeatureInput(nn.Module):
     """Turns a :class:`~mtrec.batch.Batch` into one ``(B, out_dim)`` float tensor.
 
     Sparse features and list items are looked up together in one
-    :class:`~mtrec.nn.FusedEmbedding` call; lists are masked-pooled; dense features
-    are appended as they are.
+    :class:`~mtrec.nn.FusedEmbedding` call; lists are masked-pooled (mean or sum), or pooled
+    by DIN target attention with their candidate's embedding
+    (:class:`~mtrec.nn.attention.TargetAttention`); dense features are appended as they are.
 
     With ``copies=C > 1`` the fused table holds ``C`` independent sets of every table
     (copy ``c`` at its own offsets, still one lookup) and the output is ``(C, B, out_dim)``:
@@ -141,6 +143,16 @@ class FeatureInput(nn.Module):
             if column_tables
             else None
         )
+        # DIN target attention, one unit per attending list (and per copy: copies share nothing).
+        targets = layout.sequence_targets or (-1,) * len(layout.sequence_tables)
+        self.targets = targets
+        self.attention = nn.ModuleDict(
+            {
+                str(i): TargetAttention(embedding_dim, copies=copies)
+                for i, pooling in enumerate(layout.sequence_pooling)
+                if pooling == "target_attention"
+            }
+        )
         num_embedded = self.num_sparse + len(layout.sequence_tables)
         self.out_dim = num_embedded * embedding_dim + (layout.num_dense if self.use_dense else 0)
         if not self.out_dim:
@@ -165,7 +177,12 @@ class FeatureInput(nn.Module):
             for i, (length, mode) in enumerate(
                 zip(self.layout.sequence_max_len, self.layout.sequence_pooling, strict=True)
             ):
-                embedded.append(masked_pool(emb[:, start : start + length], lengths[:, i], mode).unsqueeze(1))
+                items = emb[:, start : start + length]
+                if mode == "target_attention":
+                    pooled = self.attention[str(i)](items, emb[:, self.targets[i]], lengths[:, i])
+                else:
+                    pooled = masked_pool(items, lengths[:, i], mode)
+                embedded.append(pooled.unsqueeze(1))
                 start += length
             vectors = torch.cat(embedded, dim=1) if len(embedded) > 1 else embedded[0]  # (C * B, K, D)
             if self.training and self.dropout > 0:

@@ -309,6 +309,20 @@ def test_where_within_the_bounds_is_accepted() -> None:
 
 
 BAD_SETS = [
+    (
+        "features.sequence.hist.pooling=target_attention",
+        "features.sequence.hist.target: pooling target_attention needs the candidate's sparse feature",
+    ),
+    ("features.sequence.hist.target=item_id", "features.sequence.hist.target: only for pooling: target_attention"),
+    (
+        "features.sequence.hist={name: hist, pooling: target_attention, target: user_id, vocab_from: item_id}",
+        "features.sequence.hist.target: the list must share 'user_id''s embedding table to attend with it "
+        "(set vocab_from: user_id; it is 'item_id')",
+    ),
+    (
+        "features.sequence.hist={name: hist, pooling: target_attention, target: price}",
+        "features.sequence.hist.target: 'price' is not a sparse feature",
+    ),
     ("features.interaction={name: dcn_v2, layers: 0}", "features.interaction.layers: expected >= 1, got 0"),
     ("features.interaction={name: dcn_v2, rank: 0}", "features.interaction.rank: expected >= 1"),
     ("features.interaction={name: dcn}", "features.interaction.name: expected 'dcn_v2', got 'dcn'"),

@@ -18,7 +18,11 @@ from mtrec.quickstart import synthetic_features, synthetic_tasks
 @pytest.fixture(scope="module", params=["shared", "stem", "gated"])
 def model_dir(tmp_path_factory, request):
     """ESMM over PLE, with the shared embedding, with STEM's shared + per-task tables, and
-    with DCN-v2 cross layers, DSelect-k gates, HoME's expert normalisation and the balance penalty."""
+    with DIN target attention, DCN-v2 cross layers, DSelect-k gates, HoME's expert
+    normalisation and the balance penalty."""
+    # DIN attention of the candidate item over the history, and DCN-v2 cross layers.
+    din = {"name": "hist_item_ids", "max_len": 20, "pooling": "target_attention", "target": "item_id"}
+    gated_features = {"sequence": [{**din, "vocab_from": "item_id"}], "interaction": {"name": "dcn_v2", "rank": 8}}
     gated = {"gate": "dselect_k", "gate_k": 2, "expert_norm": True, "expert_balance": 0.1, "gate_entropy": 0.01}
     work = tmp_path_factory.mktemp(f"export-{request.param}")
     data = work / "clicks.parquet"
@@ -28,7 +32,7 @@ def model_dir(tmp_path_factory, request):
             "data": {"train": str(data)},
             "features": {
                 **synthetic_features(num_sparse=10, num_dense=6),
-                **({"interaction": {"name": "dcn_v2", "layers": 2, "rank": 8}} if request.param == "gated" else {}),
+                **(gated_features if request.param == "gated" else {}),
             },
             "tasks": synthetic_tasks(),
             "esmm": {"ctr": "ctr", "cvr": "cvr"},

@@ -1,5 +1,6 @@
 """What each added architecture promises: who depends on whom, routing, the AITM calibrator."""
 
+import dataclasses
 import math
 
 import pytest
@@ -363,3 +364,27 @@ def test_independent_cross_layers_are_per_task():
     model(_batch(8))["cvr"].sum().backward()
     grad = cross.weights[0].grad
     assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
+
+
+DIN_LAYOUT = dataclasses.replace(LAYOUT, sequence_pooling=("target_attention", "sum"), sequence_targets=(1, -1))
+
+
+@pytest.mark.parametrize("name", sorted(list_models()))
+def test_every_model_takes_a_target_attention_sequence(name):
+    """DIN pooling of list 0 (it shares sparse column 1's table) under every architecture."""
+    torch.manual_seed(0)
+    model = create_model(name, DIN_LAYOUT, TASKS, embedding_dim=4)
+    batch = _batch(8)
+    logits = model(batch)
+    assert all(v.shape[0] == 8 for v in logits.values())
+    units = [m for m in model.features.modules() if type(m).__name__ == "TargetAttention"]
+    assert units
+    sum(v.float().sum() for v in logits.values()).backward()
+    assert all(p.grad is not None for m in units for p in m.parameters())
+    # the candidate matters: another item in column 1 changes the pooled history
+    other = dataclasses.replace(batch, sparse=batch.sparse.clone())
+    other.sparse[:, 1] = (other.sparse[:, 1] + 1) % DIN_LAYOUT.table_sizes[1]
+    with torch.no_grad():
+        model.eval()
+        a, b = model(batch), model(other)
+    assert any(not torch.allclose(a[t], b[t]) for t in TASKS)
