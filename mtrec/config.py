@@ -534,7 +534,7 @@ _PARAM_RULES: dict[str, _Range] = {
 architecture (``hidden`` and ``*_hidden``, layer widths as a list or one int, are handled by
 :func:`_param_rule`). A parameter not listed is only checked for finiteness and int64."""
 
-_NEEDS_LAYERS = {"expert_hidden", "hidden", "aitm.tower_hidden"}
+_NEEDS_LAYERS = {"expert_hidden", "hidden", "aitm.tower_hidden", "relation_hidden"}
 """Width lists the network needs at least one layer of (an expert, a cross-stitch column, an
 AITM tower); other towers and the shared bottom may be empty (a linear layer)."""
 
@@ -602,6 +602,13 @@ def config_from_dict(raw: Any, overrides: Sequence[str] = (), *, training: bool 
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, monitor=monitor))
     if training:
         _check_weighting_values(weighting, schema)
+    _check_model_tasks(model, schema)
+    _check_train(cfg)
+    return cfg
+
+
+def _check_model_tasks(model: ModelConfig, schema: Schema) -> None:
+    """What an architecture asks of the tasks."""
     if model.name == "independent" and schema.esmm is not None:
         raise ConfigError(
             "esmm: the independent baseline shares nothing, so ESMM's product of CTR and CVR towers has no "
@@ -612,8 +619,13 @@ def config_from_dict(raw: Any, overrides: Sequence[str] = (), *, training: bool 
             "tasks: AITM chains tasks over the same impressions (e.g. click, then purchase); "
             "remove the where: sample spaces or choose another model"
         )
-    _check_train(cfg)
-    return cfg
+    if model.name == "dbmtl":
+        from mtrec.models.dbmtl import task_positions
+
+        try:
+            task_positions(tuple(model.params["task_order"]), schema.task_names)
+        except ValueError as exc:
+            raise ConfigError(f"model.task_order: {exc}") from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -4,9 +4,11 @@ Importing this package registers every architecture.
 """
 
 from mtrec.models import (  # noqa: F401 - registration side effect
+    adatt,
     aitm,
     cgc,
     cross_stitch,
+    dbmtl,
     independent,
     mmoe,
     omoe,

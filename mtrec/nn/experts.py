@@ -17,7 +17,7 @@ from mtrec.nn.gates import SOFTMAX, DSelectKGate, Gate, GateSpec, Penalty, impor
 from mtrec.nn.mlp import batched_layers
 from mtrec.weighting import ParameterSlice, SharedLayer
 
-__all__ = ["AFTBLayer", "CGCLayer", "ExpertGroup", "Gate", "MMoELayer", "PLE"]
+__all__ = ["PLE", "AFTBLayer", "AdaTT", "AdaTTLayer", "CGCLayer", "ExpertGroup", "Gate", "MMoELayer"]
 
 
 def _expert_labels(shared: int, specific: int, tasks: int, task_names: tuple[str, ...] | None) -> list[str]:
@@ -425,3 +425,118 @@ class AFTBLayer(nn.Module):
         gates, experts = self._gates_and_experts(x)
         S, K, T = self.num_shared, self.num_specific, self.num_tasks
         return gates, experts, _expert_labels(S, K, T, task_names), [list(range(S + T * K))] * T
+
+
+class AdaTTLayer(nn.Module):
+    """One AdaTT fusion level (Li et al., "AdaTT: Adaptive Task-to-Task Fusion Network for
+    Multitask Learning in Recommendations", KDD 2023; the AdaTT-sp form, task experts only).
+
+    Every task has ``K`` experts. Task ``t``'s fusion unit mixes *all* ``T * K`` experts with
+    its own softmax gate (task-to-task fusion) and adds a learned linear combination of its
+    own ``K`` experts (the residual that keeps the task's native experts in reach however
+    the gate moves): ``f_t = sum_e g_t(x_t)_e E_e + sum_k v_{t,k} E_{t,k}``, ``v`` starting at 1.
+
+    Shapes:
+        ``x (B, in_dim)`` (the first level: every expert and gate reads it) or
+        ``(T, B, in_dim)`` (task ``t``'s experts and gate read ``x[t]``) ``-> (B, T, H)``.
+
+    Example:
+        >>> AdaTTLayer(8, num_tasks=2, num_specific=2, expert_hidden=(4,))(torch.zeros(3, 8)).shape
+        torch.Size([3, 2, 4])
+    """
+
+    expert_input: torch.Tensor  # buffer
+
+    def __init__(
+        self, in_dim: int, *, num_tasks: int, num_specific: int, expert_hidden: tuple[int, ...], dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if num_specific < 1:
+            raise ValueError(f"AdaTT needs num_task_experts >= 1, got {num_specific}")
+        T, K = num_tasks, num_specific
+        self.num_tasks, self.num_specific = T, K
+        self.experts = ExpertGroup(T * K, in_dim, expert_hidden, dropout=dropout)
+        self.out_dim = self.experts.out_dim
+        self.register_buffer("expert_input", torch.arange(T).repeat_interleave(K), persistent=False)
+        bound = 1.0 / math.sqrt(in_dim)
+        self.gate_weight = nn.Parameter(torch.empty(T, in_dim, T * K).uniform_(-bound, bound))
+        self.gate_bias = nn.Parameter(torch.empty(T, 1, T * K).uniform_(-bound, bound))
+        self.own_weight = nn.Parameter(torch.ones(T, K, 1))
+
+    def gates_and_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates ``(B, T, T * K)`` and expert outputs ``(B, T * K, H)``."""
+        T = self.num_tasks
+        if x.dim() == 2:
+            experts = self.experts(x)
+            w = self.gate_weight.permute(1, 0, 2).reshape(x.shape[1], -1)
+            gates = torch.addmm(self.gate_bias.reshape(1, -1), x, w).view(x.shape[0], T, -1)
+        else:
+            experts = self.experts(x.index_select(0, self.expert_input))
+            gates = torch.baddbmm(self.gate_bias, x, self.gate_weight).transpose(0, 1)
+        return gates.softmax(dim=-1), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates, experts = self.gates_and_experts(x)
+        B, T, K = experts.shape[0], self.num_tasks, self.num_specific
+        fused = torch.bmm(gates, experts)  # (B, T, H)
+        own = (experts.view(B, T, K, -1) * self.own_weight).sum(2)  # (B, T, H)
+        return fused + own
+
+    def labels(self, task_names: tuple[str, ...] | None = None) -> list[str]:
+        return _expert_labels(0, self.num_specific, self.num_tasks, task_names)
+
+
+class AdaTT(nn.Module):
+    """``num_levels`` stacked :class:`AdaTTLayer`: level ``l + 1``'s task ``t`` experts and gate
+    read task ``t``'s fusion output of level ``l``.
+
+    Shapes:
+        ``(B, in_dim) -> (B, T, H)``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        *,
+        num_tasks: int,
+        num_levels: int,
+        num_specific: int,
+        expert_hidden: tuple[int, ...],
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        levels, width = [], in_dim
+        for _ in range(num_levels):
+            level = AdaTTLayer(
+                width, num_tasks=num_tasks, num_specific=num_specific, expert_hidden=expert_hidden, dropout=dropout
+            )
+            levels.append(level)
+            width = level.out_dim
+        self.levels = nn.ModuleList(levels)
+        self.out_dim = width
+
+    def _last_input(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for level in self.levels[:-1]:
+            h = level(h).transpose(0, 1)  # (T, B, H): task t's next level reads its own fusion
+        return h
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The last level's expert output layer: every task's gate mixes every expert."""
+        last = cast(AdaTTLayer, self.levels[-1])
+        return [last.experts.weights[-1], last.experts.biases[-1]]
+
+    def gate_report(
+        self, x: torch.Tensor, task_names: tuple[str, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[int]]]:
+        """For diagnostics, of the last level: gates ``(B, T, T * K)``, expert outputs, expert
+        labels, and for each task the experts its gate covers (all of them)."""
+        last = cast(AdaTTLayer, self.levels[-1])
+        gates, experts = last.gates_and_experts(self._last_input(x))
+        E = experts.shape[1]
+        return gates, experts, last.labels(task_names), [list(range(E))] * last.num_tasks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.levels[-1](self._last_input(x))

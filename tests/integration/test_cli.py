@@ -244,7 +244,7 @@ def test_models_lists_registry():
     assert proc.returncode == 0
     listed = {line.split()[0] for line in proc.stdout.splitlines()}
     expected = {"independent", "shared_embedding", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "aitm"}
-    expected.update({"cross_stitch", "stem_net"})
+    expected.update({"cross_stitch", "stem_net", "dbmtl", "adatt"})
     assert listed == expected
     assert all(len(line.split()) > 3 for line in proc.stdout.splitlines())  # each with a description
 

@@ -387,6 +387,13 @@ def test_bad_set_value_is_refused_with_its_key(item: str, prefix: str) -> None:
     [
         ({"name": "cgc", "num_shared_experts": 0, "num_task_experts": 0}, "model.num_task_experts: expected >= 1"),
         ({"name": "ple", "num_levels": 0}, "model.num_levels: expected >= 1, got 0"),
+        (
+            {"name": "dbmtl", "task_order": ["cvr", "click"]},
+            "model.task_order: task_order names unknown task(s) ['click'] (expected the tasks ['ctr', 'cvr'])",
+        ),
+        ({"name": "dbmtl", "task_order": ["cvr"]}, "model.task_order: task_order must list every task once"),
+        ({"name": "dbmtl", "bottom": "ple"}, "model.bottom: expected 'mlp' or 'mmoe', got 'ple'"),
+        ({"name": "dbmtl", "relation_hidden": []}, "model.relation_hidden: expected a non-empty list"),
         ({"name": "mmoe", "gate": "dselect_k", "gate_k": 5}, "model.gate_k: expected at most 4 (num_experts), got 5"),
         (
             {"name": "ple", "gate": "dselect_k", "gate_k": 4},

@@ -388,3 +388,65 @@ def test_every_model_takes_a_target_attention_sequence(name):
         model.eval()
         a, b = model(batch), model(other)
     assert any(not torch.allclose(a[t], b[t]) for t in TASKS)
+
+
+def _depends(logit: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    return any(g.abs().sum() > 0 for g in _grad(logit, params))
+
+
+@pytest.mark.parametrize(("order", "bottom"), [((), "mlp"), (("cvr", "sat", "ctr"), "mmoe")])
+def test_dbmtl_towers_read_the_earlier_tasks_in_the_declared_order(order, bottom):
+    model = _model("dbmtl", task_order=order, bottom=bottom)
+    sequence = list(order) or list(TASKS)
+    logits = model(_batch())
+    relations = model.backbone.relations
+    for k, task in enumerate(sequence):
+        for j, other in enumerate(sequence):
+            tower = list(relations.towers[TASKS.index(other)].parameters())
+            # a task's logit reads its own tower and the towers of the tasks before it, never after
+            assert _depends(logits[task], tower) == (j <= k), (task, other)
+    assert hasattr(model.backbone, "gate_report") == (bottom == "mmoe")  # diagnostics see MMoE's gates
+
+
+def test_dbmtl_task_order_must_name_every_task_once():
+    from mtrec.models.dbmtl import task_positions
+
+    assert task_positions(("b", "a"), ("a", "b")) == (1, 0)
+    with pytest.raises(ValueError, match=r"task_order names unknown task\(s\) \['click'\]"):
+        task_positions(("click", "a"), ("a", "b"))
+    with pytest.raises(ValueError, match="must list every task once"):
+        task_positions(("a",), ("a", "b"))
+
+
+def test_adatt_fuses_every_tasks_experts_plus_its_own():
+    from mtrec.nn.experts import AdaTTLayer
+
+    torch.manual_seed(0)
+    layer = AdaTTLayer(6, num_tasks=3, num_specific=2, expert_hidden=(5,))
+    with torch.no_grad():
+        layer.own_weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 6)
+    experts = layer.experts(x)  # (B, 6, H): task t's experts are 2t, 2t + 1
+    gates = torch.softmax((torch.einsum("bi,tie->bte", x, layer.gate_weight) + layer.gate_bias.transpose(0, 1)), -1)
+    expected = torch.einsum("bte,beh->bth", gates, experts)
+    for t in range(3):
+        own = layer.own_weight[t, 0] * experts[:, 2 * t] + layer.own_weight[t, 1] * experts[:, 2 * t + 1]
+        expected[:, t] += own
+    torch.testing.assert_close(layer(x), expected)
+    out = layer(x)
+    # task 0's loss reaches every task's experts (through its gate) but only its own residual
+    weight = layer.experts.weights[0]
+    grad = torch.autograd.grad(out[:, 0].sum(), [weight, layer.own_weight])
+    assert all(grad[0][e].abs().sum() > 0 for e in range(6))
+    assert grad[1][0].abs().sum() > 0 and grad[1][1:].abs().sum() == 0
+
+
+def test_adatt_levels_chain_per_task_and_report_all_experts():
+    model = _model("adatt", num_levels=2, num_task_experts=1)
+    x = model.features(_batch(5))
+    gates, experts, labels, covers = model.backbone.gate_report(x, TASKS)
+    assert gates.shape == (5, 3, 3) and experts.shape[1] == 3 and covers == [[0, 1, 2]] * 3
+    torch.testing.assert_close(gates.sum(-1), torch.ones(5, 3))
+    first, second = model.backbone.levels
+    h = first(x).transpose(0, 1)
+    torch.testing.assert_close(model.backbone(x), second(h))  # level 2's task t reads level 1's f_t
