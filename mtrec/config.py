@@ -505,6 +505,8 @@ _FIELD_RULES: dict[tuple[type, str], _Range] = {
     (Interaction, "rank"): _Range(low=1, cap=_WIDTH_MAX),
     (Esmm, "weight"): _NON_NEGATIVE,
     (Esmm, "cvr_loss_weight"): _NON_NEGATIVE,
+    (Esmm, "counterfactual_weight"): _NON_NEGATIVE,
+    (Esmm, "propensity_clip"): _Range(low=0, low_open=True, high=1),
 }
 """Ranges of the typed sections' numeric keys, by (section class, field); a float key not
 listed must still be finite."""

@@ -107,8 +107,19 @@ def build_model(config: Config, layout: InputLayout) -> nn.Module:
         output_dims=tuple(t.output_dim for t in schema.tasks),
         **config.model.params,
     )
-    if schema.esmm is not None:
-        model = EsmmModel(model, ctr=schema.esmm.ctr, cvr=schema.esmm.cvr, name=schema.esmm.name)
+    e = schema.esmm
+    if e is not None:
+        names = schema.task_names
+        model = EsmmModel(
+            model,
+            ctr=e.ctr,
+            cvr=e.cvr,
+            name=e.name,
+            counterfactual=e.counterfactual,
+            counterfactual_weight=e.counterfactual_weight,
+            propensity_clip=e.propensity_clip,
+            columns=(names.index(e.ctr), names.index(e.cvr)),
+        )
     return model
 
 

@@ -167,6 +167,14 @@ class Esmm:
             ``impressions`` it is the sum over the clicked rows divided by the batch rows, so
             its weight is effectively ``w * click rate`` of the CTR task's (a few x 1.0 to
             matter).
+        counterfactual: ESCM2 (Wang et al., "ESCM2: Entire Space Counterfactual Multi-Task
+            Model for Post-Click Conversion Rate Estimation", SIGIR 2022): add the
+            counterfactual CVR risk on the entire space, ``ips`` (the clicked rows' CVR loss
+            weighted by ``1 / pCTR``) or ``dr`` (doubly robust: plus an imputation tower that
+            predicts the CVR loss on every row); ``none``: ESMM alone. It needs the CVR task's
+            ``where`` (the click condition).
+        counterfactual_weight: Weight of that risk (and of DR's imputation loss).
+        propensity_clip: Smallest ``pCTR`` divided by (``1 / pCTR`` at most ``1 / clip``).
     """
 
     ctr: str
@@ -174,6 +182,9 @@ class Esmm:
     name: str = "ctcvr"
     weight: float = 1.0
     cvr_loss_weight: float = 0.0
+    counterfactual: Literal["none", "ips", "dr"] = "none"
+    counterfactual_weight: float = 1.0
+    propensity_clip: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -261,6 +272,11 @@ class Schema:
             raise SchemaError(f"esmm.name: {e.name!r} must be a new task name (letters, digits, '_', '-')")
         if e.cvr_loss_weight < 0:
             raise SchemaError(f"esmm.cvr_loss_weight: expected >= 0, got {e.cvr_loss_weight}")
+        if e.counterfactual != "none" and cvr.where is None:
+            raise SchemaError(
+                f"esmm.counterfactual: ESCM2's counterfactual risk weighs the clicked rows' CVR loss by 1 / pCTR, "
+                f"but task {cvr.name!r} has no where: (no clicked rows to tell apart); set where: {ctr.label} == 1"
+            )
         if e.cvr_loss_weight > 0 and cvr.where is None:
             raise SchemaError(
                 f"esmm.cvr_loss_weight: the direct CVR loss is on the clicked rows, but task {cvr.name!r} has no "

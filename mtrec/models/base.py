@@ -291,6 +291,7 @@ class MultiTaskModel(nn.Module):
         self.features = features
         self.task_names = tuple(task_names)
         self.backbone = backbone
+        self.backbone_out = backbone_out
         dims = output_dims or (1,) * len(task_names)
         # Towers by position (in task_names order): task names are user text and need not be
         # valid module attribute names.
@@ -329,17 +330,23 @@ class MultiTaskModel(nn.Module):
             dropout=dropout,
         )
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def representations(self, batch: Batch) -> torch.Tensor:
+        """``(B, T, H)``: what each task's tower reads."""
         x = self.features(batch)
         if isinstance(self.features, TaskAwareInput):
             T, B = x.shape[0], x.shape[1]
             out = self.backbone(x.reshape(T * B, -1)).view(T, B, T, -1)  # [input t, row, task, H]
-            reps = torch.diagonal(out, dim1=0, dim2=2).permute(0, 2, 1)  # (B, T, H): task t on input t
-        else:
-            reps = self.backbone(x)  # (B, T, H)
+            return torch.diagonal(out, dim1=0, dim2=2).permute(0, 2, 1)  # (B, T, H): task t on input t
+        return self.backbone(x)  # (B, T, H)
+
+    def heads(self, reps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The towers on :meth:`representations`: ``{task: logits}``."""
         return {
             name: tower(reps[:, i]) for i, (name, tower) in enumerate(zip(self.task_names, self.towers, strict=True))
         }
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.heads(self.representations(batch))
 
     def auxiliary_loss(self, logits: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor | None:
         """The extra loss terms of the last training forward pass: the penalties the layers

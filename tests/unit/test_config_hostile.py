@@ -310,6 +310,19 @@ def test_where_within_the_bounds_is_accepted() -> None:
 
 BAD_SETS = [
     (
+        "esmm={ctr: ctr, cvr: cvr, counterfactual: tobit}",
+        "esmm.counterfactual: expected 'none' or 'ips' or 'dr', got 'tobit'",
+    ),
+    (
+        "esmm={ctr: ctr, cvr: cvr, counterfactual: ips, propensity_clip: 0}",
+        "esmm.propensity_clip: expected a number in (0, 1], got 0.0",
+    ),
+    ("esmm={ctr: ctr, cvr: cvr, counterfactual: dr, counterfactual_weight: -1}", "esmm.counterfactual_weight"),
+    (
+        "esmm={ctr: cvr, cvr: ctr, counterfactual: ips}",
+        "esmm.ctr: the click task 'cvr' must cover every impression",
+    ),
+    (
         "features.sequence.hist.pooling=target_attention",
         "features.sequence.hist.target: pooling target_attention needs the candidate's sparse feature",
     ),
@@ -604,3 +617,15 @@ def test_cli_refuses_hostile_config_in_one_line(tmp_path: Path, case: str) -> No
         path = write(tmp_path, config_text(), "ok.yaml")
         proc = mtrec("train", "--config", str(path), "--set", "model.expert_hidden=" + "[" * 5000 + "]" * 5000)
         assert_one_line_error(proc, "--set model.expert_hidden", "nested deeper than 32 levels")
+
+
+def test_escm2_needs_the_click_condition_on_the_cvr_task() -> None:
+    raw = minimal()
+    del raw["tasks"][1]["where"]
+    raw["esmm"] = {"ctr": "ctr", "cvr": "cvr", "counterfactual": "ips"}
+    assert error_of(raw).startswith(
+        "esmm.counterfactual: ESCM2's counterfactual risk weighs the clicked rows' CVR loss by 1 / pCTR, "
+        "but task 'cvr' has no where:"
+    )
+    raw["esmm"] = {"ctr": "ctr", "cvr": "cvr"}  # plain ESMM takes a CVR task without where
+    config_from_dict(raw)

@@ -19,7 +19,7 @@ from mtrec.quickstart import synthetic_features, synthetic_tasks
 def model_dir(tmp_path_factory, request):
     """ESMM over PLE, with the shared embedding, with STEM's shared + per-task tables, and
     with DIN target attention, DCN-v2 cross layers, DSelect-k gates, HoME's expert
-    normalisation and the balance penalty."""
+    normalisation, the balance penalty and ESCM2-DR's imputation tower."""
     # DIN attention of the candidate item over the history, and DCN-v2 cross layers.
     din = {"name": "hist_item_ids", "max_len": 20, "pooling": "target_attention", "target": "item_id"}
     gated_features = {"sequence": [{**din, "vocab_from": "item_id"}], "interaction": {"name": "dcn_v2", "rank": 8}}
@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory, request):
                 **(gated_features if request.param == "gated" else {}),
             },
             "tasks": synthetic_tasks(),
-            "esmm": {"ctr": "ctr", "cvr": "cvr"},
+            "esmm": {"ctr": "ctr", "cvr": "cvr", **({"counterfactual": "dr"} if request.param == "gated" else {})},
             "model": {
                 "name": "ple",
                 "embedding_dim": 4,
