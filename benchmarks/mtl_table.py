@@ -1,201 +1,217 @@
-"""Every architecture and every loss weighting on the synthetic click log (prints JSON).
+"""The multi-task table: architectures, gate options and loss weightings, each against `independent`.
 
-One run per row on the same data and seed: validation AUC per task (CTR on all rows,
-CVR and satisfaction on clicked rows), seconds per epoch, the best epoch; then ESMM over
-PLE against plain PLE: CVR AUC on clicked rows and CTCVR AUC on every row (for plain
-PLE the product of its CTR and CVR predictions). AITM expects every task on the
-impression space, so it is run on click -> conversion (purchase per impression).
+Every row is a shipped config of the section's folder (``configs/synthetic/``,
+``configs/census_income/``) with, for a variant, ``--set`` overrides on top; a row whose config
+the folder lacks is left out of that section. Each seed trains every row, chooses its best
+epoch on the validation rows and scores the test rows once; per seed, every row is compared
+with the same seed's ``independent`` model by paired DeLong on each task's own sample space
+(the machinery of ``transfer_study.py``). Gated rows also carry their gate diagnostics on the
+test rows: the largest mean weight a task's gate puts on one expert (1.0: collapsed), the mean
+gate entropy as a share of its maximum (1.0: uniform), and the experts' output similarity.
+
+The rows (``ROWS``): the architectures; MMoE with each gate option (DSelect-k, the importance
+load-balancing loss, HoME's expert normalisation); the input blocks (DCN-v2 cross layers,
+DIN target attention where the data has a behaviour sequence) and every loss weighting on
+the section's recommended config. Each option at one fixed setting chosen before the run
+(no tuning on any split).
 
 Usage:
-    python benchmarks/mtl_table.py [--rows 300000] [--epochs 2] [--output benchmarks/results/mtl_table]
-writes OUTPUT.json and OUTPUT.md.
+    python benchmarks/mtl_table.py                          # every row, both sections, 3 seeds
+    python benchmarks/mtl_table.py --only census --rows independent,mmoe,mmoe_dselect_k
+    python benchmarks/mtl_table.py --markdown-only          # rewrite the Markdown and plot from the JSON
+writes benchmarks/results/mtl_table.json, .md and .png (``--output``) and prints the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import ROOT  # noqa: E402 - the benchmarks folder is not a package
+from transfer_study import ALPHA, BASELINE, TITLES, _fmt, _vs, plot, run_rows  # noqa: E402
 
-ARCHITECTURES = ("independent", "shared_embedding", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "cross_stitch")
-WEIGHTINGS = ("fixed", "uncertainty", "gradnorm", "dwa", "pcgrad")
+SECTIONS = {"synthetic": ROOT / "configs" / "synthetic", "census": ROOT / "configs" / "census_income"}
+WEIGHTINGS = ("uncertainty", "gradnorm", "dwa", "rlw", "famo", "pcgrad")
+ROWS: dict[str, tuple[str, list[str]]] = {
+    **{
+        name: (name, [])
+        for name in (
+            "independent",
+            "shared_embedding",
+            "shared_bottom",
+            "omoe",
+            "mmoe",
+            "cgc",
+            "ple",
+            "cross_stitch",
+            "stem_net",
+            "dbmtl",
+            "adatt",
+        )
+    },
+    "mmoe_dselect_k": ("mmoe", ["model.gate=dselect_k", "model.gate_k=2", "model.gate_entropy=0.01"]),
+    "mmoe_balance": ("mmoe", ["model.expert_balance=0.1"]),
+    "mmoe_home_norm": ("mmoe", ["model.expert_norm=true"]),
+    "recommended": ("recommended", []),
+    "recommended_dcn_v2": ("recommended", ["features.interaction={name: dcn_v2, layers: 2}"]),
+    "recommended_din": (
+        "recommended",
+        ["features.sequence.hist_item_ids.pooling=target_attention", "features.sequence.hist_item_ids.target=item_id"],
+    ),
+    **{f"recommended_{w}": ("recommended", [f"train.loss_weighting={{name: {w}}}"]) for w in WEIGHTINGS},
+}
+# Rows that need what only some sections' data has (a behaviour sequence).
+ONLY_IN = {"recommended_din": ("synthetic",)}
+GROUPS = {
+    "architectures": [k for k, (c, o) in ROWS.items() if not o and c != "recommended"],
+    "gate options on mmoe": ["mmoe_dselect_k", "mmoe_balance", "mmoe_home_norm"],
+    "input blocks on the recommended config": ["recommended", "recommended_dcn_v2", "recommended_din"],
+    "loss weighting on the recommended config": ["recommended", *(f"recommended_{w}" for w in WEIGHTINGS)],
+}
 
 
-def _config(data: str, *, model: str, epochs: int, tasks: list[dict] | None = None, **extra: Any):
-    from mtrec.config import config_from_dict
-    from mtrec.quickstart import synthetic_features, synthetic_tasks
-
-    raw: dict[str, Any] = {
-        "data": {"train": data, "valid_fraction": 0.1},
-        "features": synthetic_features(),
-        "tasks": tasks or synthetic_tasks(),
-        "model": {"name": model, "embedding_dim": 16},
-        "train": {"epochs": epochs, "batch_size": 2048, "seed": 0, "patience": 0, "threads": 2},
-    }
-    for key, value in extra.items():
-        raw.setdefault(key, {})
-        if isinstance(value, dict) and isinstance(raw[key], dict):
-            raw[key].update(value)
-        else:
-            raw[key] = value
-    return config_from_dict(raw)
+def section_rows(name: str, labels: list[str]) -> list[tuple[str, Path, list[str]]]:
+    """The rows ``labels`` whose config section ``name``'s folder has, independent first."""
+    folder = SECTIONS[name]
+    rows = []
+    for label in [BASELINE, *(lab for lab in labels if lab != BASELINE)]:
+        config, overrides = ROWS[label]
+        if (folder / f"{config}.yaml").is_file() and name in ONLY_IN.get(label, (name,)):
+            rows.append((label, folder / f"{config}.yaml", overrides))
+    return rows
 
 
-def _run(cfg, workdir: Path, name: str) -> dict[str, Any]:
-    import mtrec
-
-    t0 = time.perf_counter()
-    result = mtrec.train(cfg, output=workdir / name, overwrite=True, progress=False)
-    total = time.perf_counter() - t0
-    best = result.history[result.best_epoch - 1]
-    return {
-        "auc": {k: v.get("auc") for k, v in result.best_metrics.items()},
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "seconds_per_epoch": float(np.mean([h["train_seconds"] for h in result.history])),
-        "rows_per_second": best["rows_per_second"],
-        "total_seconds": total,
-        "model_dir": str(workdir / name),
-    }
+def _gate_cell(res: dict[str, Any]) -> str:
+    g = res.get("gates")
+    if not g:
+        return "—"
+    sim = g["expert_similarity"]
+    sim_text = "—" if sim is None else f"{sim['mean']:.2f}"
+    return f"{g['largest_share']['mean']:.2f} / {g['entropy_ratio']['mean']:.2f} / {sim_text}"
 
 
-def _ctcvr_of_plain(model_dir: str, data: str) -> dict[str, float]:
-    """CVR AUC on clicked rows and CTCVR AUC (pCTR * pCVR vs click*conversion) on the held-out rows."""
-    import pyarrow.parquet as pq
-
-    import mtrec
-    from mtrec.data.batches import TensorColumns
-    from mtrec.metrics import auc
-    from mtrec.predict import predict_logits
-
-    loaded = mtrec.load_model_dir(model_dir)
-    table = pq.read_table(data)
-    rng = np.random.default_rng(loaded.config.train.seed)
-    held = rng.random(table.num_rows) < loaded.config.data.valid_fraction  # the trainer's validation rows
-    enc = loaded.preprocessor.transform(table.filter(held))
-    z = predict_logits(loaded.model, TensorColumns.from_encoded(enc), loaded.model.task_names)
-    click = enc.labels[:, 0]
-    conv = table.filter(held).column("conversion").to_numpy().astype(np.float64)
-    p = 1 / (1 + np.exp(-z["ctr"])) * (1 / (1 + np.exp(-z["cvr"])))
-    clicked = click == 1
-    return {"cvr_auc_clicked": auc(conv[clicked], z["cvr"][clicked]), "ctcvr_auc_all": auc(click * conv, p)}
+def markdown(result: dict[str, Any]) -> str:
+    seeds = result["seeds"]
+    lines = [
+        f"# Multi-task table: each row against `independent` ({seeds} seeds)",
+        "",
+        "Produced by "
+        + " and ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
+        + f" in {result['seconds'] / 60:.1f} min of runs on {result['machine']}.",
+        "",
+        "Test AUC mean ± std over the seeds, each task on its own sample space. Against `independent`: "
+        "the mean AUC difference, the median per-seed p of the paired DeLong test (each seed's model vs "
+        f"the same seed's independent model, same test rows), and in how many seeds it was a significant "
+        f"(p < {ALPHA}) win ↑ or loss ↓; **win** / **loss** when a majority of the seeds agree. "
+        "Gates: largest mean expert weight of any task's gate / gate entropy as a share of its maximum / "
+        "mean cosine similarity of the experts' outputs, on the test rows, mean over seeds. s/epoch: "
+        "training seconds per epoch, mean over the runs (a shared 2-core machine).",
+    ]
+    for name in SECTIONS:
+        if name not in result:
+            continue
+        models = result[name]["models"]
+        tasks = list(models[BASELINE]["test_auc"])
+        lines += ["", f"## {TITLES[name]}", ""]
+        head = "| row | " + " | ".join(f"{t} AUC" for t in tasks)
+        head += " | " + " | ".join(f"{t} vs independent" for t in tasks) + " | gates | s/epoch | epochs |"
+        lines += [head, "|---|" + "---|" * (2 * len(tasks) + 3)]
+        for group, labels in GROUPS.items():
+            present = [lab for lab in labels if lab in models and (lab != BASELINE or group == "architectures")]
+            if not present:
+                continue
+            lines.append(f"| *{group}* |" + " |" * (2 * len(tasks) + 3))
+            for label in present:
+                res = models[label]
+                cells = [_fmt(res["test_auc"][t]) for t in tasks]
+                versus = res.get("vs_independent")
+                cells += [_vs(versus[t], seeds) if versus else "(baseline)" for t in tasks]
+                lines.append(
+                    f"| {label} | " + " | ".join(cells) + f" | {_gate_cell(res)} | {res['seconds_per_epoch']:.1f} "
+                    f"| {res['epochs_run']:.1f} |"
+                )
+        lines += [
+            "",
+            "Rows: "
+            + "; ".join(
+                f"`{lab}` = {ROWS[lab][0]}.yaml {' '.join(ROWS[lab][1])}".rstrip() for lab in models if ROWS[lab][1]
+            )
+            + ".",
+        ]
+    if result.get("reading"):
+        lines += ["", "## Reading", "", result["reading"]]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=300_000)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--output", default="benchmarks/results/mtl_table")
-    p.add_argument("--only", default=None, help="comma-separated subset of rows (debugging)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--only", choices=list(SECTIONS), action="append", help="run these sections (default: all)")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row labels (default: all)")
+    p.add_argument("--synthetic-rows", type=int, default=500_000)
+    p.add_argument("--synthetic-test-rows", type=int, default=200_000)
+    p.add_argument("--census-source", type=Path, default=ROOT.parent / "shared" / "data" / "census-income-kdd")
+    p.add_argument("--census-data", type=Path, default=ROOT / "data" / "census-income", help="prepared folder")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "mtl_table")
+    p.add_argument("--reading", type=Path, default=None, help="a Markdown file with the reading, added at the end")
+    p.add_argument("--markdown-only", action="store_true", help="rewrite OUTPUT.md/.png from OUTPUT.json")
     args = p.parse_args()
-    from mtrec.data.synthetic import write_click_log
-    from mtrec.models import list_models
+    json_path = args.output.with_suffix(".json")
+    labels = args.rows.split(",")
+    unknown = sorted(set(labels) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"--rows: unknown row(s) {', '.join(unknown)} (expected some of {', '.join(ROWS)})")
+    if args.markdown_only:
+        result = json.loads(json_path.read_text())
+    else:
+        import torch
 
-    only = set(args.only.split(",")) if args.only else None
-    with tempfile.TemporaryDirectory(prefix="mtrec-mtl-") as tmp:
-        work = Path(tmp)
-        data = str(work / "clicks.parquet")
-        truth = write_click_log(data, args.rows, seed=0)
-        out: dict[str, Any] = {
+        result = {
             "benchmark": "mtl_table",
-            "rows": args.rows,
-            "epochs": args.epochs,
-            "best_auc": truth["best_auc"],
-            "architectures": {},
-            "weightings": {},
+            "seeds": args.seeds,
+            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), torch {torch.__version__}",
+            "rows": {lab: {"config": ROWS[lab][0], "overrides": ROWS[lab][1]} for lab in labels},
         }
-        for arch in ARCHITECTURES:
-            if arch in list_models() and (only is None or arch in only):
-                out["architectures"][arch] = _run(_config(data, model=arch, epochs=args.epochs), work, arch)
-                print(arch, out["architectures"][arch]["auc"], flush=True)
-        if "aitm" in list_models() and (only is None or "aitm" in only):
-            chain = [
-                {"name": "ctr", "label": "click"},
-                {"name": "ctcvr", "label": "conversion"},
-            ]
-            out["aitm_chain"] = {
-                "note": "tasks click -> conversion, both on every impression (AITM's setting)",
-                "aitm": _run(_config(data, model="aitm", epochs=args.epochs, tasks=chain), work, "aitm"),
-                "mmoe": _run(_config(data, model="mmoe", epochs=args.epochs, tasks=chain), work, "mmoe_chain"),
-            }
-            print("aitm", out["aitm_chain"]["aitm"]["auc"], out["aitm_chain"]["mmoe"]["auc"], flush=True)
-        for name in WEIGHTINGS:
-            if only is None or name in only:
-                cfg = _config(data, model="mmoe", epochs=args.epochs, train={"loss_weighting": {"name": name}})
-                out["weightings"][name] = _run(cfg, work, f"mmoe_{name}")
-                print(name, out["weightings"][name]["auc"], flush=True)
-        if only is None or "esmm" in only:
-            esmm = _run(_config(data, model="ple", epochs=args.epochs, esmm={"ctr": "ctr", "cvr": "cvr"}), work, "esmm")
-            plain = out["architectures"].get("ple") or _run(_config(data, model="ple", epochs=args.epochs), work, "ple")
-            out["esmm_vs_ple"] = {
-                "esmm_ple": {"cvr_auc_clicked": esmm["auc"]["cvr"], "ctcvr_auc_all": esmm["auc"]["ctcvr"]},
-                "ple": _ctcvr_of_plain(plain["model_dir"], data),
-            }
-            print("esmm", out["esmm_vs_ple"], flush=True)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output + ".json").write_text(json.dumps(out, indent=2) + "\n")
-    Path(args.output + ".md").write_text(markdown(out))
-    print(json.dumps(out, indent=2))
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
-def markdown(out: dict[str, Any]) -> str:
-    b = out["best_auc"]
-    lines = [
-        f"# Multi-task table: synthetic click log, {out['rows']:,} rows, up to {out['epochs']} epochs "
-        "(best epoch by mean validation AUC), 2 CPU threads",
-        "",
-        f"Best achievable AUC (true probabilities): click {b['click']:.4f}, conversion {b['conversion']:.4f}, "
-        f"satisfied {b['satisfied']:.4f}, ctcvr {b['ctcvr']:.4f}.",
-        "",
-        "| model | ctr AUC | cvr AUC (clicked) | satisfaction AUC (clicked) | s/epoch | best epoch |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in out["architectures"].items():
-        a = r["auc"]
-        lines.append(
-            f"| {name} | {_fmt(a['ctr'])} | {_fmt(a['cvr'])} | {_fmt(a['satisfaction'])} | "
-            f"{r['seconds_per_epoch']:.1f} | {r['best_epoch']} |"
-        )
-    lines += ["", "Loss weighting on MMoE:", "", "| weighting | ctr AUC | cvr AUC | satisfaction AUC | s/epoch |"]
-    lines.append("|---|---:|---:|---:|---:|")
-    for name, r in out["weightings"].items():
-        a = r["auc"]
-        lines.append(
-            f"| {name} | {_fmt(a['ctr'])} | {_fmt(a['cvr'])} | {_fmt(a['satisfaction'])} | "
-            f"{r['seconds_per_epoch']:.1f} |"
-        )
-    if "aitm_chain" in out:
-        c = out["aitm_chain"]
-        lines += ["", f"AITM ({c['note']}):", "", "| model | ctr AUC | conversion AUC (all rows) | s/epoch |"]
-        lines.append("|---|---:|---:|---:|")
-        for name in ("aitm", "mmoe"):
-            a = c[name]["auc"]
-            lines.append(f"| {name} | {_fmt(a['ctr'])} | {_fmt(a['ctcvr'])} | {c[name]['seconds_per_epoch']:.1f} |")
-    if "esmm_vs_ple" in out:
-        e = out["esmm_vs_ple"]
-        lines += ["", "ESMM over PLE vs plain PLE:", "", "| model | CVR AUC (clicked rows) | CTCVR AUC (all rows) |"]
-        lines.append("|---|---:|---:|")
-        lines.append(
-            f"| ESMM-PLE | {_fmt(e['esmm_ple']['cvr_auc_clicked'])} | {_fmt(e['esmm_ple']['ctcvr_auc_all'])} |"
-        )
-        lines.append(f"| PLE (pCTR x pCVR) | {_fmt(e['ple']['cvr_auc_clicked'])} | {_fmt(e['ple']['ctcvr_auc_all'])} |")
-    lines += [
-        "",
-        "Notes: one seed per row (differences below ~0.005 AUC are within seed noise); s/epoch is training",
-        "time only, on a shared 2-core machine. DWA changes the weights from the third epoch on, so with",
-        "2 epochs it equals `fixed`. Gradient-based weighting (GradNorm, PCGrad) pays extra backward",
-        "passes through the shared layers each step.",
-    ]
-    return "\n".join(lines) + "\n"
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="mtrec-mtl-") as tmp:
+            for name in SECTIONS:
+                if args.only is None or name in args.only:
+                    s0 = time.perf_counter()
+                    result[name] = run_rows(name, section_rows(name, labels), args, Path(tmp), gates=True)
+                    result[name]["seconds"] = time.perf_counter() - s0
+        result["seconds"] = time.perf_counter() - t0
+        if args.only is not None and json_path.is_file():
+            # --only updates its sections of an existing table (read now, so that runs of
+            # different sections one after the other both land).
+            kept = json.loads(json_path.read_text())
+            for name in args.only:
+                # rows of one section from several runs: each seed's models are compared with
+                # that run's own independent model (training is deterministic per seed on the CPU)
+                if name in kept:
+                    old_models = kept[name]["models"]
+                    result[name]["models"] = {**old_models, **result[name]["models"]}
+                    result[name]["seconds"] += kept[name].get("seconds", 0.0)
+                kept[name] = result[name]
+            kept["rows"] = {**kept.get("rows", {}), **result["rows"]}
+            kept["seconds"] = sum(kept[n]["seconds"] for n in SECTIONS if n in kept)
+            kept["commands"] = sorted({*kept.get("commands", [kept["command"]]), result["command"]})
+            result = kept
+    if args.reading is not None:
+        result["reading"] = args.reading.read_text().strip()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    args.output.with_suffix(".md").write_text(markdown(result))
+    plot(result, args.output.with_suffix(".png"))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

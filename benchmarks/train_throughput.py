@@ -18,6 +18,7 @@ Each measurement runs in its own process so that peak RSS is its own:
 Usage:
     python benchmarks/train_throughput.py [--rows 500000] [--threads 2] [--output results.json]
     python benchmarks/train_throughput.py --embeddings shared,per_task,stem   # the cost of each model.embedding
+    python benchmarks/train_throughput.py --variants mmoe,dcn_v2,famo   # input blocks, gates, weightings
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ import tempfile
 import time
 from pathlib import Path
 
+# What --variants measures: the benchmark configuration with one of these laid over it.
+WEIGHTINGS = ("uncertainty", "gradnorm", "dwa", "rlw", "famo", "pcgrad")
+_HISTORY = {"name": "hist_item_ids", "max_len": 20, "vocab_from": "item_id"}
+VARIANTS: dict[str, dict] = {
+    "mmoe": {},
+    "dcn_v2": {"features": {"interaction": {"name": "dcn_v2", "layers": 2}}},
+    "dcn_v2_rank32": {"features": {"interaction": {"name": "dcn_v2", "layers": 2, "rank": 32}}},
+    # the behaviour sequence (20 recent items, sharing item_id's table), mean-pooled or by DIN
+    "history_mean": {"features": {"sequence": [{**_HISTORY, "pooling": "mean"}]}},
+    "history_din": {"features": {"sequence": [{**_HISTORY, "pooling": "target_attention", "target": "item_id"}]}},
+    "dselect_k": {"model": {"gate": "dselect_k", "gate_k": 2, "gate_entropy": 0.01}},
+    "expert_balance": {"model": {"expert_balance": 0.1}},
+    "expert_norm": {"model": {"expert_norm": True}},
+    **{w: {"train": {"loss_weighting": {"name": w}}} for w in WEIGHTINGS},
+}
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -47,17 +64,20 @@ def _config(
     batch_size: int = 2048,
     embedding_optimizer: str = "auto",
     embedding: str = "shared",
+    variant: str = "mmoe",
 ):
     from mtrec.config import config_from_dict
     from mtrec.quickstart import benchmark_model, synthetic_features, synthetic_tasks
 
+    extra = VARIANTS[variant]
     return config_from_dict(
         {
             "data": {"train": data, "valid_fraction": 0.1},
-            "features": synthetic_features(history=False),
+            "features": {**synthetic_features(history=False), **extra.get("features", {})},
             "tasks": synthetic_tasks(),
-            "model": {**benchmark_model(), "embedding": embedding},
+            "model": {**benchmark_model(), "embedding": embedding, **extra.get("model", {})},
             "train": {
+                **extra.get("train", {}),
                 "epochs": epochs,
                 "batch_size": batch_size,
                 "lr": 1e-3,
@@ -81,12 +101,13 @@ def run_mtrec(
     batch_size: int = 2048,
     embedding_optimizer: str = "auto",
     embedding: str = "shared",
+    variant: str = "mmoe",
 ) -> dict:
     import torch
 
     import mtrec
 
-    cfg = _config(data, threads, 1, precision, device, batch_size, embedding_optimizer, embedding)
+    cfg = _config(data, threads, 1, precision, device, batch_size, embedding_optimizer, embedding, variant)
     t0 = time.perf_counter()
     result = mtrec.train(cfg, output=Path(workdir) / "model", overwrite=True, progress=False)
     total = time.perf_counter() - t0
@@ -97,6 +118,7 @@ def run_mtrec(
     tables = loaded.model.embedding_tables()
     return {
         "embedding": embedding,
+        "variant": variant,
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "embedding_parameters": sum(t.numel() for t in tables),
         "precision": meta["precision"],
@@ -212,12 +234,26 @@ def main() -> None:
         help="comma-separated model.embedding modes (e.g. shared,stem): mtrec alone, the cost of each mode",
     )
     p.add_argument("--embedding", default="shared", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated variants of the benchmark configuration (of {', '.join(VARIANTS)}): mtrec alone",
+    )
+    p.add_argument("--variant", default="mmoe", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.part == "mtrec":
         a = args
         result = run_mtrec(
-            a.data, a.threads, a.workdir, a.precision, a.device, a.batch_size, a.embedding_optimizer, a.embedding
+            a.data,
+            a.threads,
+            a.workdir,
+            a.precision,
+            a.device,
+            a.batch_size,
+            a.embedding_optimizer,
+            a.embedding,
+            a.variant,
         )
         print(json.dumps(result))
         return
@@ -233,24 +269,30 @@ def main() -> None:
             data = str(Path(tmp) / "clicks.parquet")
             write_click_log(data, args.rows, seed=0)
 
-        def part(name: str, precision: str = "auto", batch_size: int = 2048, embedding: str = "shared") -> dict:
+        def part(
+            name: str, precision: str = "auto", batch_size: int = 2048, embedding: str = "shared", variant: str = "mmoe"
+        ) -> dict:
             cmd = [sys.executable, __file__, "--part", name, "--data", data, "--threads", str(args.threads)]
             cmd += ["--workdir", tmp, "--precision", precision, "--device", args.device]
             cmd += ["--batch-size", str(batch_size), "--embedding-optimizer", args.embedding_optimizer]
-            cmd += ["--embedding", embedding]
+            cmd += ["--embedding", embedding, "--variant", variant]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
             return json.loads(out.stdout.strip().splitlines()[-1])
 
-        def median_of(name: str, precision: str = "auto", batch_size: int = 2048, embedding: str = "shared") -> dict:
+        def median_of(
+            name: str, precision: str = "auto", batch_size: int = 2048, embedding: str = "shared", variant: str = "mmoe"
+        ) -> dict:
             # This shared 2-core VM shows run-to-run swings of up to ~20 %: run each
             # measurement in fresh processes, interleaved, and keep the median run.
-            runs = [part(name, precision, batch_size, embedding) for _ in range(args.repeats)]
+            runs = [part(name, precision, batch_size, embedding, variant) for _ in range(args.repeats)]
             runs.sort(key=lambda r: r["train_loop_rows_per_s"])
             best = dict(runs[len(runs) // 2])
             best["train_loop_rows_per_s_all_runs"] = [r["train_loop_rows_per_s"] for r in runs]
             return best
 
-        if args.embeddings:
+        if args.variants:
+            variants = {v: median_of("mtrec", "auto", 2048, "shared", v) for v in args.variants.split(",")}
+        elif args.embeddings:
             modes = {m: median_of("mtrec", "auto", 2048, m) for m in args.embeddings.split(",")}
         elif args.device != "cpu":
             gpu = {str(b): median_of("mtrec", "auto", b) for b in (2048, args.large_batch)}
@@ -260,6 +302,31 @@ def main() -> None:
             base = median_of("baseline")
     import torch
 
+    if args.variants:
+        first = next(iter(variants.values()))
+        result = {
+            "benchmark": "train_throughput_variants",
+            "config": "the benchmark configuration (MMoE, batch 2048) with one variant laid over it",
+            "variants": {v: VARIANTS[v] for v in variants},
+            "device": args.device,
+            "rows": args.rows,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "by_variant": variants,
+            "relative_to_first": {
+                v: {
+                    "rows_per_s": r["train_loop_rows_per_s"] / first["train_loop_rows_per_s"],
+                    "seconds_per_step": r["train_loop_seconds"] / first["train_loop_seconds"],
+                    "parameters": r["parameters"] / first["parameters"],
+                }
+                for v, r in variants.items()
+            },
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        }
+        print(json.dumps(result, indent=2))
+        if args.output:
+            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.embeddings:
         first = next(iter(modes.values()))
         result = {

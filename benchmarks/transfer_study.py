@@ -99,44 +99,84 @@ def _section_data(name: str, args: argparse.Namespace, work: Path) -> tuple[list
 
 
 def run_section(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    folder = SECTIONS[name]
+    rows = [(m, folder / f"{m}.yaml", []) for m in args.models.split(",") if (folder / f"{m}.yaml").is_file()]
+    return run_rows(name, rows, args, work)
+
+
+Row = tuple[str, Path, list[str]]
+"""A table row: its label, the config file and the ``--set`` overrides on top of it."""
+
+
+def run_rows(
+    name: str, rows: list[Row], args: argparse.Namespace, work: Path, *, gates: bool = False
+) -> dict[str, Any]:
+    """Trains every row with seeds ``0 .. args.seeds - 1`` on section ``name``'s data, scores
+    the test rows, compares each seed's models with its ``independent`` row (paired DeLong),
+    and with ``gates`` records the gate diagnostics of gated models on the test rows."""
     from mtrec.evaluation.compare import compare_models
 
-    folder = SECTIONS[name]
-    models = [m for m in args.models.split(",") if (folder / f"{m}.yaml").is_file()]
-    if BASELINE not in models:
-        raise SystemExit(f"{name}: the study needs {BASELINE}.yaml in {folder}")
+    labels = [label for label, _, _ in rows]
+    if BASELINE not in labels:
+        raise SystemExit(f"{name}: the study needs an {BASELINE} row")
     base, test_file, info = _section_data(name, args, work)
     base.append(f"train.threads={args.threads}")
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
-    total, done, t0 = len(models) * args.seeds, 0, time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in labels}
+    total, done, t0 = len(rows) * args.seeds, 0, time.perf_counter()
     for seed in range(args.seeds):
         dirs = {}
-        for model in models:
-            out = work / f"{name}-{model}-{seed}"
-            run = _train(folder / f"{model}.yaml", [*base, f"train.seed={seed}"], out)
+        for label, config, overrides in rows:
+            out = work / f"{name}-{label}-{seed}"
+            run = _train(config, [*base, *overrides, f"train.seed={seed}"], out)
             if seed == 0:
                 run["parameters"] = _parameters(out)
-            dirs[model] = out
-            runs[model].append(run)
+            if gates:
+                run["gates"] = _gate_summary(out, test_file)
+            dirs[label] = out
+            runs[label].append(run)
             done += 1
             _say(
-                f"[{done}/{total}] {name} {model} seed {seed}: {run['epochs_run']} epochs, best {run['best_epoch']}, "
+                f"[{done}/{total}] {name} {label} seed {seed}: {run['epochs_run']} epochs, best {run['best_epoch']}, "
                 f"{run['seconds']:.0f}s (elapsed {(time.perf_counter() - t0) / 60:.1f} min)"
             )
-        comparison = compare_models([str(dirs[m]) for m in models], str(test_file), baseline=str(dirs[BASELINE]))
-        for model in models:
-            tasks = comparison["models"][str(dirs[model])]["tasks"]
-            runs[model][-1]["test_auc"] = {t: e["value"] for t, e in tasks.items()}
-            if model != BASELINE:
-                runs[model][-1]["vs_independent"] = {
+        comparison = compare_models([str(dirs[m]) for m in labels], str(test_file), baseline=str(dirs[BASELINE]))
+        for label in labels:
+            tasks = comparison["models"][str(dirs[label])]["tasks"]
+            runs[label][-1]["test_auc"] = {t: e["value"] for t, e in tasks.items()}
+            if label != BASELINE:
+                runs[label][-1]["vs_independent"] = {
                     t: {k: e.get(k) for k in ("delta", "ci_low", "ci_high", "p_value")} for t, e in tasks.items()
                 }
-        aucs = "; ".join(f"{m} " + " ".join(f"{v:.4f}" for v in runs[m][-1]["test_auc"].values()) for m in models)
+        aucs = "; ".join(f"{m} " + " ".join(f"{v:.4f}" for v in runs[m][-1]["test_auc"].values()) for m in labels)
         _say(f"{name} seed {seed} test AUC: {aucs}")
         for out in dirs.values():
             shutil.rmtree(out, ignore_errors=True)
     summary = {m: _summarise(rs) for m, rs in runs.items()}
     return {"data": info, "models": summary, "targets": _targets(name, summary)}
+
+
+def _gate_summary(model_dir: Path, test_file: Path) -> dict[str, Any] | None:
+    """The gate diagnostics of a gated model on the test rows, in four numbers: the largest
+    mean weight any task's gate puts on one expert, the mean gate entropy as a share of its
+    maximum, the experts' mean output similarity, and the number of warnings."""
+    import pyarrow.parquet as pq
+
+    import mtrec
+    from mtrec.data.batches import TensorColumns
+    from mtrec.diagnostics import gate_diagnostics
+
+    loaded = mtrec.load_model_dir(model_dir)
+    enc = loaded.preprocessor.transform(pq.read_table(test_file))
+    report = gate_diagnostics(loaded.model, TensorColumns.from_encoded(enc))
+    if report is None:
+        return None
+    tasks = report["tasks"].values()
+    return {
+        "largest_share": max(max(t["mean_weight"].values()) for t in tasks),
+        "entropy_ratio": statistics.fmean(t["entropy"] / t["max_entropy"] if t["max_entropy"] else 0.0 for t in tasks),
+        "expert_similarity": report["expert_similarity"],
+        "warnings": len(report["warnings"]),
+    }
 
 
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -152,6 +192,12 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "parameters": runs[0].get("parameters"),
         "runs": runs,
     }
+    gate_runs = [r["gates"] for r in runs if r.get("gates")]
+    if gate_runs:
+        out["gates"] = {k: _mean_std([g[k] for g in gate_runs]) for k in ("largest_share", "entropy_ratio")}
+        sims = [g["expert_similarity"] for g in gate_runs if g["expert_similarity"] is not None]
+        out["gates"]["expert_similarity"] = _mean_std(sims) if sims else None
+        out["gates"]["warnings"] = sum(g["warnings"] for g in gate_runs)
     if "vs_independent" in runs[0]:
         versus = {}
         for t in tasks:

@@ -86,3 +86,31 @@ def test_small_study_end_to_end(tmp_path: Path):
     markdown = out.with_suffix(".md").read_text()
     assert "| shared_embedding |" in markdown and "(baseline)" in markdown
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_small_mtl_table_end_to_end(tmp_path: Path):
+    """benchmarks/mtl_table.py on the same machinery: a variant row (config + overrides) with its
+    gate diagnostics, against independent."""
+    out = tmp_path / "table"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "mtl_table.py"), "--only", "synthetic", "--seeds", "1",
+        "--rows", "independent,mmoe_dselect_k", "--synthetic-rows", "6000", "--synthetic-test-rows", "4000",
+        "--threads", "1", "--output", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["rows"]["mmoe_dselect_k"] == {
+        "config": "mmoe",
+        "overrides": ["model.gate=dselect_k", "model.gate_k=2", "model.gate_entropy=0.01"],
+    }
+    models = result["synthetic"]["models"]
+    assert set(models) == {"independent", "mmoe_dselect_k"}
+    gates = models["mmoe_dselect_k"]["gates"]
+    assert 1 / 4 <= gates["largest_share"]["mean"] <= 1.0  # 4 experts: the largest share is at least uniform's
+    assert 0.0 <= gates["entropy_ratio"]["mean"] <= 1.0
+    assert "gates" not in models["independent"]  # no gate to report
+    assert set(models["mmoe_dselect_k"]["vs_independent"]) == {"ctr", "cvr", "satisfaction"}
+    markdown = out.with_suffix(".md").read_text()
+    assert "| mmoe_dselect_k |" in markdown and "*gate options on mmoe*" in markdown
+    assert "`mmoe_dselect_k` = mmoe.yaml model.gate=dselect_k" in markdown
