@@ -119,7 +119,7 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         models = result[name]["models"]
         tasks = list(models[BASELINE]["test_auc"])
-        lines += ["", f"## {TITLES[name]}", ""]
+        lines += ["", f"## {TITLES[name]}", "", _data_line(result[name]["data"], tasks), ""]
         head = "| row | " + " | ".join(f"{t} AUC" for t in tasks)
         head += " | " + " | ".join(f"{t} vs independent" for t in tasks) + " | gates | s/epoch | epochs |"
         lines += [head, "|---|" + "---|" * (2 * len(tasks) + 3)]
@@ -145,9 +145,24 @@ def markdown(result: dict[str, Any]) -> str:
             )
             + ".",
         ]
+    if result.get("timing_note"):
+        lines += ["", f"Timing: {result['timing_note']}."]
     if result.get("reading"):
         lines += ["", "## Reading", "", result["reading"]]
     return "\n".join(lines) + "\n"
+
+
+def _data_line(data: dict[str, Any], tasks: list[str]) -> str:
+    if "train_rows" in data:
+        best = data["best_achievable_auc"]
+        return (
+            f"{data['train_rows']:,} training rows (10 % held out to choose the best epoch), {data['test_rows']:,} "
+            f"test rows from the same world (sample seed {data['test_sample_seed']}); best achievable AUC: "
+            + ", ".join(f"{t} {best[t]:.4f}" for t in tasks if t in best)
+            + "."
+        )
+    rows = {k: v["rows"] for k, v in data["splits"].items()}
+    return f"{rows['train']:,} / {rows['valid']:,} / {rows['test']:,} rows, {data['protocol']}."
 
 
 def main() -> None:
