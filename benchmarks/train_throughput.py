@@ -51,6 +51,14 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def _relative_to_first(runs: dict[str, dict], *, seconds: bool = False) -> dict[str, dict[str, float]]:
+    """Each run's rows/s (and training seconds) and parameters as multiples of the first run's."""
+    first = next(iter(runs.values()))
+    keys = {"rows_per_s": "train_loop_rows_per_s", **({"seconds_per_step": "train_loop_seconds"} if seconds else {})}
+    keys["parameters"] = "parameters"
+    return {name: {k: r[src] / first[src] for k, src in keys.items()} for name, r in runs.items()}
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -303,7 +311,6 @@ def main() -> None:
     import torch
 
     if args.variants:
-        first = next(iter(variants.values()))
         result = {
             "benchmark": "train_throughput_variants",
             "config": "the benchmark configuration (MMoE, batch 2048) with one variant laid over it",
@@ -313,14 +320,7 @@ def main() -> None:
             "threads": args.threads,
             "repeats": args.repeats,
             "by_variant": variants,
-            "relative_to_first": {
-                v: {
-                    "rows_per_s": r["train_loop_rows_per_s"] / first["train_loop_rows_per_s"],
-                    "seconds_per_step": r["train_loop_seconds"] / first["train_loop_seconds"],
-                    "parameters": r["parameters"] / first["parameters"],
-                }
-                for v, r in variants.items()
-            },
+            "relative_to_first": _relative_to_first(variants, seconds=True),
             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         }
         print(json.dumps(result, indent=2))
@@ -328,7 +328,6 @@ def main() -> None:
             Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
         return
     if args.embeddings:
-        first = next(iter(modes.values()))
         result = {
             "benchmark": "train_throughput_embeddings",
             "config": "the benchmark configuration (MMoE, 500k rows, batch 2048), model.embedding varied",
@@ -336,13 +335,7 @@ def main() -> None:
             "rows": args.rows,
             "threads": args.threads,
             "by_embedding": modes,
-            "relative_to_first": {
-                m: {
-                    "rows_per_s": r["train_loop_rows_per_s"] / first["train_loop_rows_per_s"],
-                    "parameters": r["parameters"] / first["parameters"],
-                }
-                for m, r in modes.items()
-            },
+            "relative_to_first": _relative_to_first(modes),
         }
         print(json.dumps(result, indent=2))
         if args.output:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mtrec.nn.gates import SOFTMAX, DSelectKGate, Gate, GateSpec, Penalty, importance_cv2, make_gate
-from mtrec.nn.mlp import batched_layers
+from mtrec.nn.mlp import batched_layers, batched_linear
 from mtrec.weighting import ParameterSlice, SharedLayer
 
 __all__ = ["PLE", "AFTBLayer", "AdaTT", "AdaTTLayer", "CGCLayer", "ExpertGroup", "Gate", "MMoELayer"]
@@ -210,13 +210,7 @@ class CGCLayer(nn.Module):
         """``(B, T, K + S)`` from ``x (B, in_dim)`` or the task inputs ``(T, B, in_dim)``."""
         if self.dselect is not None:
             return self.dselect(x)
-        if x.dim() == 2:
-            # All task gates in one GEMM: (B, in) x (in, T * (K + S)).
-            w = self.gate_weight.permute(1, 0, 2).reshape(x.shape[1], -1)
-            gates = torch.addmm(self.gate_bias.reshape(1, -1), x, w).view(x.shape[0], self.num_tasks, -1)
-        else:
-            gates = torch.baddbmm(self.gate_bias, x, self.gate_weight).transpose(0, 1)
-        return gates.softmax(dim=-1)
+        return batched_linear(x, self.gate_weight, self.gate_bias).softmax(dim=-1)  # all task gates at once
 
     def forward(self, x: torch.Tensor, return_gates: bool = False):  # noqa: ANN201 - tuple
         T = self.num_tasks
@@ -408,7 +402,7 @@ class AFTBLayer(nn.Module):
                 raise ValueError("this STEM-Net layer has shared experts and needs the shared input")
             experts = torch.cat([self.shared_experts(shared), experts], dim=1)
             gate_in = torch.cat([shared.unsqueeze(0).expand(T, -1, -1), tasks], dim=2)
-        gates = torch.baddbmm(self.gate_bias, gate_in, self.gate_weight).transpose(0, 1).softmax(dim=-1)
+        gates = batched_linear(gate_in, self.gate_weight, self.gate_bias).softmax(dim=-1)
         return gates, experts  # (B, T, E), (B, E, H)
 
     def forward(self, x: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
@@ -465,15 +459,8 @@ class AdaTTLayer(nn.Module):
 
     def gates_and_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gates ``(B, T, T * K)`` and expert outputs ``(B, T * K, H)``."""
-        T = self.num_tasks
-        if x.dim() == 2:
-            experts = self.experts(x)
-            w = self.gate_weight.permute(1, 0, 2).reshape(x.shape[1], -1)
-            gates = torch.addmm(self.gate_bias.reshape(1, -1), x, w).view(x.shape[0], T, -1)
-        else:
-            experts = self.experts(x.index_select(0, self.expert_input))
-            gates = torch.baddbmm(self.gate_bias, x, self.gate_weight).transpose(0, 1)
-        return gates.softmax(dim=-1), experts
+        experts = self.experts(x if x.dim() == 2 else x.index_select(0, self.expert_input))
+        return batched_linear(x, self.gate_weight, self.gate_bias).softmax(dim=-1), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates, experts = self.gates_and_experts(x)

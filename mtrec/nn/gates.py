@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mtrec.nn.mlp import batched_linear
+
 __all__ = [
     "GATES",
     "DSelectKGate",
@@ -207,11 +209,7 @@ class DSelectKGate(nn.Module):
     def selectors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixing weights ``(B, G, k)`` and selector distributions ``(B, G, k, E)``."""
         G, k, m = self.num_gates, self.k, self.bits
-        if x.dim() == 2:
-            w = self.weight.permute(1, 0, 2).reshape(x.shape[1], -1)
-            raw = torch.addmm(self.bias.reshape(1, -1), x, w).view(x.shape[0], G, -1)
-        else:
-            raw = torch.baddbmm(self.bias, x, self.weight).transpose(0, 1)
+        raw = batched_linear(x, self.weight, self.bias)  # (B, G, k * (m + 1))
         B = raw.shape[0]
         s = smooth_step(raw[..., : k * m].reshape(B, G, k, 1, m), self.gamma)
         chosen = torch.where(self.codes, s, 1.0 - s).prod(-1)  # (B, G, k, 2^m) over the codes

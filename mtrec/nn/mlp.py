@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["MLP", "Tower", "batched_layers"]
+__all__ = ["MLP", "Tower", "batched_layers", "batched_linear"]
 
 
 class MLP(nn.Sequential):
@@ -75,3 +75,19 @@ def batched_layers(copies: int, in_dim: int, hidden: tuple[int, ...]) -> tuple[n
         biases.append(nn.Parameter(torch.empty(copies, 1, h).uniform_(-bound, bound)))
         width = h
     return weights, biases
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``G`` linear maps held as ``weight (G, in, out)`` and ``bias (G, 1, out)`` (as
+    :func:`batched_layers` makes them): ``x (B, in)``, which every map reads (one GEMM), or
+    ``(G, B, in)``, map ``g`` reading ``x[g]`` (one ``baddbmm``) ``-> (B, G, out)``.
+
+    Example:
+        >>> w, b = torch.ones(3, 4, 2), torch.zeros(3, 1, 2)
+        >>> batched_linear(torch.ones(5, 4), w, b).shape, batched_linear(torch.ones(3, 5, 4), w, b).shape
+        (torch.Size([5, 3, 2]), torch.Size([5, 3, 2]))
+    """
+    if x.dim() == 2:
+        flat = weight.permute(1, 0, 2).reshape(x.shape[1], -1)
+        return torch.addmm(bias.reshape(1, -1), x, flat).view(x.shape[0], weight.shape[0], -1)
+    return torch.baddbmm(bias, x, weight).transpose(0, 1)
