@@ -35,10 +35,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import ROOT  # noqa: E402 - the benchmarks folder is not a package
+from train_throughput import WEIGHTINGS  # noqa: E402 - every weighting but fixed, one list for both
 from transfer_study import ALPHA, BASELINE, TITLES, _fmt, _vs, plot, run_rows  # noqa: E402
 
 SECTIONS = {"synthetic": ROOT / "configs" / "synthetic", "census": ROOT / "configs" / "census_income"}
-WEIGHTINGS = ("uncertainty", "gradnorm", "dwa", "rlw", "famo", "pcgrad")
 ROWS: dict[str, tuple[str, list[str]]] = {
     **{
         name: (name, [])

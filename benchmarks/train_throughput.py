@@ -35,7 +35,19 @@ import time
 from pathlib import Path
 
 # What --variants measures: the benchmark configuration with one of these laid over it.
-WEIGHTINGS = ("uncertainty", "gradnorm", "dwa", "rlw", "famo", "pcgrad")
+WEIGHTINGS = (
+    "uncertainty",
+    "gradnorm",
+    "dwa",
+    "rlw",
+    "famo",
+    "pcgrad",
+    "mgda",
+    "cagrad",
+    "nash_mtl",
+    "aligned_mtl",
+    "db_mtl",
+)
 _HISTORY = {"name": "hist_item_ids", "max_len": 20, "vocab_from": "item_id"}
 VARIANTS: dict[str, dict] = {
     "mmoe": {},

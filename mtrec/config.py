@@ -325,8 +325,10 @@ class TrainConfig:
             once).
         loss_weighting: How task losses are balanced: ``{name: fixed}`` (the tasks'
             weights), ``uncertainty``, ``gradnorm`` (``alpha``, ``lr``), ``dwa``
-            (``temperature``), ``rlw`` (``seed``), ``famo`` (``lr``, ``decay``) or ``pcgrad``
-            (``seed``); see :mod:`mtrec.weighting`.
+            (``temperature``), ``rlw`` (``seed``), ``famo`` (``lr``, ``decay``), ``pcgrad``
+            (``seed``), or one of the methods that combine the task gradients on the shared
+            representation: ``mgda``, ``cagrad`` (``c``), ``nash_mtl``, ``aligned_mtl``,
+            ``db_mtl`` (``beta``, ``beta_sigma``); see :mod:`mtrec.weighting`.
         loss_normalization: How a task's loss is normalised over its sample space (see
             :mod:`mtrec.training.losses`): ``sample_space`` (the default), the mean over the batch rows
             in the task's space, so CVR on the ~5 % clicked rows weighs as much as CTR on
@@ -531,6 +533,9 @@ _PARAM_RULES: dict[str, _Range] = {
     "temperature": _POSITIVE,
     "decay": _NON_NEGATIVE,
     "seed": _SEED,
+    "c": _NON_NEGATIVE,
+    "beta": _UNIT,
+    "beta_sigma": _NON_NEGATIVE,
 }
 """Ranges of model and loss-weighting parameters, by parameter name: one owner for every
 architecture (``hidden`` and ``*_hidden``, layer widths as a list or one int, are handled by
@@ -653,6 +658,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def _needs_representation(name: str) -> bool:
+    from mtrec.weighting import WEIGHTINGS
+
+    return name in WEIGHTINGS and WEIGHTINGS[name].needs_representation
+
+
 def _check_train(cfg: Config) -> None:
     """Checks that span keys; each key's own range was checked as it was read (``_FIELD_RULES``)."""
     t = cfg.train
@@ -660,6 +671,11 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(
             f"train.precision: fp16 scales the losses, which needs loss_weighting fixed or dwa, "
             f"not {t.loss_weighting.get('name')}"
+        )
+    if t.compile and _needs_representation(str(t.loss_weighting.get("name"))):
+        raise ConfigError(
+            f"train.compile: loss_weighting {t.loss_weighting.get('name')} records the shared representation "
+            f"with a forward hook, which a compiled backbone does not run; set train.compile: false"
         )
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")

@@ -5,7 +5,10 @@ losses (scalar, still attached to the graph) and leaves in every parameter's ``.
 what the optimisers should apply. Strategies that only rescale losses (``fixed``,
 ``uncertainty``, ``dwa``, ``rlw``, ``famo``) need one ordinary backward; the gradient-based ones
 (``gradnorm``, ``pcgrad``) additionally take per-task gradients of the *shared dense*
-parameters they are given, never of the embedding tables (see DESIGN.md).
+parameters they are given, never of the embedding tables (see DESIGN.md). The
+representation-gradient methods (``mgda``, ``cagrad``, ``nash_mtl``, ``aligned_mtl``,
+``db_mtl``; :class:`RepresentationGradient`) take per-task gradients of the shared
+*representation* instead, the last shared layer's output, and combine them there.
 
 Every strategy expects the gradients to be zeroed (or ``None``) before
 :meth:`LossWeighting.backward`, exactly as a plain ``loss.backward()`` would.
@@ -34,21 +37,30 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from mtrec import repgrad
 from mtrec.typed import parameter_spec
 
 __all__ = [
+    "DBMTL",
     "DWA",
     "FAMO",
+    "MGDA",
     "WEIGHTINGS",
     "FixedWeighting",
+    "AlignedMTL",
+    "CAGrad",
     "GradNorm",
     "LossWeighting",
+    "NashMTL",
     "PCGrad",
     "ParameterSlice",
     "RandomLossWeighting",
+    "Representation",
+    "RepresentationGradient",
     "SharedLayer",
     "UncertaintyWeighting",
     "create_weighting",
@@ -73,6 +85,20 @@ class ParameterSlice(NamedTuple):
 
 SharedLayer = nn.Parameter | ParameterSlice
 """An entry of ``last_shared``: a whole parameter or a :class:`ParameterSlice` of one."""
+
+
+class Representation(NamedTuple):
+    """The shared representation of one training forward pass: the output(s) of the layer
+    that holds the model's last shared parameters (every task's loss depends on it).
+
+    ``rows``, for a ``(B, E, H)`` expert-group output whose first experts only are shared (a
+    :class:`ParameterSlice` of its weights), selects those experts along dimension 1; the
+    representation-gradient methods then combine the gradients there and leave the
+    task-specific experts' gradients as they are.
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    rows: slice | None = None
 
 
 # Strategy name -> class, filled by @register_weighting in the order the classes are defined.
@@ -109,6 +135,9 @@ class LossWeighting(nn.Module):
 
     Subclasses override :meth:`_combine` (a loss-rescaling strategy) or :meth:`backward`.
     """
+
+    needs_representation = False
+    """Whether :meth:`backward` needs the shared representation (the trainer then records it)."""
 
     def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...]) -> None:
         super().__init__()
@@ -153,6 +182,7 @@ class LossWeighting(nn.Module):
         shared: Sequence[nn.Parameter],
         last_shared: Sequence[SharedLayer],
         extra: torch.Tensor | None = None,
+        representation: Representation | None = None,
     ) -> torch.Tensor:
         """Computes every parameter's gradient and returns the objective, detached.
 
@@ -164,6 +194,9 @@ class LossWeighting(nn.Module):
                 them (:class:`ParameterSlice`), that every task's gradient reaches.
             extra: An additional scalar term (e.g. an architecture's auxiliary loss), added
                 with weight 1 and never rebalanced.
+            representation: What the last shared layer output in this forward pass (see
+                :class:`Representation`); only the representation-gradient methods
+                (:attr:`needs_representation`) read it.
 
         Returns:
             The scalar objective whose gradient was taken (for logging), detached.
@@ -333,6 +366,7 @@ class GradNorm(LossWeighting):
         shared: Sequence[nn.Parameter],
         last_shared: Sequence[SharedLayer],
         extra: torch.Tensor | None = None,
+        representation: Representation | None = None,
     ) -> torch.Tensor:
         stacked = self._stack(losses)
         entries = [e if isinstance(e, ParameterSlice) else ParameterSlice(e, slice(None)) for e in last_shared]
@@ -708,6 +742,7 @@ class PCGrad(LossWeighting):
         shared: Sequence[nn.Parameter],
         last_shared: Sequence[SharedLayer],
         extra: torch.Tensor | None = None,
+        representation: Representation | None = None,
     ) -> torch.Tensor:
         stacked = self._stack(losses)
         params = [p for p in shared if p.requires_grad]
@@ -743,6 +778,245 @@ class PCGrad(LossWeighting):
         return total.detach()
 
 
+class RepresentationGradient(LossWeighting):
+    """Base of the methods that combine the task gradients *on the shared representation*
+    (the "rep-grad" mode of LibMTL and MultiBalance; the "upper bound" of MGDA-UB).
+
+    ``z`` is the output of the layer holding the model's last shared parameters (the shared
+    experts, the shared bottom's last layer; see :class:`Representation`). Each step:
+
+    1. ``g_t = d (w_t L_t) / d z`` for every task, by ``T`` backward passes from the losses to
+       ``z`` only (through the towers and gates; neither the layers below ``z`` nor the
+       embedding tables are reached), flattened over the batch;
+    2. the ``(T, T)`` Gram matrix ``g_t . g_s`` (one host read) goes to the method's solver
+       (:mod:`mtrec.repgrad`), which returns coefficients ``a`` over the tasks present
+       (a task with a zero gradient, e.g. no row of its sample space, or weight 0, keeps
+       ``a_t = 1``: it has nothing to combine);
+    3. one backward of ``sum_t w_t L_t + extra`` together with ``z`` given the extra gradient
+       ``sum_t (a_t - 1) g_t``: everything below ``z`` gets ``sum_t a_t g_t`` (plus ``extra``'s
+       gradient), everything above it (towers, gates, anything beside ``z``) the plain
+       gradient of the weighted sum.
+
+    Cost per step: ``T`` partial backward passes from the losses to ``z`` and a ``(T, D)``
+    product (``D`` = ``z``'s size), on top of the usual backward. A model that records no
+    representation (none was given) is trained as ``fixed``, with one warning.
+    """
+
+    needs_representation = True
+
+    def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...]) -> None:
+        super().__init__(task_names, base_weights)
+        self._last: list[float] | None = None
+        self._warned = False
+
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        """``(n,)`` coefficients for the ``n`` present tasks (their positions ``tasks``), from
+        their gradients' Gram matrix and their weighted losses ``w_t L_t`` (float64)."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        *,
+        shared: Sequence[nn.Parameter],
+        last_shared: Sequence[SharedLayer],
+        extra: torch.Tensor | None = None,
+        representation: Representation | None = None,
+    ) -> torch.Tensor:
+        stacked = self._stack(losses)
+        weighted = [w * loss for w, loss in zip(self.base_weights, stacked, strict=True)]
+        total = sum(weighted, stacked[0].new_zeros(()))
+        if extra is not None:
+            total = total + extra
+        if representation is None or not representation.tensors:
+            if not self._warned:
+                warnings.warn(
+                    f"{type(self).__name__}: the model recorded no shared representation; using fixed weights",
+                    stacklevel=2,
+                )
+                self._warned = True
+            _backward_if_needed(total)
+            return total.detach()
+        z = list(representation.tensors)
+        if not total.requires_grad:
+            return total.detach()
+        rows = representation.rows
+        per_task = []
+        for loss in weighted:
+            grads: Sequence[torch.Tensor | None] = (
+                torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)
+                if loss.requires_grad
+                else [None] * len(z)
+            )
+            per_task.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(t) if g is None else g)[(slice(None), rows) if rows else ...].reshape(-1)
+                        for t, g in zip(z, grads, strict=True)
+                    ]
+                )
+            )
+        flat = torch.stack(per_task).float()  # (T, D)
+        read = torch.cat([(flat @ flat.T).reshape(-1), torch.stack([w.detach().float() for w in weighted])])
+        host = read.double().cpu().numpy()  # the one read of the step
+        T = self.num_tasks
+        gram, values = host[: T * T].reshape(T, T), host[T * T :]
+        present = (np.diag(gram) > 0) & np.isfinite(values) & (values != 0)
+        coef = np.ones(T)
+        if present.sum() >= 1:
+            idx = np.flatnonzero(present)
+            coef[idx] = self.coefficients(gram[np.ix_(idx, idx)], values[idx], idx)
+        self._last = (coef * np.asarray(self.base_weights)).tolist()
+        if np.all(coef == 1.0):
+            total.backward()
+            return total.detach()
+        delta = torch.from_numpy(coef - 1.0).to(device=flat.device, dtype=flat.dtype) @ flat
+        extra_grads, offset = [], 0
+        for t in z:
+            part = t[(slice(None), rows)] if rows else t
+            d = delta[offset : offset + part.numel()].view_as(part).to(t.dtype)
+            offset += part.numel()
+            if rows:
+                full = torch.zeros_like(t)
+                full[(slice(None), rows)] = d
+                d = full
+            extra_grads.append(d)
+        torch.autograd.backward([total, *z], [torch.ones_like(total), *extra_grads])
+        return total.detach()
+
+    def weights(self) -> dict[str, float]:
+        """The last step's effective weights ``a_t w_t`` (the base weights before the first)."""
+        if self._last is None:
+            return super().weights()
+        return dict(zip(self.task_names, self._last, strict=True))
+
+
+@register_weighting("mgda")
+class MGDA(RepresentationGradient):
+    """MGDA-UB (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
+    NeurIPS 2018): the step is the point of minimum norm in the convex hull of the task
+    gradients on the shared representation, a direction that decreases every task (or none,
+    at a Pareto-stationary point). Solved exactly (:func:`~mtrec.repgrad.min_norm_coefficients`)
+    and scaled by the number of tasks present, so that agreeing tasks get ``fixed``'s step.
+    At most :data:`~mtrec.repgrad.MAX_MIN_NORM_TASKS` tasks.
+    """
+
+    def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...]) -> None:
+        super().__init__(task_names, base_weights)
+        if self.num_tasks > repgrad.MAX_MIN_NORM_TASKS:
+            raise ValueError(f"mgda takes at most {repgrad.MAX_MIN_NORM_TASKS} tasks, got {self.num_tasks}")
+
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        return len(gram) * repgrad.min_norm_coefficients(gram)
+
+
+@register_weighting("cagrad")
+class CAGrad(RepresentationGradient):
+    """CAGrad (Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task
+    Learning", NeurIPS 2021) on the shared representation: the direction within ``c ||g0||``
+    of the average gradient ``g0`` that improves the worst task most, rescaled by
+    ``T / (1 + c)`` (:func:`~mtrec.repgrad.cagrad_coefficients`); ``c = 0`` is ``fixed``.
+
+    Args:
+        task_names: Task names.
+        base_weights: The config's per-task weights.
+        c: The radius of the ball around the average gradient (the paper's 0.4 for MTL).
+    """
+
+    def __init__(self, task_names: tuple[str, ...], base_weights: tuple[float, ...], *, c: float = 0.4) -> None:
+        super().__init__(task_names, base_weights)
+        if not (math.isfinite(c) and c >= 0):
+            raise ValueError(f"cagrad: c must be >= 0, got {c}")
+        self.c = float(c)
+
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        return repgrad.cagrad_coefficients(gram, self.c)
+
+
+@register_weighting("nash_mtl")
+class NashMTL(RepresentationGradient):
+    """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022) on the
+    shared representation: the Nash bargaining solution ``d = sum_t alpha_t g_t`` with
+    ``g_t . d = 1 / alpha_t`` (:func:`~mtrec.repgrad.nash_coefficients`): invariant to each
+    task's loss scale, and ``||d||^2 = T`` whatever the gradients' size (the paper's scale;
+    an adaptive optimiser such as Adam absorbs it). Solved at every step (the paper's
+    cvxpy iterations are replaced by Newton steps on the equivalent concave problem).
+    """
+
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        return repgrad.nash_coefficients(gram)
+
+
+@register_weighting("aligned_mtl")
+class AlignedMTL(RepresentationGradient):
+    """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task
+    Learning", CVPR 2023), its upper-bound form on the shared representation: the task
+    gradients are rotated and rescaled so that their matrix has condition number 1
+    (:func:`~mtrec.repgrad.aligned_coefficients`), removing both the conflict and the
+    dominance of the larger gradients; the step is the sum of the aligned gradients.
+    """
+
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        return repgrad.aligned_coefficients(gram)
+
+
+@register_weighting("db_mtl")
+class DBMTL(RepresentationGradient):
+    """DB-MTL (Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing Multi-Task Learning", 2023) on the
+    shared representation.
+
+    Loss-scale balancing: each task descends ``log L_t``, whose gradient is ``h_t = g_t / (w_t
+    L_t)`` (a task's loss scale cancels). Gradient-magnitude balancing: every ``h_t`` is
+    scaled to the largest norm, ``max_s n_s / n_t``, where ``n_t`` is an exponential moving
+    average of ``||h_t||`` (``n <- ||h|| + beta / k ** beta_sigma * (n - ||h||)`` at a task's
+    ``k``-th step, the paper's schedule). The step is ``sum_t w_t (max_s n_s / n_t) h_t``.
+
+    The paper averages the gradient *vectors* over steps; on the representation a batch's
+    rows are new samples, so the average of vectors would mix different rows, and only
+    their norms are averaged here. The losses must be positive (a log is taken).
+
+    Args:
+        task_names: Task names.
+        base_weights: The config's per-task weights.
+        beta: The moving average's weight on the past (0: this step's norms only).
+        beta_sigma: Its decay with the step count.
+    """
+
+    norms: torch.Tensor
+    steps: torch.Tensor
+
+    def __init__(
+        self,
+        task_names: tuple[str, ...],
+        base_weights: tuple[float, ...],
+        *,
+        beta: float = 0.9,
+        beta_sigma: float = 0.5,
+    ) -> None:
+        super().__init__(task_names, base_weights)
+        if not (math.isfinite(beta) and 0 <= beta < 1) or not (math.isfinite(beta_sigma) and beta_sigma >= 0):
+            raise ValueError(f"db_mtl needs 0 <= beta < 1 and beta_sigma >= 0, got {beta}, {beta_sigma}")
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self.register_buffer("norms", torch.zeros(self.num_tasks, dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros(self.num_tasks, dtype=torch.int64))
+
+    def coefficients(self, gram: np.ndarray, losses: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        if (losses <= 0).any():
+            raise ValueError(f"db_mtl takes the log of the task losses, which must be > 0, got {losses.tolist()}")
+        log_norms = np.sqrt(np.diag(gram)) / losses  # ||h_t||
+        norms = self.norms.cpu().numpy()
+        steps = self.steps.cpu().numpy()
+        for j, t in enumerate(tasks):
+            steps[t] += 1
+            decay = self.beta / steps[t] ** self.beta_sigma
+            norms[t] = log_norms[j] if steps[t] == 1 else log_norms[j] + decay * (norms[t] - log_norms[j])
+        self.norms.copy_(torch.from_numpy(norms))
+        self.steps.copy_(torch.from_numpy(steps))
+        mine = norms[tasks]
+        base = np.asarray(self.base_weights)[tasks]
+        return base * (mine.max() / mine) / losses
+
+
 def create_weighting(
     name: str, task_names: tuple[str, ...], base_weights: tuple[float, ...], **params: Any
 ) -> LossWeighting:
@@ -750,7 +1024,8 @@ def create_weighting(
 
     Args:
         name: One of :data:`WEIGHTINGS` (``fixed``, ``uncertainty``, ``gradnorm``, ``dwa``,
-            ``rlw``, ``famo``, ``pcgrad``).
+            ``rlw``, ``famo``, ``pcgrad``, and on the shared representation ``mgda``,
+            ``cagrad``, ``nash_mtl``, ``aligned_mtl``, ``db_mtl``).
         task_names: Task names.
         base_weights: The config's per-task weights.
         **params: The strategy's keyword parameters (e.g. ``alpha`` for ``gradnorm``).

@@ -16,7 +16,7 @@ from mtrec.nn.embedding import FusedEmbedding, masked_pool
 from mtrec.nn.gates import take_penalties
 from mtrec.nn.mlp import Tower
 from mtrec.schema import InputLayout
-from mtrec.weighting import SharedLayer
+from mtrec.weighting import ParameterSlice, SharedLayer
 
 __all__ = [
     "DEFAULT_EMBEDDING",
@@ -365,6 +365,30 @@ class MultiTaskModel(nn.Module):
         or slices of batched ones (:class:`~mtrec.weighting.ParameterSlice`), every task reaches."""
         fn = getattr(self.backbone, "last_shared_parameters", None)
         return list(fn()) if fn is not None else []
+
+    def representation_layer(self) -> tuple[nn.Module, slice | None]:
+        """Where the representation-gradient loss weightings take the task gradients
+        (:class:`~mtrec.weighting.RepresentationGradient`): the module whose output is the
+        shared representation, and the experts of that output that are shared.
+
+        It is the smallest computing module that holds all of :meth:`last_shared_parameters`
+        (an expert group, whose ``(B, E, H)`` output is sliced along ``E`` to the shared
+        experts of a :class:`~mtrec.weighting.ParameterSlice`; the shared bottom's last
+        linear layer), so the gradients are taken where GradNorm measures them. A model
+        without a shared layer (``independent``, ``shared_embedding``) gets its input layer.
+        """
+        entries = self.last_shared_parameters()
+        wanted = {id(e.param if isinstance(e, ParameterSlice) else e) for e in entries}
+        rows = next((e.rows for e in entries if isinstance(e, ParameterSlice)), None)
+        best: nn.Module | None = None
+        if wanted:
+            for module in self.modules():
+                if type(module).forward is nn.Module.forward:  # containers (ModuleList, ParameterList)
+                    continue
+                held = {id(p) for p in module.parameters()}
+                if wanted <= held and (best is None or len(held) < len(list(best.parameters()))):
+                    best = module
+        return (self.features, None) if best is None else (best, rows)
 
     def _embeddings(self) -> list[FusedEmbedding]:
         return [m for m in self.features.modules() if isinstance(m, FusedEmbedding)]

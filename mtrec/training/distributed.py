@@ -710,6 +710,11 @@ UNSUPPORTED_WEIGHTINGS = {
     "gradnorm": "its task weights would be balanced on each rank's batch alone and differ between ranks",
     # FAMO steps its task logits from the rank's own task losses.
     "famo": "its task logits would step from each rank's own losses and differ between ranks",
+    # The representation-gradient methods solve their combination on the rank's own batch.
+    **{
+        name: "it combines the task gradients of each rank's own batch, not of the global batch"
+        for name in ("mgda", "cagrad", "nash_mtl", "aligned_mtl", "db_mtl")
+    },
 }
 
 
@@ -717,8 +722,9 @@ def check_loss_weighting(name: str, ctx: DistContext) -> None:
     """Refuses the loss weightings that are not correct under data parallelism.
 
     ``fixed``, ``uncertainty`` (with :func:`all_reduce_grads` on its log-variances) and
-    ``dwa`` (with the epoch losses summed over ranks) are exact; ``gradnorm``, ``famo`` and
-    ``pcgrad`` are not (see :data:`UNSUPPORTED_WEIGHTINGS`).
+    ``dwa`` (with the epoch losses summed over ranks) are exact; ``gradnorm``, ``famo``,
+    ``pcgrad`` and the representation-gradient methods are not (see
+    :data:`UNSUPPORTED_WEIGHTINGS`).
 
     Raises:
         ConfigError: ``name`` is not supported with more than one process.

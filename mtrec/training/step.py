@@ -14,9 +14,34 @@ from mtrec.training.distributed import DistContext, all_reduce_grads, global_mea
 from mtrec.training.losses import task_losses
 from mtrec.training.policy import resolve_precision
 from mtrec.training.profiling import STEP_RANGE
-from mtrec.weighting import LossWeighting
+from mtrec.weighting import LossWeighting, Representation
 
-__all__ = ["TrainStep"]
+__all__ = ["RepresentationTap", "TrainStep"]
+
+
+class RepresentationTap:
+    """Records the shared representation of each training forward pass: a forward hook on
+    the model's :meth:`~mtrec.models.MultiTaskModel.representation_layer`, read by the
+    representation-gradient loss weightings. Evaluation passes (eval mode or no grad) are
+    not recorded."""
+
+    def __init__(self, module: nn.Module, rows: slice | None = None) -> None:
+        self.rows = rows
+        self._seen: list[torch.Tensor] = []
+        self._handle = module.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            self._seen.append(output)
+
+    def take(self) -> Representation:
+        """What the forward passes since the last call recorded (and forget it)."""
+        seen, self._seen = self._seen, []
+        return Representation(tuple(seen), self.rows)
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._seen = []
 
 
 class TrainStep:
@@ -49,10 +74,13 @@ class TrainStep:
         self.dense_params = model.dense_parameters()  # what grad_clip clips (never the table)
         self.shared_params, self.last_shared = model.shared_parameters(), model.last_shared_parameters()
         self.embedding_params = model.embedding_parameters()
+        self.tap = RepresentationTap(*model.representation_layer()) if weighting.needs_representation else None
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The batch's weighted loss and its task losses (both on the device)."""
         with torch.profiler.record_function(STEP_RANGE):  # see mtrec.training.profiling
+            if self.tap is not None:
+                self.tap.take()  # nothing from an earlier pass that never reached backward
             parts, aux = self._losses(batch)
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -77,7 +105,9 @@ class TrainStep:
         return parts, self.model.auxiliary_loss(logits, batch)
 
     def _backward(self, parts: dict[str, torch.Tensor], aux: torch.Tensor | None) -> torch.Tensor:
-        shared = {"shared": self.shared_params, "last_shared": self.last_shared}
+        shared: dict[str, Any] = {"shared": self.shared_params, "last_shared": self.last_shared}
+        if self.tap is not None:
+            shared["representation"] = self.tap.take()
         if self.scaler is None:
             return self.weighting.backward(parts, extra=aux, **shared)
         # fp16: the objective is linear in the losses (fixed/dwa weighting), so scaling each

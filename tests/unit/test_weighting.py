@@ -10,6 +10,7 @@ from mtrec.batch import Batch
 from mtrec.models import create_model
 from mtrec.schema import InputLayout, Task
 from mtrec.training.losses import multitask_loss
+from mtrec.training.step import RepresentationTap
 from mtrec.typed import parameter_spec
 from mtrec.weighting import DWA, WEIGHTINGS, GradNorm, PCGrad, create_weighting
 
@@ -534,6 +535,7 @@ def test_every_strategy_on_mmoe_with_an_absent_task(name, absent):
     torch.manual_seed(0)
     model = create_model("mmoe", LAYOUT, tuple(t.name for t in TASKS), embedding_dim=4, expert_hidden=(8, 8))
     weighting = create_weighting(name, tuple(t.name for t in TASKS), (1.0, 1.0, 0.5))
+    tap = RepresentationTap(*model.representation_layer()) if weighting.needs_representation else None
     for step in range(3):
         batch = _mmoe_batch(cvr_rows=False)
         logits = model(batch)
@@ -542,7 +544,10 @@ def test_every_strategy_on_mmoe_with_an_absent_task(name, absent):
         if absent == "constant":
             losses["cvr"] = torch.zeros(())  # no graph dependence at all
         model.zero_grad(set_to_none=True)
-        total = weighting.backward(losses, shared=model.shared_parameters(), last_shared=model.last_shared_parameters())
+        rep = {"representation": tap.take()} if tap is not None else {}
+        total = weighting.backward(
+            losses, shared=model.shared_parameters(), last_shared=model.last_shared_parameters(), **rep
+        )
         assert torch.isfinite(total)
         for pname, p in model.named_parameters():
             if p.grad is None:
@@ -581,7 +586,8 @@ def test_all_losses_constant_leaves_no_gradient():
 
 def test_create_weighting_rejects_unknown_names_and_parameters():
     with pytest.raises(
-        ValueError, match="unknown loss weighting 'nope'.*dwa, famo, fixed, gradnorm, pcgrad, rlw, uncertainty"
+        ValueError,
+        match="unknown loss weighting 'nope'.*aligned_mtl, cagrad, db_mtl, dwa, famo, fixed, gradnorm, mgda, nash_mtl",
     ):
         create_weighting("nope", ("a",), (1.0,))
     with pytest.raises(ValueError, match="unknown parameter.*alpah.*gradnorm.*accepted: alpha, lr"):
@@ -610,6 +616,11 @@ def test_weighting_parameters_are_annotated_config_keys():
         "rlw": {"seed": (int, 0)},
         "famo": {"lr": (float, 0.025), "decay": (float, 0.001)},
         "pcgrad": {"seed": (int, 0)},
+        "mgda": {},
+        "cagrad": {"c": (float, 0.4)},
+        "nash_mtl": {},
+        "aligned_mtl": {},
+        "db_mtl": {"beta": (float, 0.9), "beta_sigma": (float, 0.5)},
     }
 
 

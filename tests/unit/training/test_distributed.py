@@ -392,7 +392,7 @@ def test_shard_bounds_cover_every_row_once():
 
 def test_gradient_based_weightings_are_refused_under_ddp():
     ddp = DistContext(rank=0, world_size=2, backend="gloo")
-    for name in ("gradnorm", "pcgrad", "famo"):
+    for name in ("gradnorm", "pcgrad", "famo", "mgda", "cagrad", "nash_mtl", "aligned_mtl", "db_mtl"):
         with pytest.raises(ConfigError, match=f"loss_weighting: {name} is not supported with 2 processes"):
             check_loss_weighting(name, ddp)
         check_loss_weighting(name, SINGLE_PROCESS)
