@@ -3,8 +3,8 @@
 Example:
     >>> import mtrec
     >>> sorted(mtrec.list_models())  # doctest: +NORMALIZE_WHITESPACE
-    ['adatt', 'aitm', 'cgc', 'cross_stitch', 'dbmtl', 'independent', 'mmoe', 'omoe', 'ple',
-     'shared_bottom', 'shared_embedding', 'stem_net']
+    ['adatt', 'aitm', 'cgc', 'cross_stitch', 'dbmtl', 'independent', 'mmoe', 'omoe', 'pepnet',
+     'ple', 'shared_bottom', 'shared_embedding', 'stem_net']
 """
 
 from mtrec._version import __version__

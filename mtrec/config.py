@@ -527,6 +527,7 @@ _PARAM_RULES: dict[str, _Range] = {
     "gate_gamma": _POSITIVE,
     "gate_entropy": _NON_NEGATIVE,
     "expert_balance": _NON_NEGATIVE,
+    "gate_scale": _POSITIVE,
     # loss weighting parameters (mtrec.weighting)
     "alpha": _NON_NEGATIVE,
     "lr": _POSITIVE,
@@ -610,6 +611,7 @@ def config_from_dict(raw: Any, overrides: Sequence[str] = (), *, training: bool 
     if training:
         _check_weighting_values(weighting, schema)
     _check_model_tasks(model, schema)
+    _check_model_features(model, schema)
     _check_train(cfg)
     return cfg
 
@@ -633,6 +635,24 @@ def _check_model_tasks(model: ModelConfig, schema: Schema) -> None:
             task_positions(tuple(model.params["task_order"]), schema.task_names)
         except ValueError as exc:
             raise ConfigError(f"model.task_order: {exc}") from None
+
+
+def _check_model_features(model: ModelConfig, schema: Schema) -> None:
+    """The input features an architecture's keys name (PEPNet's prior and domain features)."""
+    if model.name != "pepnet":
+        return
+    from mtrec.models.pepnet import feature_columns
+
+    sparse = tuple(f.name for f in schema.sparse)
+    if not sparse:
+        raise ConfigError(
+            "model.prior_features: pepnet's gates read sparse (ID) features, and features.sparse is empty"
+        )
+    for key in ("prior_features", "domain_features"):
+        try:
+            feature_columns(tuple(model.params[key]), sparse)
+        except ValueError as exc:
+            raise ConfigError(f"model.{key}: {exc}") from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

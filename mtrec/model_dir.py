@@ -216,8 +216,10 @@ def load_model_dir(directory: str | Path, *, map_location: str = "cpu") -> Loade
         raise ModelError(f"{meta_path}: expected a 'layout' object, got {_json_type(meta.get('layout'))}")
     pre = Preprocessor.load(config.schema, directory / PREPROCESS)
     layout = pre.layout()
-    # Layouts saved before target attention existed have no sequence_targets: none then.
-    if dataclasses.asdict(layout) != {"sequence_targets": (), **_lists_to_tuples(meta["layout"])}:
+    # Layouts saved before target attention existed have no sequence_targets (none then), and
+    # those saved before sparse_names existed no names (the schema's, which gave the layout).
+    older = {"sequence_targets": (), "sparse_names": layout.sparse_names}
+    if dataclasses.asdict(layout) != {**older, **_lists_to_tuples(meta["layout"])}:
         raise ModelError(f"{directory}: preprocessing state does not match the layout in meta.json")
     model = _build_saved_model(config, layout, config_path)
     try:

@@ -398,6 +398,11 @@ class InputLayout:
         sequence_targets: For each list column, the sparse column (``Batch.sparse`` index)
             its ``target_attention`` attends with, -1 for the other poolings; empty when no
             list pools by attention (as in every layout saved before the option existed).
+        sparse_names: The feature name of each sparse column, in ``Batch.sparse`` order (what
+            a model that names input features, e.g. PEPNet's prior features, resolves them
+            with); empty in a hand-built layout, and missing from the ``meta.json`` of model
+            directories saved before the field existed (their layout is rebuilt from the saved
+            preprocessing, which names them).
     """
 
     table_sizes: tuple[int, ...]
@@ -407,3 +412,4 @@ class InputLayout:
     sequence_pooling: tuple[str, ...]
     num_dense: int
     sequence_targets: tuple[int, ...] = ()
+    sparse_names: tuple[str, ...] = ()

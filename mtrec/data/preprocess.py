@@ -428,6 +428,7 @@ class Preprocessor:
             sequence_pooling=tuple(s.pooling for s in schema.sequence),
             num_dense=len(schema.dense),
             sequence_targets=_sequence_targets(schema),
+            sparse_names=tuple(f.name for f in schema.sparse),
         )
 
     def cardinality(self, f: SparseFeature) -> int:

@@ -12,6 +12,7 @@ from mtrec.models import (  # noqa: F401 - registration side effect
     independent,
     mmoe,
     omoe,
+    pepnet,
     ple,
     shared_bottom,
     shared_embedding,

@@ -68,6 +68,19 @@ class FusedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids + self.column_offsets, self.weight, sparse=self.sparse)
 
+    def lookup_columns(self, ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The lookup of some input columns only: ``ids (B, K)`` holds the values of input
+        columns ``columns`` (``(K,)`` int64) ``-> (B, K, D)``, from the same rows as
+        :meth:`forward` reads them.
+
+        Example:
+            >>> emb = FusedEmbedding((10, 5), 4, column_tables=(0, 1))
+            >>> ids = torch.tensor([[3, 2]])
+            >>> torch.equal(emb.lookup_columns(ids[:, 1:], torch.tensor([1])), emb(ids)[:, 1:])
+            True
+        """
+        return F.embedding(ids + self.column_offsets.index_select(0, columns), self.weight, sparse=self.sparse)
+
 
 def masked_pool(emb: torch.Tensor, lengths: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """Pools the first ``lengths[b]`` of ``L`` embeddings of each row.

@@ -244,7 +244,7 @@ def test_models_lists_registry():
     assert proc.returncode == 0
     listed = {line.split()[0] for line in proc.stdout.splitlines()}
     expected = {"independent", "shared_embedding", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "aitm"}
-    expected.update({"cross_stitch", "stem_net", "dbmtl", "adatt"})
+    expected.update({"cross_stitch", "stem_net", "dbmtl", "adatt", "pepnet"})
     assert listed == expected
     assert all(len(line.split()) > 3 for line in proc.stdout.splitlines())  # each with a description
 
@@ -283,6 +283,8 @@ def test_modelling_config_errors(work: Path):
     sets = ["--set=train.loss_weighting={name: famo}", "--set=train.precision=fp16"]
     proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", *sets)
     assert_one_line_error(proc, "train.precision: fp16 scales the losses", "not famo")
+    proc = mtrec("train", "--config", "configs/synthetic/pepnet.yaml", "--set", "model.prior_features=[user_id, town]")
+    assert_one_line_error(proc, "model.prior_features: 'town' is not a sparse feature", "'author_id'")
 
 
 def test_quickstart_end_to_end(tmp_path: Path):

@@ -407,6 +407,19 @@ def test_bad_set_value_is_refused_with_its_key(item: str, prefix: str) -> None:
         ({"name": "dbmtl", "task_order": ["cvr"]}, "model.task_order: task_order must list every task once"),
         ({"name": "dbmtl", "bottom": "ple"}, "model.bottom: expected 'mlp' or 'mmoe', got 'ple'"),
         ({"name": "dbmtl", "relation_hidden": []}, "model.relation_hidden: expected a non-empty list"),
+        (
+            {"name": "pepnet", "prior_features": ["user_id", "city"]},
+            "model.prior_features: 'city' is not a sparse feature (expected names from ['user_id', 'item_id'])",
+        ),
+        ({"name": "pepnet", "domain_features": ["hist"]}, "model.domain_features: 'hist' is not a sparse feature"),
+        (
+            {"name": "pepnet", "prior_features": ["item_id", "item_id"]},
+            "model.prior_features: 'item_id' is listed twice",
+        ),
+        ({"name": "pepnet", "prior_features": "user_id"}, "model.prior_features: expected a list of str"),
+        ({"name": "pepnet", "gate_scale": 0}, "model.gate_scale: expected a positive number, got 0.0"),
+        ({"name": "pepnet", "gate_hidden": 0}, "model.gate_hidden: expected >= 1, got 0"),
+        ({"name": "pepnet", "embedding": "per_task"}, "model.embedding: embedding 'per_task' needs a model"),
         ({"name": "mmoe", "gate": "dselect_k", "gate_k": 5}, "model.gate_k: expected at most 4 (num_experts), got 5"),
         (
             {"name": "ple", "gate": "dselect_k", "gate_k": 4},

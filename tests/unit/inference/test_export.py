@@ -14,12 +14,22 @@ from mtrec.errors import MtrecError
 from mtrec.inference.export import _reference_logits, export_model
 from mtrec.quickstart import synthetic_features, synthetic_tasks
 
+PEPNET = {
+    "name": "pepnet",
+    "embedding_dim": 4,
+    "prior_features": ["item_id", "user_id"],
+    "domain_features": ["device"],
+    "tower_hidden": [16, 8],
+    "gate_hidden": 8,
+}
 
-@pytest.fixture(scope="module", params=["shared", "stem", "gated"])
+
+@pytest.fixture(scope="module", params=["shared", "stem", "gated", "pepnet"])
 def model_dir(tmp_path_factory, request):
     """ESMM over PLE, with the shared embedding, with STEM's shared + per-task tables, and
     with DIN target attention, DCN-v2 cross layers, DSelect-k gates, HoME's expert
-    normalisation, the balance penalty and ESCM2-DR's imputation tower."""
+    normalisation, the balance penalty and ESCM2-DR's imputation tower; and ESMM over PEPNet
+    (prior and domain features looked up by name) with the same DIN and DCN-v2 input."""
     # DIN attention of the candidate item over the history, and DCN-v2 cross layers.
     din = {"name": "hist_item_ids", "max_len": 20, "pooling": "target_attention", "target": "item_id"}
     gated_features = {"sequence": [{**din, "vocab_from": "item_id"}], "interaction": {"name": "dcn_v2", "rank": 8}}
@@ -32,11 +42,13 @@ def model_dir(tmp_path_factory, request):
             "data": {"train": str(data)},
             "features": {
                 **synthetic_features(num_sparse=10, num_dense=6),
-                **(gated_features if request.param == "gated" else {}),
+                **(gated_features if request.param in ("gated", "pepnet") else {}),
             },
             "tasks": synthetic_tasks(),
             "esmm": {"ctr": "ctr", "cvr": "cvr", **({"counterfactual": "dr"} if request.param == "gated" else {})},
-            "model": {
+            "model": PEPNET
+            if request.param == "pepnet"
+            else {
                 "name": "ple",
                 "embedding_dim": 4,
                 "embedding": "shared" if request.param == "gated" else request.param,

@@ -30,11 +30,11 @@ def _batch(n: int = 16, seed: int = 0) -> Batch:
 
 
 # Every model with the shared embedding, and every one that can take them with per-task and
-# STEM embeddings (independent, shared_embedding and stem_net fix their own).
+# STEM embeddings (independent, shared_embedding, stem_net and pepnet fix their own).
 CONTRACT = [(name, "shared") for name in sorted(list_models())] + [
     (name, mode)
     for name in sorted(list_models())
-    if name not in ("independent", "shared_embedding", "stem_net")
+    if name not in ("independent", "shared_embedding", "stem_net", "pepnet")
     for mode in ("per_task", "stem")
 ]
 
