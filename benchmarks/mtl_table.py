@@ -54,6 +54,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
             "stem_net",
             "dbmtl",
             "adatt",
+            "pepnet",
         )
     },
     "mmoe_dselect_k": ("mmoe", ["model.gate=dselect_k", "model.gate_k=2", "model.gate_entropy=0.01"]),

@@ -270,6 +270,31 @@ def test_esmm_with_pcgrad_trains_and_evaluates_ctcvr_and_gates(work: Path, click
     assert set(result["gates"]["tasks"]) == {"ctr", "cvr", "satisfaction"}
 
 
+def test_representation_gradient_weighting_trains_ple_and_logs_its_weights(work: Path, clicks: Path):
+    """Nash-MTL on PLE's shared experts through the real trainer: trains, logs the combination's
+    effective weights (Nash-MTL's are not the fixed 1s), and the model scores."""
+    out = work / "nash"
+    sets = [f"data.train={clicks}", *SMALL_MODEL, "train.epochs=1", "train.loss_weighting={name: nash_mtl}"]
+    proc = mtrec("train", "--config", "configs/synthetic/ple.yaml", *[f"--set={s}" for s in sets], "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epoch = next(r for r in log if r["event"] == "epoch")
+    weights = epoch["task_weights"]
+    assert set(weights) == {"ctr", "cvr", "satisfaction"}
+    assert all(w > 0 for w in weights.values()) and any(abs(w - 1.0) > 1e-3 for w in weights.values())
+    assert all(0.5 < epoch["valid"][t]["auc"] < 1.0 for t in weights)
+    proc = mtrec(
+        "train",
+        "--config",
+        "configs/synthetic/ple.yaml",
+        "--set",
+        "train.loss_weighting={name: mgda}",
+        "--set",
+        "train.compile=true",
+    )
+    assert_one_line_error(proc, "train.compile: loss_weighting mgda")
+
+
 def test_modelling_config_errors(work: Path):
     proc = mtrec("train", "--config", "configs/synthetic/mmoe.yaml", "--set", "train.loss_weighting={name: magic}")
     assert_one_line_error(proc, "train.loss_weighting.name")
