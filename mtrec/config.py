@@ -347,6 +347,9 @@ class TrainConfig:
             ``epochs`` epochs (see :func:`mtrec.training.optim.lr_factor`). Stepped per training step,
             saved with the resume state.
         min_lr_ratio: Where ``lr_decay`` ends, as a share of each learning rate (0 to 1).
+        tensorboard: A directory for TensorBoard scalars (losses, validation metrics, task
+            weights, gate entropy; see :mod:`mtrec.training.tensorboard`), needs the
+            ``tensorboard`` extra; ``None``: none.
     """
 
     epochs: int = 3
@@ -373,6 +376,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_decay: Literal["none", "cosine", "linear"] = "none"
     min_lr_ratio: float = 0.0
+    tensorboard: str | None = None
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,11 @@ def _backbone_input(inner: nn.Module, batch: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gate_diagnostics(model: nn.Module, columns: TensorColumns, *, batch_size: int = 16384) -> dict[str, Any] | None:
-    """Gate utilisation per task over ``columns``; ``None`` for models without gates.
+def gate_diagnostics(
+    model: nn.Module, columns: TensorColumns, *, batch_size: int = 16384, max_rows: int | None = None
+) -> dict[str, Any] | None:
+    """Gate utilisation per task over ``columns`` (its first ``max_rows`` rows, if given, in
+    whole batches); ``None`` for models without gates.
 
     Returns:
         ``{"experts": [labels], "tasks": {task: {"mean_weight": {expert: w}, "entropy": h,
@@ -73,7 +76,10 @@ def gate_diagnostics(model: nn.Module, columns: TensorColumns, *, batch_size: in
     labels: list[str] = []
     covers: list[list[int]] = []
     try:
-        for batch in columns.iter_batches(batch_size):
+        size = batch_size if max_rows is None else max(1, min(batch_size, max_rows))
+        for batch in columns.iter_batches(size):
+            if max_rows is not None and rows >= max_rows:
+                break
             x = _backbone_input(inner, batch)
             gates, experts, labels, covers = backbone.gate_report(x, tuple(cast("tuple[str, ...]", inner.task_names)))
             g = gates.float()

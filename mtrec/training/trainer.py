@@ -82,6 +82,7 @@ from mtrec.training.optim import HasEmbeddingTables, make_lr_schedulers, make_op
 from mtrec.training.policy import resolve_device, resolve_embedding_optimizer, resolve_precision
 from mtrec.training.state import ResumableState, RunRecord
 from mtrec.training.step import TrainStep
+from mtrec.training.tensorboard import GATE_ROWS, TensorBoardLog, open_tensorboard
 from mtrec.weighting import create_weighting
 
 __all__ = ["TrainResult", "train"]
@@ -279,14 +280,20 @@ class Trainer:
         self.tasks = config.schema.output_tasks
         self.task_names = tuple(task.name for task in self.tasks)
         self.log_fh: TextIO | None = None
+        self.tensorboard: TensorBoardLog | None = None
+        self.global_step = 0  # updates since the start of training (TensorBoard's x axis)
 
     def say(self, text: str) -> None:
         say(self.stream, self.progress, text)
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], **tensorboard_only: Any) -> None:
+        """Appends ``record`` to ``log.jsonl`` (and, with ``train.tensorboard``, writes it and
+        ``tensorboard_only``'s entries as scalars)."""
         if self.log_fh is not None:
             self.log_fh.write(json.dumps(record) + "\n")
             self.log_fh.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.record({**record, **tensorboard_only}, self.global_step)
 
     def run(self, on_epoch: Callable[[dict[str, Any]], None] | None, resume: dict[str, Any] | None) -> TrainResult:
         try:
@@ -296,6 +303,8 @@ class Trainer:
         finally:
             if self.log_fh is not None:
                 self.log_fh.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         if self.staging is not None:
             commit_model_dir(self.staging, self.out_dir)
         # Every rank returns only once the model directory exists.
@@ -309,6 +318,8 @@ class Trainer:
     def setup(self, resume: dict[str, Any] | None) -> None:
         # Ranks on one machine share its cores.
         torch.set_num_threads(self.t.threads or max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
+        if self.t.tensorboard is not None and self.staging is not None:  # rank 0, before any work
+            self.tensorboard = open_tensorboard(self.t.tensorboard)
         self.generator = _seed_everything(self.t.seed)
         self._load_data()
         self._describe_labels()
@@ -348,6 +359,7 @@ class Trainer:
         self.first_epoch = 1
         if resume is not None:
             self._restore(resume)
+            self.global_step = sum(self.batches.num_batches(e) for e in range(1, self.first_epoch))
         else:
             self.log(
                 {
@@ -525,10 +537,12 @@ class Trainer:
         step = 0
         for step, batch in enumerate(source, start=1):
             loss, parts = self.step(batch)
+            self.global_step += 1
             sums.add(loss, parts, len(batch))
             bar.update(step, sums.rows, functools.partial(sums.mean_loss, epoch, step))
             if step % self.t.log_every == 0:
-                self.log({"event": "step", "epoch": epoch, "step": step, "loss": sums.mean_loss(epoch, step)})
+                extra = {"task_weights": self.weighting.weights()} if self.tensorboard is not None else {}
+                self.log({"event": "step", "epoch": epoch, "step": step, "loss": sums.mean_loss(epoch, step)}, **extra)
         loss_sum, rows, task_loss = sums.loss_sum(epoch, step), sums.rows, sums.task_sums()
         bar.close()
         seconds = time.perf_counter() - e0
@@ -565,7 +579,10 @@ class Trainer:
             "valid_seconds": valid_s,
             "rows_per_second": rows / train_s if train_s > 0 else None,
         }
-        self.log(record)
+        gates = None
+        if self.tensorboard is not None:
+            gates = gate_diagnostics(self.model, self.valid_cols, batch_size=t.eval_batch_size, max_rows=GATE_ROWS)
+        self.log(record, gates=gates)
         mark = " *" if improved else ""
         self.say(
             f"epoch {epoch}/{t.epochs}: train loss {record['train_loss']:.4f}, valid loss {valid_loss:.4f}, "
