@@ -240,6 +240,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         "--rank", default=None, metavar="EXPR", help='rank score, e.g. "ctr^1*cvr^0.5" or "0.7*ctr+0.3*cvr"'
     )
     sc.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    sc.add_argument(
+        "--uncalibrated", action="store_true", help="the raw probabilities of a model trained with train.calibration"
+    )
     sc.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -386,6 +389,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 write_report(staging, result, predictions, args.model)
             page = report / "report.html"
     print(format_metrics(result["tasks"]))
+    for name, cal in result.get("calibrated", {}).items():
+        raw = result["tasks"][name]
+        parts = [
+            f"{key} {cal[key]:.4f} (raw {raw[key]:.4f})"
+            for key in ("calibration", "logloss", "auc")
+            if cal.get(key) is not None and raw.get(key) is not None
+        ]
+        print(f"calibrated {name}: " + ", ".join(parts))
     if "gates" in result:
         from mtrec.diagnostics import format_gates
 
@@ -488,6 +499,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
             rank=args.rank,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            calibrated=not args.uncalibrated,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)

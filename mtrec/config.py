@@ -350,6 +350,10 @@ class TrainConfig:
         tensorboard: A directory for TensorBoard scalars (losses, validation metrics, task
             weights, gate entropy; see :mod:`mtrec.training.tensorboard`), needs the
             ``tensorboard`` extra; ``None``: none.
+        calibration: ``none``; ``platt`` or ``isotonic``: after training, a per-task
+            calibration of every binary task's probability fitted on the validation split
+            (:mod:`mtrec.calibration`), saved in the model directory and applied by
+            prediction and scoring; evaluation shows the raw and the calibrated metrics.
     """
 
     epochs: int = 3
@@ -377,6 +381,7 @@ class TrainConfig:
     lr_decay: Literal["none", "cosine", "linear"] = "none"
     min_lr_ratio: float = 0.0
     tensorboard: str | None = None
+    calibration: Literal["none", "platt", "isotonic"] = "none"
 
 
 @dataclass(frozen=True)

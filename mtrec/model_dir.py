@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mtrec.calibration import Calibrator
 from mtrec.config import Config, config_from_dict, config_to_dict, parse_yaml_text
 from mtrec.data.preprocess import Preprocessor
 from mtrec.errors import ConfigError, ModelError, MtrecError
@@ -56,6 +57,7 @@ __all__ = [
     "load_model_dir",
     "claim_model_dir",
     "commit_model_dir",
+    "save_calibration",
     "save_model_files",
     "save_resume_state",
     "load_resume_state",
@@ -71,6 +73,7 @@ PREPROCESS = "preprocess"
 METRICS = "metrics.json"
 LOG = "log.jsonl"
 DIAGNOSTICS = "diagnostics.json"
+CALIBRATION = "calibration.json"  # with train.calibration: per-task calibrators (mtrec.calibration)
 EVALUATIONS = "evaluations"  # evaluate's JSON files, added to a finished directory
 RESUME = "resume"  # in the unfinished folder only: dropped when the run is committed
 
@@ -166,12 +169,14 @@ def save_model_files(staging: Path, config: Config, preprocessor: Preprocessor, 
 
 @dataclass
 class LoadedModel:
-    """A model directory read back: config, preprocessing, network (eval mode) and meta."""
+    """A model directory read back: config, preprocessing, network (eval mode), meta and the
+    per-task calibration (empty without ``train.calibration``)."""
 
     config: Config
     preprocessor: Preprocessor
     model: nn.Module
     meta: dict[str, Any]
+    calibration: dict[str, Calibrator] = dataclasses.field(default_factory=dict)
 
 
 def load_model_dir(directory: str | Path, *, map_location: str = "cpu") -> LoadedModel:
@@ -232,7 +237,39 @@ def load_model_dir(directory: str | Path, *, map_location: str = "cpu") -> Loade
     except RuntimeError as exc:
         raise ModelError(f"{directory / WEIGHTS}: weights do not fit the saved config ({_first_line(exc)})") from None
     model.eval()
-    return LoadedModel(config, pre, model, meta)
+    return LoadedModel(config, pre, model, meta, _load_calibration(directory, config))
+
+
+def save_calibration(path: Path, method: str, calibrators: dict[str, Calibrator]) -> None:
+    """Writes the per-task calibrators as plain JSON (atomically)."""
+    body = {
+        "method": method,
+        "fitted_on": "validation split",
+        "tasks": {n: c.to_json() for n, c in calibrators.items()},
+    }
+    atomic_write_text(path, json.dumps(body, indent=2))
+
+
+def _load_calibration(directory: Path, config: Config) -> dict[str, Calibrator]:
+    """The saved calibrators (none without the file), every field checked."""
+    path = directory / CALIBRATION
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(_read_text(path))
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{path}: invalid JSON ({_first_line(exc)})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
+        raise ModelError(f"{path}: expected an object with a 'tasks' object")
+    binary = {t.name for t in config.schema.output_tasks if t.kind.ranks}
+    out = {}
+    for name, entry in raw["tasks"].items():
+        if name not in binary:
+            raise ModelError(
+                f"{path}: tasks.{name}: not a binary task of this model (expected some of {sorted(binary)})"
+            )
+        out[name] = Calibrator.from_json(entry, f"{path}: tasks.{name}")
+    return out
 
 
 # Bounds what a loader reads as text (config.yaml, meta.json, resume/state.json): files that

@@ -88,6 +88,8 @@ def evaluate_model_dir(
         "rows": int(y_all.shape[0]),
         "tasks": compute_metrics(z_all, y_all, m_all, tasks, w_all),
     }
+    if loaded.calibration:
+        result["calibrated"] = _calibrated_metrics(loaded.calibration, z_all, y_all, m_all, tasks, w_all)
     if group_by is not None:
         keys = np.concatenate(groups)
         _add_gauc(result["tasks"], tasks, z_all, y_all, m_all, w_all, keys, gauc_weighting)
@@ -98,6 +100,24 @@ def evaluate_model_dir(
         result["predictions"] = {"logits": z_all, "labels": y_all, "mask": m_all, "tasks": tasks}
         result["predictions"].update(sample_weight=w_all, groups=keys if group_by is not None else None)
     return result
+
+
+def _calibrated_metrics(
+    calibration: dict[str, Any],
+    z: dict[str, np.ndarray],
+    y: np.ndarray,
+    m: np.ndarray,
+    tasks: tuple[Task, ...],
+    w: np.ndarray | None,
+) -> dict[str, Any]:
+    """The calibrated tasks' metrics with the model's calibration applied (``tasks`` holds the raw ones)."""
+    eps = 1e-7
+    cal_z = dict(z)
+    for name, calibrator in calibration.items():
+        p = np.clip(calibrator.apply(1.0 / (1.0 + np.exp(-z[name].astype(np.float64)))), eps, 1 - eps)
+        cal_z[name] = (np.log(p) - np.log1p(-p)).astype(np.float32)
+    metrics = compute_metrics(cal_z, y, m, tasks, w)
+    return {name: metrics[name] for name in calibration}
 
 
 def _add_gauc(

@@ -31,7 +31,7 @@ from mtrec.files import (
     staged_dir,
     write_file,
 )
-from mtrec.model_dir import load_model_dir
+from mtrec.model_dir import CALIBRATION, load_model_dir, save_calibration
 
 __all__ = ["EncodedInputModel", "export_model", "load_exported"]
 
@@ -98,6 +98,8 @@ def export_model(model_dir: str | Path, output: str | Path, *, fmt: str, overwri
                 tmp.write_bytes(graph)
                 with staged_dir(state_dir, EXPORT_KIND) as staging:
                     loaded.preprocessor.save(staging)
+                    if loaded.calibration:
+                        save_calibration(staging / CALIBRATION, loaded.config.train.calibration, loaded.calibration)
                     atomic_write_text(staging / "signature.json", json.dumps(signature, indent=2))
                 fault_point("export:between-renames")
 
@@ -158,6 +160,12 @@ def _signature(loaded: Any, model_dir: str | Path, fmt: str, graph_sha256: str) 
         "dense_features": [f.name for f in schema.dense],
         "sequence_features": [{"name": s.name, "max_len": s.max_len} for s in schema.sequence],
         "note": "logits; apply sigmoid (binary), softmax (multiclass) or expm1 (log1p regression)",
+        # The graph's outputs are uncalibrated; the calibration is data beside it (mtrec.calibration).
+        "calibration": (
+            {"file": CALIBRATION, "method": loaded.config.train.calibration, "tasks": sorted(loaded.calibration)}
+            if loaded.calibration
+            else None
+        ),
     }
 
 

@@ -130,6 +130,7 @@ class Ranker:
         self._by_name = {t.name: t for t in self.tasks}
         self._kinds = {t.name: t.kind for t in self.tasks}
         self.feature_columns: tuple[str, ...] = tuple(self.config.schema.input_columns())
+        self.calibration = dict(loaded.calibration)  # binary task -> Calibrator (train.calibration)
 
     def __repr__(self) -> str:
         return f"Ranker(model={self.config.model.name!r}, tasks={list(self.task_names)})"
@@ -182,7 +183,9 @@ class Ranker:
         """
         return TensorColumns.from_encoded(self._encode(data, source)).all.to(self.device)
 
-    def predict(self, data: Any, *, batch_size: int = 16384, source: str = "input") -> dict[str, np.ndarray]:
+    def predict(
+        self, data: Any, *, batch_size: int = 16384, source: str = "input", calibrated: bool = True
+    ) -> dict[str, np.ndarray]:
         """Predictions for every row, in input row order.
 
         Args:
@@ -190,11 +193,14 @@ class Ranker:
                 extra columns are ignored.
             batch_size: Rows per forward pass.
             source: Name used in error messages.
+            calibrated: Apply the model's saved calibration (``train.calibration``) to the
+                binary tasks' probabilities; no effect on a model without one.
 
         Returns:
             ``{task: array}`` in ``task_names`` order, float32: ``(N,)`` probabilities for
-            binary tasks, ``(N,)`` values for regression tasks (``expm1`` applied when the
-            task trained on ``log1p`` labels), ``(N, C)`` class probabilities for multiclass.
+            binary tasks (calibrated where the model has a calibration), ``(N,)`` values for
+            regression tasks (``expm1`` applied when the task trained on ``log1p`` labels),
+            ``(N, C)`` class probabilities for multiclass.
             A 0-row input gives 0-row arrays of these shapes.
 
         Raises:
@@ -202,11 +208,13 @@ class Ranker:
                 be converted (mixed types in an object column, integers beyond int64) or
                 has the wrong type.
         """
-        return self.predict_encoded(self._encode(data, source), batch_size=batch_size)
+        return self.predict_encoded(self._encode(data, source), batch_size=batch_size, calibrated=calibrated)
 
-    def predict_encoded(self, enc: EncodedColumns, *, batch_size: int = 16384) -> dict[str, np.ndarray]:
+    def predict_encoded(
+        self, enc: EncodedColumns, *, batch_size: int = 16384, calibrated: bool = True
+    ) -> dict[str, np.ndarray]:
         """:meth:`predict` on columns already encoded by the model's preprocessor."""
-        return predict_logits(
+        out = predict_logits(
             self.module,
             TensorColumns.from_encoded(enc),
             self.task_names,
@@ -215,6 +223,10 @@ class Ranker:
             transform=lambda name, z: self._kinds[name].inverse_link(self._by_name[name], z),
             widths={t.name: t.output_dim for t in self.tasks},
         )
+        if calibrated:
+            for name, calibrator in self.calibration.items():
+                out[name] = calibrator.apply(out[name])
+        return out
 
 
 def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> Ranker:

@@ -223,8 +223,12 @@ def score_parquet(
     progress: bool = True,
     stream: TextIO | None = None,
     device: str = "cpu",
+    calibrated: bool = True,
 ) -> dict[str, Any]:
     """Scores Parquet file(s) with a saved model and writes the predictions as Parquet.
+
+    Binary tasks' probabilities are calibrated when the model has a calibration
+    (``train.calibration``) unless ``calibrated`` is false; the rank score reads them.
 
     The input is streamed in slices of 64k rows (memory stays flat however large it is).
     Every input file's schema is checked (``keep`` columns, feature columns and their
@@ -265,6 +269,8 @@ def score_parquet(
     t0 = time.perf_counter()
     output = Path(output)
     ranker = load_model(model_dir, device=device)
+    if not calibrated:
+        ranker.calibration = {}
     formula: dict[str, Any] | None = None
     if rank is not None:
         formula = parse_rank(rank) if isinstance(rank, str) else dict(rank)

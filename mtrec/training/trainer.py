@@ -25,6 +25,7 @@ from torch import nn
 
 from mtrec._version import __version__
 from mtrec.batch import Batch
+from mtrec.calibration import check_calibration_data, fit_calibrator
 from mtrec.config import Config
 from mtrec.data.batches import TensorColumns, prefetch_to_device
 from mtrec.data.loading import (
@@ -40,6 +41,7 @@ from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.errors import ConfigError, DataError, ModelError, MtrecError
 from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
 from mtrec.model_dir import (
+    CALIBRATION,
     DIAGNOSTICS,
     LOG,
     META,
@@ -53,6 +55,7 @@ from mtrec.model_dir import (
     commit_model_dir,
     has_resume_state,
     load_resume_state,
+    save_calibration,
     save_model_files,
     save_resume_state,
     save_weights,
@@ -322,6 +325,7 @@ class Trainer:
             self.tensorboard = open_tensorboard(self.t.tensorboard)
         self.generator = _seed_everything(self.t.seed)
         self._load_data()
+        self._check_calibration_data()
         self._describe_labels()
         self._build_model()
         self._open_model_dir(resume)
@@ -412,6 +416,41 @@ class Trainer:
             f"data: {self.train_rows:,} training rows{_ranks(ctx)}, {self.data.valid.num_rows:,} validation rows "
             f"({how} in {load_s:.1f}s); embedding rows {sum(self.layout.table_sizes):,}"
         )
+
+    def _check_calibration_data(self) -> None:
+        """``train.calibration`` is fitted on the validation split after training: refuse now,
+        before any epoch, a binary task whose validation sample space cannot be calibrated."""
+        if self.t.calibration == "none":
+            return
+        v = self.data.valid
+        for j, task in enumerate(self.tasks):
+            if task.kind.ranks:
+                check_calibration_data(task.name, v.labels[v.label_mask[:, j], j], "the validation split")
+
+    def _calibrate(self, staging: Path) -> None:
+        """Rank 0: fits each binary task's calibrator on the validation rows it holds (the best
+        weights are loaded) and writes them to the model directory."""
+        method, v = self.t.calibration, self.data.valid
+        logits = predict_logits(
+            self.model, self.valid_cols, self.task_names, batch_size=self.t.eval_batch_size, device=self.device
+        )
+        fitted, lines = {}, []
+        for j, task in enumerate(self.tasks):
+            if not task.kind.ranks:
+                continue
+            space = v.label_mask[:, j]
+            w = None if v.sample_weight is None else v.sample_weight[space]
+            y, z = v.labels[space, j], logits[task.name][space]
+            cal = fit_calibrator(method, z, y, w, task=task.name)
+            fitted[task.name] = cal
+            raw, calibrated = 1.0 / (1.0 + np.exp(-z.astype(np.float64))), cal.apply(1.0 / (1.0 + np.exp(-z)))
+            rate = float(np.average(y, weights=w))
+            lines.append(
+                f"{task.name} {float(np.average(raw, weights=w)) / rate:.3f} -> "
+                f"{float(np.average(calibrated, weights=w)) / rate:.3f}"
+            )
+        save_calibration(staging / CALIBRATION, method, fitted)
+        self.say(f"calibration ({method}, on the validation split): mean prediction / rate " + ", ".join(lines))
 
     def _describe_labels(self) -> None:
         labelled = self.labelled
@@ -623,6 +662,8 @@ class Trainer:
         if gates is not None:
             atomic_write_text(staging / DIAGNOSTICS, json.dumps({"gates": gates}, indent=2))
             self.say(format_gates(gates))
+        if self.t.calibration != "none":
+            self._calibrate(staging)
         summary = {
             "best_epoch": record.best_epoch,
             "monitor": self.t.monitor,
