@@ -54,6 +54,19 @@ examples:
   torchrun --nproc-per-node 4 -m mtrec train --config configs/synthetic/mmoe.yaml   # DDP on 4 GPUs/processes
 --set takes dotted keys; list items are addressed by index or by their name.
 """,
+    "tune": """\
+example:
+  mtrec tune --config configs/synthetic/mmoe.yaml --space space.yaml --trials 20 --output runs/tune
+space.yaml:
+  space:
+    train.lr: {type: log, low: 1.0e-4, high: 1.0e-2}
+    model.num_experts: {type: int, low: 2, high: 8}
+    train.loss_weighting: {type: categorical, choices: [{name: fixed}, {name: famo}]}
+  objective: {weights: {ctr.auc: 1.0, cvr.auc: 0.5}}   # optional; default train.monitor
+Each trial is a model directory OUTPUT/trial-NNNN; OUTPUT/best.yaml is the best config (for
+mtrec train --config), trials.csv and summary.json list every trial, importance.png ranks the
+keys. The study is stored in OUTPUT/study.db: the same command again continues it.
+""",
     "export": """\
 example:
   mtrec export --model runs/mmoe --format onnx --output serve/mmoe.onnx
@@ -105,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_datasets(sub)
     _add_train(sub)
+    _add_tune(sub)
     _add_evaluate(sub)
     _add_compare(sub)
     _add_score(sub)
@@ -175,6 +189,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
     t.add_argument("--output", type=Path, default=None, help="model directory (default: config output)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model directory when done")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    t = _command(
+        sub,
+        "tune",
+        "search hyper-parameters of a config (Optuna)",
+        "Search any dotted config keys with Optuna (TPE, median pruning per epoch); each trial is a model directory.",
+    )
+    t.add_argument("--config", type=Path, required=True, help="YAML config the trials start from")
+    t.add_argument("--space", type=Path, required=True, help="YAML search space (see the example)")
+    t.add_argument("--trials", type=int, required=True, help="trials to run now (added to a study in OUTPUT)")
+    t.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
+    t.add_argument("--output", type=Path, default=Path("runs/tune"), help="study folder (default runs/tune)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
+    t.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -344,6 +375,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise MtrecError("train: --config is required (or --resume DIR)")
     config = load_config(args.config, args.overrides)
     train(config, output=args.output, overwrite=args.overwrite, progress=not args.quiet, debug=args.debug)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from mtrec.tuning import tune
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise MtrecError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
+    summary = tune(
+        args.config,
+        args.space,
+        trials=args.trials,
+        output=args.output,
+        timeout=args.timeout,
+        overrides=tuple(args.overrides),
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    best = summary["best"]
+    print(f"best trial {best['trial']}: {best['value']:.4f} with {json.dumps(best['params'])}")
+    print(f"best config written to {summary['best_config']} ({len(summary['trials'])} trials in {args.output})")
     return 0
 
 
@@ -526,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quickstart": _cmd_quickstart,
         "datasets": _cmd_datasets,
         "train": _cmd_train,
+        "tune": _cmd_tune,
         "evaluate": _cmd_evaluate,
         "models": _cmd_models,
         "compare": _cmd_compare,
