@@ -56,6 +56,14 @@ class Calibrator:
     y: tuple[float, ...] = ()
     rows: int = 0
 
+    def apply_logits(self, z: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of the model's logits ``z`` (float32, same shape): Platt on the
+        logit itself, exact where the float32 probability would have saturated."""
+        z = np.asarray(z, dtype=np.float64)
+        if self.method == "platt":
+            return (1.0 / (1.0 + np.exp(-(self.a * z + self.b)))).astype(np.float32)
+        return np.interp(1.0 / (1.0 + np.exp(-z)), self.x, self.y).astype(np.float32)
+
     def apply(self, p: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of the model's probabilities ``p`` (float32, same shape)."""
         p = np.asarray(p, dtype=np.float64)

@@ -253,7 +253,10 @@ def save_calibration(path: Path, method: str, calibrators: dict[str, Calibrator]
 def _load_calibration(directory: Path, config: Config) -> dict[str, Calibrator]:
     """The saved calibrators (none without the file), every field checked."""
     path = directory / CALIBRATION
+    method = config.train.calibration
     if not path.exists():
+        if method != "none":
+            raise ModelError(f"{path}: missing (the model was trained with train.calibration: {method})")
         return {}
     try:
         raw = json.loads(_read_text(path))
@@ -261,6 +264,8 @@ def _load_calibration(directory: Path, config: Config) -> dict[str, Calibrator]:
         raise ModelError(f"{path}: invalid JSON ({_first_line(exc)})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
         raise ModelError(f"{path}: expected an object with a 'tasks' object")
+    if raw.get("method") != method:
+        raise ModelError(f"{path}: method {raw.get('method')!r} is not the config's train.calibration {method!r}")
     binary = {t.name for t in config.schema.output_tasks if t.kind.ranks}
     out = {}
     for name, entry in raw["tasks"].items():

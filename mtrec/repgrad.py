@@ -85,8 +85,9 @@ def cagrad_coefficients(gram: np.ndarray, c: float) -> np.ndarray:
     improvement ``min_t g_t . d`` over the ball ``||d - g0|| <= c ||g0||``. Its dual is
     ``min_w  g_w . g0 + c ||g0|| ||g_w||`` over the simplex (``g_w = sum_t w_t g_t``, solved
     here with SciPy's SLSQP), and ``d = g0 + (c ||g0|| / ||g_w||) g_w``. The coefficients
-    are those of ``n d / (1 + c)`` (the paper's rescaling, times ``n`` so that ``c = 0`` is
-    the sum of the gradients, ``n`` times their average, exactly as ``fixed`` weighting).
+    are those of ``n d / (1 + c)`` (the ``1 / (1 + c)`` rescaling of the paper's code, its
+    ``rescale=2``; its default is ``1 / (1 + c^2)``), times ``n`` so that ``c = 0`` is the sum
+    of the gradients, ``n`` times their average, exactly as ``fixed`` weighting.
     """
     if not (math.isfinite(c) and c >= 0):
         raise ValueError(f"cagrad: c must be >= 0, got {c}")
@@ -129,7 +130,9 @@ def nash_coefficients(gram: np.ndarray, *, max_iter: int = 50, tol: float = 1e-1
     stationary points satisfy ``A (1 / (A beta) - beta) = 0``; damped Newton steps from the
     min-norm point (at which every ``g_t . d > 0``, so the logarithms are defined) find it.
     Without such a point (the tasks are Pareto-stationary: ``0`` is in the convex hull)
-    there is no direction that improves every task and the coefficients are ``0``.
+    there is no direction that improves every task and the coefficients are ``0``. (The
+    paper's code first divides the Gram matrix by its Frobenius norm, which rescales ``d``;
+    here ``d`` is the bargaining solution of the gradients as they are.)
     """
     A = _checked(gram)
     n = A.shape[0]

@@ -10,15 +10,17 @@ The search space is a YAML file of dotted keys and their ranges, plus an optiona
       train.loss_weighting: {type: categorical, choices: [{name: fixed}, {name: famo}]}
       model.dropout: {type: uniform, low: 0.0, high: 0.3}
     objective:                  # optional; default: the config's train.monitor
-      weights: {ctr.auc: 1.0, cvr.auc: 0.5}   # a weighted sum of validation metrics (maximised)
+      weights: {ctr.auc: 1.0, cvr.auc: 0.5}   # a weighted sum of validation metrics, maximised
+                                              # (a log loss term takes a negative weight)
     sampler: tpe                # tpe (default) or random
     pruning: true               # stop a trial whose epoch is worse than the median (default)
 
 Each trial trains an ordinary model directory (``OUTPUT/trial-0007``) with the sampled keys
-laid over the config as ``--set`` overrides; its value is the objective of its best epoch,
-reported after every epoch so that Optuna's median pruner can stop a hopeless trial (its
-half-trained directory is removed). The study is stored in ``OUTPUT/study.db`` (SQLite), so a
-second ``mtrec tune`` with the same output continues it. At the end ``OUTPUT`` holds
+laid over the config as ``--set`` overrides; its value is the objective of the epoch the model
+directory keeps (the best by ``train.monitor``), reported after every epoch so that Optuna's
+median pruner can stop a hopeless trial (its half-trained directory is removed). A combination
+the config refuses fails its trial and the study goes on. The study is stored in
+``OUTPUT/study.db`` (SQLite), so a second ``mtrec tune`` with the same output continues it. At the end ``OUTPUT`` holds
 ``best.yaml`` (the best trial's whole config, which ``mtrec train --config`` accepts),
 ``trials.csv`` and ``summary.json`` (every trial's parameters, value and state) and
 ``importance.png`` (Optuna's parameter importances, once two trials are complete).
@@ -92,6 +94,9 @@ def load_space(path: str | Path) -> SearchSpace:
                 raise ConfigError(f"{where}: log needs low > 0, got {low}")
             if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
                 raise ConfigError(f"{where}: int needs integer low and high, got {low!r} and {high!r}")
+            step = spec.get("step", 1)
+            if "step" in spec and (kind != "int" or not isinstance(step, int) or isinstance(step, bool) or step < 1):
+                raise ConfigError(f"{where}: step is for int ranges only, a positive integer; got {step!r}")
         params[str(key)] = dict(spec)
     weights = None
     objective = raw.get("objective")
@@ -171,6 +176,8 @@ def tune(
     stream = stream or sys.stderr
     if trials < 1:
         raise MtrecError(f"--trials: expected a positive number, got {trials}")
+    if not 0 <= seed < 2**31:
+        raise MtrecError(f"--seed: expected 0 <= seed < 2**31, got {seed}")
     space = load_space(space_path)
     out = output_path(output)
     base = load_config(config_path, overrides)
@@ -195,6 +202,12 @@ def tune(
     pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if space.pruning else optuna.pruners.NopPruner()
     probe_record = {"monitor": base.train.monitor, "monitor_value": 0.0, "valid": {}}
     higher = True if space.weights is not None else _objective_value(probe_record, None)[1]
+    # A continued study must search the same space for the same objective: Optuna keeps the
+    # stored direction and its categorical indices, so anything else would be silently wrong.
+    fingerprint = json.dumps(
+        {"space": space.params, "objective": space.weights or base.train.monitor, "config": str(config_path)},
+        sort_keys=True,
+    )
     study = optuna.create_study(
         study_name="mtrec",
         storage=storage,
@@ -203,6 +216,14 @@ def tune(
         sampler=sampler,
         pruner=pruner,
     )
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None:
+        study.set_user_attr("fingerprint", fingerprint)
+    elif stored != fingerprint:
+        raise ConfigError(
+            f"{out / 'study.db'}: holds a study of another config, space or objective; "
+            "continue it with the same files, or choose another --output"
+        )
     done_before = len(study.trials)
 
     def objective(trial: Any) -> float:
@@ -217,15 +238,22 @@ def tune(
             else:
                 chosen[key] = trial.suggest_float(key, spec["low"], spec["high"], log=kind == "log")
         trial.set_user_attr("params", chosen)
-        config = load_config(config_path, [*overrides, *(_override(k, v) for k, v in chosen.items())])
+        try:
+            config = load_config(config_path, [*overrides, *(_override(k, v) for k, v in chosen.items())])
+        except ConfigError as exc:  # a combination the config refuses: this trial fails, the study goes on
+            if progress:
+                stream.write(f"trial {trial.number}: refused by the config ({exc})\n")
+            return math.nan
         trial_dir = out / f"trial-{trial.number:04d}"
-        best = {"value": -math.inf if higher else math.inf}
+        best = {"value": math.nan}
 
         def on_epoch(record: dict[str, Any]) -> None:
+            # The trial's value is the objective of the epoch the model directory keeps (the
+            # best by train.monitor), so best.yaml reproduces what the value says.
             value, _ = _objective_value(record, space.weights)
-            if math.isfinite(value) and (value > best["value"] if higher else value < best["value"]):
+            if record.get("improved"):
                 best["value"] = value
-            trial.report(value if math.isfinite(value) else best["value"], record["epoch"])
+            trial.report(value if math.isfinite(value) else (-math.inf if higher else math.inf), record["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {record['epoch']}: {value:.4f}")
 

@@ -857,7 +857,10 @@ class RepresentationGradient(LossWeighting):
                 )
             )
         flat = torch.stack(per_task).float()  # (T, D)
-        read = torch.cat([(flat @ flat.T).reshape(-1), torch.stack([w.detach().float() for w in weighted])])
+        # The Gram in float64: near-parallel gradients have an eigenvalue far below float32's
+        # rounding of the others, and Aligned-MTL divides by its square root.
+        exact = flat.double()
+        read = torch.cat([(exact @ exact.T).reshape(-1), torch.stack([w.detach().double() for w in weighted])])
         host = read.double().cpu().numpy()  # the one read of the step
         T = self.num_tasks
         gram, values = host[: T * T].reshape(T, T), host[T * T :]

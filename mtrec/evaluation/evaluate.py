@@ -114,7 +114,7 @@ def _calibrated_metrics(
     eps = 1e-7
     cal_z = dict(z)
     for name, calibrator in calibration.items():
-        p = np.clip(calibrator.apply(1.0 / (1.0 + np.exp(-z[name].astype(np.float64)))), eps, 1 - eps)
+        p = np.clip(calibrator.apply_logits(z[name]).astype(np.float64), eps, 1 - eps)
         cal_z[name] = (np.log(p) - np.log1p(-p)).astype(np.float32)
     metrics = compute_metrics(cal_z, y, m, tasks, w)
     return {name: metrics[name] for name in calibration}

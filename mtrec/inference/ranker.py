@@ -214,19 +214,22 @@ class Ranker:
         self, enc: EncodedColumns, *, batch_size: int = 16384, calibrated: bool = True
     ) -> dict[str, np.ndarray]:
         """:meth:`predict` on columns already encoded by the model's preprocessor."""
-        out = predict_logits(
+        calibration = self.calibration if calibrated else {}
+
+        def output(name: str, z: torch.Tensor) -> torch.Tensor:
+            if name in calibration:  # from the logit (Platt is exact there): no saturated sigmoid
+                return torch.from_numpy(calibration[name].apply_logits(z.cpu().numpy()))
+            return self._kinds[name].inverse_link(self._by_name[name], z)
+
+        return predict_logits(
             self.module,
             TensorColumns.from_encoded(enc),
             self.task_names,
             batch_size=batch_size,
             device=self.device,
-            transform=lambda name, z: self._kinds[name].inverse_link(self._by_name[name], z),
+            transform=output,
             widths={t.name: t.output_dim for t in self.tasks},
         )
-        if calibrated:
-            for name, calibrator in self.calibration.items():
-                out[name] = calibrator.apply(out[name])
-        return out
 
 
 def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> Ranker:

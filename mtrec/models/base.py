@@ -366,7 +366,7 @@ class MultiTaskModel(nn.Module):
         fn = getattr(self.backbone, "last_shared_parameters", None)
         return list(fn()) if fn is not None else []
 
-    def representation_layer(self) -> tuple[nn.Module, slice | None]:
+    def representation_layer(self) -> tuple[nn.Module, slice | None] | None:
         """Where the representation-gradient loss weightings take the task gradients
         (:class:`~mtrec.weighting.RepresentationGradient`): the module whose output is the
         shared representation, and the experts of that output that are shared.
@@ -375,8 +375,14 @@ class MultiTaskModel(nn.Module):
         (an expert group, whose ``(B, E, H)`` output is sliced along ``E`` to the shared
         experts of a :class:`~mtrec.weighting.ParameterSlice`; the shared bottom's last
         linear layer), so the gradients are taken where GradNorm measures them. A model
-        without a shared layer (``independent``, ``shared_embedding``) gets its input layer.
+        without a shared dense layer whose one input layer all tasks read (``shared_embedding``)
+        gets that input layer. ``None`` where no representation is shared: separate table sets
+        per task (``independent``, ``embedding: per_task | stem``: the backbone runs on each
+        task's own input, so the tasks' gradients fall on different rows), or a last shared layer that is the
+        whole backbone, whose output is one slice per task (``cross_stitch``).
         """
+        if isinstance(self.features, TaskAwareInput):
+            return None  # the backbone runs once per task's input: each task's rows are its own
         entries = self.last_shared_parameters()
         wanted = {id(e.param if isinstance(e, ParameterSlice) else e) for e in entries}
         rows = next((e.rows for e in entries if isinstance(e, ParameterSlice)), None)
@@ -388,7 +394,10 @@ class MultiTaskModel(nn.Module):
                 held = {id(p) for p in module.parameters()}
                 if wanted <= held and (best is None or len(held) < len(list(best.parameters()))):
                     best = module
-        return (self.features, None) if best is None else (best, rows)
+        if best is None:
+            shared_input = isinstance(self.features, FeatureInput) and self.features.copies == 1
+            return (self.features, None) if shared_input else None
+        return None if best is self.backbone else (best, rows)
 
     def _embeddings(self) -> list[FusedEmbedding]:
         return [m for m in self.features.modules() if isinstance(m, FusedEmbedding)]

@@ -170,7 +170,7 @@ class EsmmModel(nn.Module):
     def last_shared_parameters(self) -> list[SharedLayer]:
         return self.inner.last_shared_parameters()
 
-    def representation_layer(self) -> tuple[nn.Module, slice | None]:
+    def representation_layer(self) -> tuple[nn.Module, slice | None] | None:
         return self.inner.representation_layer()
 
     def embedding_tables(self) -> list[nn.Parameter]:

@@ -74,7 +74,8 @@ class TrainStep:
         self.dense_params = model.dense_parameters()  # what grad_clip clips (never the table)
         self.shared_params, self.last_shared = model.shared_parameters(), model.last_shared_parameters()
         self.embedding_params = model.embedding_parameters()
-        self.tap = RepresentationTap(*model.representation_layer()) if weighting.needs_representation else None
+        layer = model.representation_layer() if weighting.needs_representation else None
+        self.tap = RepresentationTap(*layer) if layer is not None else None
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The batch's weighted loss and its task losses (both on the device)."""

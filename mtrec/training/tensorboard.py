@@ -52,14 +52,20 @@ def open_tensorboard(directory: str | Path) -> TensorBoardLog:
         os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"train.tensorboard: {path} cannot be written ({exc.strerror or exc})") from None
-    return TensorBoardLog(SummaryWriter(log_dir=str(path)))
+    return TensorBoardLog(SummaryWriter(log_dir=str(path)), lambda **kw: SummaryWriter(log_dir=str(path), **kw))
 
 
 class TensorBoardLog:
     """Receives the trainer's log records (:meth:`record`) and writes them as scalars."""
 
-    def __init__(self, writer: Any) -> None:
-        self.writer = writer
+    def __init__(self, writer: Any, reopen: Any = None) -> None:
+        self.writer, self._reopen = writer, reopen
+
+    def purge_after(self, step: int) -> None:
+        """On resume: TensorBoard drops the events past ``step`` that the interrupted run wrote."""
+        if self._reopen is not None:
+            self.writer.close()
+            self.writer = self._reopen(purge_step=step + 1)
 
     def record(self, record: dict[str, Any], step: int) -> None:
         """Writes one ``log.jsonl`` record at global step ``step``."""

@@ -321,13 +321,13 @@ class Trainer:
     def setup(self, resume: dict[str, Any] | None) -> None:
         # Ranks on one machine share its cores.
         torch.set_num_threads(self.t.threads or max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
-        if self.t.tensorboard is not None and self.staging is not None:  # rank 0, before any work
-            self.tensorboard = open_tensorboard(self.t.tensorboard)
         self.generator = _seed_everything(self.t.seed)
         self._load_data()
         self._check_calibration_data()
         self._describe_labels()
         self._build_model()
+        if self.t.tensorboard is not None and self.staging is not None:  # rank 0, before anything is written
+            self.tensorboard = open_tensorboard(self.t.tensorboard)
         self._open_model_dir(resume)
         self.valid_cols = TensorColumns.from_encoded(self.data.valid)
         if self.t.compile:
@@ -364,6 +364,8 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
             self.global_step = sum(self.batches.num_batches(e) for e in range(1, self.first_epoch))
+            if self.tensorboard is not None:  # drop what the interrupted run wrote past the resumed state
+                self.tensorboard.purge_after(self.global_step)
         else:
             self.log(
                 {
@@ -443,7 +445,7 @@ class Trainer:
             y, z = v.labels[space, j], logits[task.name][space]
             cal = fit_calibrator(method, z, y, w, task=task.name)
             fitted[task.name] = cal
-            raw, calibrated = 1.0 / (1.0 + np.exp(-z.astype(np.float64))), cal.apply(1.0 / (1.0 + np.exp(-z)))
+            raw, calibrated = 1.0 / (1.0 + np.exp(-z.astype(np.float64))), cal.apply_logits(z)
             rate = float(np.average(y, weights=w))
             lines.append(
                 f"{task.name} {float(np.average(raw, weights=w)) / rate:.3f} -> "
@@ -478,6 +480,12 @@ class Trainer:
         self.weighting = create_weighting(
             weighting_cfg.pop("name"), self.task_names, tuple(task.weight for task in self.tasks), **weighting_cfg
         ).to(device)
+        if self.weighting.needs_representation and cast(Any, model).representation_layer() is None:
+            raise ConfigError(
+                f"train.loss_weighting: {t.loss_weighting['name']} combines the task gradients on a representation "
+                f"the tasks share, and {self.config.model.name} (embedding {self.config.model.embedding}) shares none; "
+                "use a model with shared layers, or fixed, uncertainty, dwa, rlw or famo"
+            )
         table_values = sum(table.numel() for table in cast(HasEmbeddingTables, model).embedding_tables())
         self.embedding_optimizer = resolve_embedding_optimizer(
             t.embedding_optimizer, device, table_values, ctx.world_size

@@ -59,8 +59,8 @@ def test_tune_writes_trials_best_config_and_continues_a_study(work: Path):
         if t["state"] != "complete":
             continue
         metrics = json.loads((out / f"trial-{t['trial']:04d}" / "metrics.json").read_text())
-        best = max(h["valid"]["ctr"]["auc"] + 0.5 * h["valid"]["satisfaction"]["auc"] for h in metrics["history"])
-        assert t["value"] == pytest.approx(best)
+        kept = metrics["best"]  # the epoch the directory keeps (best by train.monitor)
+        assert t["value"] == pytest.approx(kept["ctr"]["auc"] + 0.5 * kept["satisfaction"]["auc"])
     # best.yaml is the best trial's whole config: its drawn values, accepted by mtrec train.
     best = yaml.safe_load((out / "best.yaml").read_text())
     params = summary["best"]["params"]
@@ -78,6 +78,9 @@ def test_tune_writes_trials_best_config_and_continues_a_study(work: Path):
     assert len(set(drawn)) == 4
     proc = mtrec("train", "--config", str(out / "best.yaml"), "--set=train.epochs=1", "--output", str(work / "best"))
     assert proc.returncode == 0, proc.stderr
+    # Another space (or objective) over the same study is refused, not mixed in.
+    other = {**SPACE, "objective": {"weights": {"ctr.auc": 1.0}}}
+    assert_one_line_error(_tune(work, other, 1), "study.db: holds a study of another config, space or objective")
 
 
 @pytest.mark.parametrize(
@@ -91,6 +94,8 @@ def test_tune_writes_trials_best_config_and_continues_a_study(work: Path):
         ({"space": {"train.lr": {"type": "normal"}}}, "expected {type: log | uniform | int | categorical"),
         ({"space": {"train.epochs": {"type": "int", "low": -3, "high": 2}}}, "train.epochs"),
         ({"space": {}}, "non-empty 'space'"),
+        ({"space": {"train.lr": {"type": "log", "low": 0.1, "high": 1.0, "step": 2}}}, "step is for int ranges"),
+        ({"space": {"model.num_experts": {"type": "int", "low": 1, "high": 4, "step": 0}}}, "step is for int"),
         ({**SPACE, "objective": {"weights": {"ctr.rmse": 1.0}}}, "objective.weights.ctr.rmse: expected one of"),
     ],
 )

@@ -269,8 +269,34 @@ def test_representation_layer_is_the_last_shared_layer_of_each_model():
     bottom = create_model("shared_bottom", LAYOUT, tasks, embedding_dim=4, bottom_hidden=(8, 4))
     module, rows = bottom.representation_layer()
     assert isinstance(module, nn.Linear) and module.out_features == 4
-    independent = create_model("independent", LAYOUT, tasks, embedding_dim=4)
-    assert independent.representation_layer() == (independent.features, None)
+    shared_embedding = create_model("shared_embedding", LAYOUT, tasks, embedding_dim=4)
+    assert shared_embedding.representation_layer() == (shared_embedding.features, None)  # one shared input
+    # Nothing shared: separate table sets, or a last shared layer that is the whole backbone.
+    assert create_model("independent", LAYOUT, tasks, embedding_dim=4).representation_layer() is None
+    assert create_model("mmoe", LAYOUT, tasks, embedding="per_task").representation_layer() is None
+    assert create_model("cross_stitch", LAYOUT, tasks, embedding_dim=4).representation_layer() is None
+
+
+def test_the_trainer_refuses_a_representation_method_on_a_model_that_shares_none(tmp_path):
+    from mtrec.config import config_from_dict
+    from mtrec.data.synthetic import write_click_log
+    from mtrec.errors import ConfigError
+    from mtrec.quickstart import synthetic_features, synthetic_tasks
+    from mtrec.training import train
+
+    write_click_log(tmp_path / "c.parquet", 2000, seed=1)
+    cfg = config_from_dict(
+        {
+            "data": {"train": str(tmp_path / "c.parquet"), "mode": "memory"},
+            "features": synthetic_features(),
+            "tasks": synthetic_tasks(),
+            "model": {"name": "independent", "embedding_dim": 4},
+            "train": {"epochs": 1, "threads": 1, "loss_weighting": {"name": "nash_mtl"}},
+        }
+    )
+    with pytest.raises(ConfigError, match="nash_mtl combines the task gradients on a representation.*independent"):
+        train(cfg, output=tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.incomplete").exists()
 
 
 def _batch(n: int = 32):
