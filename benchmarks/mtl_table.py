@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import ROOT  # noqa: E402 - the benchmarks folder is not a package
 from train_throughput import WEIGHTINGS  # noqa: E402 - every weighting but fixed, one list for both
-from transfer_study import ALPHA, BASELINE, TITLES, _fmt, _vs, plot, run_rows  # noqa: E402
+from transfer_study import ALPHA, BASELINE, TITLES, _fmt, _vs, run_rows  # noqa: E402
 
 SECTIONS = {"synthetic": ROOT / "configs" / "synthetic", "census": ROOT / "configs" / "census_income"}
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -55,6 +55,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
             "dbmtl",
             "adatt",
             "pepnet",
+            "aitm",
         )
     },
     "mmoe_dselect_k": ("mmoe", ["model.gate=dselect_k", "model.gate_k=2", "model.gate_entropy=0.01"]),
@@ -76,6 +77,39 @@ GROUPS = {
     "input blocks on the recommended config": ["recommended", "recommended_dcn_v2", "recommended_din"],
     "loss weighting on the recommended config": ["recommended", *(f"recommended_{w}" for w in WEIGHTINGS)],
 }
+
+
+def plot_table(result: dict[str, Any], path: Path) -> None:
+    """One horizontal bar chart per section and task: each row's test AUC minus that of
+    ``independent`` (mean ± std over the seeds), rows named on the axis in the table's order,
+    bars in blue where a majority of the seeds won significantly, red where they lost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in SECTIONS if n in result]
+    panels = [(n, t) for n in names for t in result[n]["models"][BASELINE]["test_auc"]]
+    order = [r for r in ROWS if any(r in result[n]["models"] for n in names)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 0.28 * len(order) + 1.6), squeeze=False)
+    for ax, (name, task) in zip(axes[0], panels, strict=True):
+        models = result[name]["models"]
+        base = models[BASELINE]["test_auc"][task]["mean"]
+        rows = [r for r in order if r in models]
+        means = [models[r]["test_auc"][task]["mean"] - base for r in rows]
+        stds = [models[r]["test_auc"][task]["std"] for r in rows]
+        verdicts = [(models[r].get("vs_independent") or {}).get(task, {}).get("verdict", "") for r in rows]
+        colors = ["#3b75af" if v == "win" else "#c0392b" if v == "loss" else "#9a9a9a" for v in verdicts]
+        ax.barh(range(len(rows)), means, xerr=stds, color=colors, capsize=2)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(rows)), rows if ax is axes[0][0] or name != panels[0][0] else [""] * len(rows))
+        ax.invert_yaxis()
+        ax.set_title(f"{TITLES[name].split(':')[0].split(',')[0]}: {task}", fontsize=9)
+        ax.set_xlabel("test AUC − independent", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def section_rows(name: str, labels: list[str]) -> list[tuple[str, Path, list[str]]]:
@@ -226,7 +260,7 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     args.output.with_suffix(".md").write_text(markdown(result))
-    plot(result, args.output.with_suffix(".png"))
+    plot_table(result, args.output.with_suffix(".png"))
     print(json.dumps(result, indent=2))
 
 
