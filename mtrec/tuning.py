@@ -169,11 +169,9 @@ def tune(
         import optuna
     except ImportError:
         raise ConfigError("tune: needs Optuna (pip install 'mtrec-rank[tune]')") from None
-    from mtrec.config import config_to_dict, load_config
-    from mtrec.files import atomic_write_text, output_path, remove_owned, staging_dir
-    from mtrec.training import train
+    from mtrec.config import load_config
+    from mtrec.files import output_path
 
-    stream = stream or sys.stderr
     if trials < 1:
         raise MtrecError(f"--trials: expected a positive number, got {trials}")
     if not 0 <= seed < 2**31:
@@ -191,6 +189,21 @@ def tune(
             except ConfigError as exc:
                 raise ConfigError(f"{space_path}: space.{key}: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
+    study, higher = _open_study(optuna, out, space, base.train.monitor, str(config_path), seed)
+    done_before = len(study.trials)
+    run = _TrialRunner(optuna, config_path, overrides, space, out, higher, stream or sys.stderr, progress)
+    study.optimize(run, n_trials=trials, timeout=timeout, catch=())
+    summary = _write_results(optuna, study, out, space, config_path, overrides, higher)
+    summary.update(config=str(config_path), space=str(space_path), new_trials=len(study.trials) - done_before)
+    summary["objective"] = space.weights or base.train.monitor
+    from mtrec.files import atomic_write_text
+
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _open_study(optuna: Any, out: Path, space: SearchSpace, monitor: str, config: str, seed: int) -> tuple[Any, bool]:
+    """The study in ``OUTPUT/study.db`` (new, or the one to continue) and whether it maximises."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # A continued study seeds its sampler past the trials it has, so it does not draw them again.
     storage = f"sqlite:///{out / 'study.db'}"
@@ -200,14 +213,8 @@ def tune(
         optuna.samplers.TPESampler(seed=seed) if space.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed)
     )
     pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if space.pruning else optuna.pruners.NopPruner()
-    probe_record = {"monitor": base.train.monitor, "monitor_value": 0.0, "valid": {}}
+    probe_record = {"monitor": monitor, "monitor_value": 0.0, "valid": {}}
     higher = True if space.weights is not None else _objective_value(probe_record, None)[1]
-    # A continued study must search the same space for the same objective: Optuna keeps the
-    # stored direction and its categorical indices, so anything else would be silently wrong.
-    fingerprint = json.dumps(
-        {"space": space.params, "objective": space.weights or base.train.monitor, "config": str(config_path)},
-        sort_keys=True,
-    )
     study = optuna.create_study(
         study_name="mtrec",
         storage=storage,
@@ -215,6 +222,11 @@ def tune(
         direction="maximize" if higher else "minimize",
         sampler=sampler,
         pruner=pruner,
+    )
+    # A continued study must search the same space for the same objective: Optuna keeps the
+    # stored direction and its categorical indices, so anything else would be silently wrong.
+    fingerprint = json.dumps(
+        {"space": space.params, "objective": space.weights or monitor, "config": config}, sort_keys=True
     )
     stored = study.user_attrs.get("fingerprint")
     if stored is None:
@@ -224,66 +236,104 @@ def tune(
             f"{out / 'study.db'}: holds a study of another config, space or objective; "
             "continue it with the same files, or choose another --output"
         )
-    done_before = len(study.trials)
+    return study, higher
 
-    def objective(trial: Any) -> float:
-        chosen = {}
-        for key, spec in space.params.items():
-            kind = spec["type"]
-            if kind == "categorical":
-                index = trial.suggest_categorical(key, list(range(len(spec["choices"]))))
-                chosen[key] = spec["choices"][index]
-            elif kind == "int":
-                chosen[key] = trial.suggest_int(key, spec["low"], spec["high"], step=int(spec.get("step", 1)))
-            else:
-                chosen[key] = trial.suggest_float(key, spec["low"], spec["high"], log=kind == "log")
+
+def _suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
+    """One value per key of the space, drawn by the trial."""
+    chosen = {}
+    for key, spec in space.params.items():
+        kind = spec["type"]
+        if kind == "categorical":
+            chosen[key] = spec["choices"][trial.suggest_categorical(key, list(range(len(spec["choices"]))))]
+        elif kind == "int":
+            chosen[key] = trial.suggest_int(key, spec["low"], spec["high"], step=int(spec.get("step", 1)))
+        else:
+            chosen[key] = trial.suggest_float(key, spec["low"], spec["high"], log=kind == "log")
+    return chosen
+
+
+class _TrialRunner:
+    """Optuna's objective: trains one trial's model directory and returns its value."""
+
+    def __init__(
+        self,
+        optuna: Any,
+        config_path: str | Path,
+        overrides: tuple[str, ...],
+        space: SearchSpace,
+        out: Path,
+        higher: bool,
+        stream: TextIO,
+        progress: bool,
+    ) -> None:
+        self.optuna, self.config_path, self.overrides, self.space = optuna, config_path, overrides, space
+        self.out, self.higher, self.stream, self.progress = out, higher, stream, progress
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            self.stream.write(text + "\n")
+
+    def __call__(self, trial: Any) -> float:
+        from mtrec.config import load_config
+        from mtrec.files import remove_owned, staging_dir
+        from mtrec.training import train
+
+        chosen = _suggest(trial, self.space)
         trial.set_user_attr("params", chosen)
         try:
-            config = load_config(config_path, [*overrides, *(_override(k, v) for k, v in chosen.items())])
+            config = load_config(self.config_path, [*self.overrides, *(_override(k, v) for k, v in chosen.items())])
         except ConfigError as exc:  # a combination the config refuses: this trial fails, the study goes on
-            if progress:
-                stream.write(f"trial {trial.number}: refused by the config ({exc})\n")
+            self.say(f"trial {trial.number}: refused by the config ({exc})")
             return math.nan
-        trial_dir = out / f"trial-{trial.number:04d}"
+        trial_dir = self.out / f"trial-{trial.number:04d}"
         best = {"value": math.nan}
 
         def on_epoch(record: dict[str, Any]) -> None:
             # The trial's value is the objective of the epoch the model directory keeps (the
             # best by train.monitor), so best.yaml reproduces what the value says.
-            value, _ = _objective_value(record, space.weights)
+            value, _ = _objective_value(record, self.space.weights)
             if record.get("improved"):
                 best["value"] = value
-            trial.report(value if math.isfinite(value) else (-math.inf if higher else math.inf), record["epoch"])
+            trial.report(value if math.isfinite(value) else (-math.inf if self.higher else math.inf), record["epoch"])
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {record['epoch']}: {value:.4f}")
+                raise self.optuna.TrialPruned(f"epoch {record['epoch']}: {value:.4f}")
 
-        if progress:
-            stream.write(f"trial {trial.number}: {', '.join(f'{k}={v}' for k, v in chosen.items())}\n")
+        self.say(f"trial {trial.number}: {', '.join(f'{k}={v}' for k, v in chosen.items())}")
         try:
-            train(config, output=trial_dir, progress=False, stream=stream, on_epoch=on_epoch, overwrite=True)
-        except optuna.TrialPruned:
+            train(config, output=trial_dir, progress=False, stream=self.stream, on_epoch=on_epoch, overwrite=True)
+        except self.optuna.TrialPruned:
             remove_owned(staging_dir(trial_dir))  # a pruned trial leaves no half-trained model
-            if progress:
-                stream.write(f"trial {trial.number}: pruned\n")
+            self.say(f"trial {trial.number}: pruned")
             raise
         trial.set_user_attr("model_dir", str(trial_dir))
         if not math.isfinite(best["value"]):
             # Optuna records a NaN objective as a failed trial and goes on with the next.
-            if progress:
-                stream.write(f"trial {trial.number}: the objective was never defined (a metric was n/a)\n")
+            self.say(f"trial {trial.number}: the objective was never defined (a metric was n/a)")
             return math.nan
-        if progress:
-            stream.write(f"trial {trial.number}: {best['value']:.4f}\n")
+        self.say(f"trial {trial.number}: {best['value']:.4f}")
         return float(best["value"])
 
-    study.optimize(objective, n_trials=trials, timeout=timeout, catch=())
+
+def _write_results(
+    optuna: Any,
+    study: Any,
+    out: Path,
+    space: SearchSpace,
+    config_path: str | Path,
+    overrides: tuple[str, ...],
+    higher: bool,
+) -> dict[str, Any]:
+    """``best.yaml``, ``trials.csv`` and ``importance.png``; returns the summary's trial parts."""
+    from mtrec.config import config_to_dict, load_config
+    from mtrec.files import atomic_write_text
+
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise MtrecError(f"tune: no trial completed ({len(study.trials)} pruned or failed); see {out}")
     best_trial = study.best_trial
-    best_config = load_config(
-        config_path, [*overrides, *(_override(k, v) for k, v in best_trial.user_attrs["params"].items())]
-    )
+    params = best_trial.user_attrs["params"]
+    best_config = load_config(config_path, [*overrides, *(_override(k, v) for k, v in params.items())])
     atomic_write_text(out / "best.yaml", yaml.safe_dump(config_to_dict(best_config), sort_keys=False))
     rows = [
         {
@@ -294,9 +344,8 @@ def tune(
         }
         for t in study.trials
     ]
-    keys = ["trial", "state", "value", *space.params]
     with open(out / "trials.csv.tmp", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=["trial", "state", "value", *space.params], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     Path(out / "trials.csv.tmp").replace(out / "trials.csv")
@@ -310,19 +359,13 @@ def tune(
             importance = None
         if importance:
             _plot_importance(importance, out / "importance.png")
-    summary = {
-        "config": str(config_path),
-        "space": str(space_path),
+    return {
         "direction": "maximize" if higher else "minimize",
-        "objective": space.weights or base.train.monitor,
         "trials": rows,
-        "new_trials": len(study.trials) - done_before,
-        "best": {"trial": best_trial.number, "value": best_trial.value, "params": best_trial.user_attrs["params"]},
+        "best": {"trial": best_trial.number, "value": best_trial.value, "params": params},
         "best_config": str(out / "best.yaml"),
         "importance": importance,
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
 
 
 def _plot_importance(importance: dict[str, float], path: Path) -> None:

@@ -31,8 +31,7 @@ def evaluate_model_dir(
     """Evaluates a saved model on labelled Parquet data with its own preprocessing.
 
     The data is streamed row group by row group: only predictions, labels, sample-space
-    masks and group keys are kept, never the encoded features. Gate diagnostics are
-    computed on the first row group.
+    masks and group keys are kept, never the encoded features (gate diagnostics: the first row group).
 
     Args:
         model_dir: A model directory written by training.
