@@ -49,8 +49,13 @@ class CrossStitch(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         T = h.shape[0]
-        # One (T, T) x (T, B * H) matmul instead of an einsum, which would batch over B.
-        return torch.mm(self.alpha, h.reshape(T, -1)).view(h.shape)
+        # One (T, T) x (T, B * H) matmul instead of an einsum, which would batch over B. In
+        # fp32 even under autocast: its backward reduces over all B * H values, and the CPU
+        # bf16 GEMM of torch 2.13 dies of SIGFPE on one thread once that reaches 2^19
+        # (a batch of 2048 rows of 256 units); the mix is T^2 multiply-adds per value anyway.
+        with torch.autocast(h.device.type, enabled=False):
+            mixed = torch.mm(self.alpha, h.reshape(T, -1).float())
+        return mixed.view(h.shape).to(h.dtype)
 
 
 class CrossStitchNetwork(nn.Module):

@@ -2,6 +2,8 @@
 
 import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -450,3 +452,25 @@ def test_adatt_levels_chain_per_task_and_report_all_experts():
     first, second = model.backbone.levels
     h = first(x).transpose(0, 1)
     torch.testing.assert_close(model.backbone(x), second(h))  # level 2's task t reads level 1's f_t
+
+
+def test_cross_stitch_trains_under_cpu_bf16_autocast_on_one_thread():
+    """The mix's backward reduces over B * H values; torch's CPU bf16 GEMM dies of SIGFPE on one
+    thread from 2^19 of them (the synthetic config's batch of 2048 x 256 units), so the unit
+    mixes in fp32. Run in a child process: the bug kills its process rather than raising."""
+    code = (
+        "import torch\n"
+        "from mtrec.nn.cross_stitch import CrossStitch\n"
+        "torch.set_num_threads(1)\n"
+        "unit = CrossStitch(3)\n"
+        "h = torch.randn(3, 2048, 256, requires_grad=True)\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    out = unit(h.to(torch.bfloat16))\n"
+        "assert out.dtype == torch.bfloat16, out.dtype\n"
+        "out.float().sum().backward()\n"
+        "expected = unit.alpha.detach().sum(0).view(3, 1, 1).expand(3, 2048, 256)\n"
+        "torch.testing.assert_close(h.grad, expected, rtol=1e-2, atol=1e-2)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-500:])
