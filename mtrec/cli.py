@@ -186,6 +186,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="continue an interrupted run of model directory DIR from its last complete epoch",
     )
+    t.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="start from the trained model directory DIR (train.init_from: a warm start)",
+    )
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override")
     t.add_argument("--output", type=Path, default=None, help="model directory (default: config output)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model directory when done")
@@ -359,8 +366,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from mtrec.files import read_marker, recover, staging_dir
         from mtrec.model_dir import CONFIG
 
-        if args.config is not None or args.overrides or args.output is not None:
-            raise MtrecError("--resume DIR: continues with the run's own config; drop --config, --set and --output")
+        if args.config is not None or args.overrides or args.output is not None or args.init_from is not None:
+            raise MtrecError(
+                "--resume DIR: continues with the run's own config; drop --config, --set, --output and --init-from"
+            )
         recover(args.resume)  # a run that was killed while it swapped its model in is finished first
         saved = staging_dir(args.resume) / CONFIG
         if not saved.is_file():
@@ -373,7 +382,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.config is None:
         raise MtrecError("train: --config is required (or --resume DIR)")
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.init_from is not None:  # (a JSON string is a YAML string: any path stays text)
+        overrides.insert(0, f"train.init_from={json.dumps(str(args.init_from))}")
+    config = load_config(args.config, overrides)
     train(config, output=args.output, overwrite=args.overwrite, progress=not args.quiet, debug=args.debug)
     return 0
 

@@ -347,6 +347,22 @@ class TrainConfig:
             ``epochs`` epochs (see :func:`mtrec.training.optim.lr_factor`). Stepped per training step,
             saved with the resume state.
         min_lr_ratio: Where ``lr_decay`` ends, as a share of each learning rate (0 to 1).
+        init_from: A trained model directory to start from (a warm start, see
+            :mod:`mtrec.training.warm_start`): parameters are matched by name (towers by task),
+            embedding rows by raw ID through both vocabularies, task-stacked parameters block by
+            block by task name; new tasks start fresh, removed ones are dropped; the table of
+            what was loaded, remapped, new and dropped is printed and saved as
+            ``init_from.json``. ``None``: train from scratch.
+        init_from_preprocessing: ``refit`` fits the vocabularies and statistics on this run's
+            training data (rows are still matched by ID); ``reuse`` encodes with the saved
+            preprocessing of ``init_from`` as it is (the same features; IDs it has not seen map
+            to the unseen row), so every embedding row carries over.
+        freeze: Parts of the model that keep their loaded values (no gradient, left out of the
+            optimisers): ``embedding``, ``features``, ``backbone``, ``experts``, ``gates``,
+            ``towers`` or ``towers.<task>`` (see :mod:`mtrec.models.parts`); needs ``init_from``,
+            and every frozen parameter must have been loaded.
+        init_lr_scale: Learning-rate factor of the parameters ``init_from`` loaded (and not
+            frozen), e.g. 0.1 to move what was learned less than the new parts; 1: the same rates.
         tensorboard: A directory for TensorBoard scalars (losses, validation metrics, task
             weights, gate entropy; see :mod:`mtrec.training.tensorboard`), needs the
             ``tensorboard`` extra; ``None``: none.
@@ -380,6 +396,10 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_decay: Literal["none", "cosine", "linear"] = "none"
     min_lr_ratio: float = 0.0
+    init_from: str | None = None
+    init_from_preprocessing: Literal["refit", "reuse"] = "refit"
+    freeze: tuple[str, ...] = ()
+    init_lr_scale: float = 1.0
     tensorboard: str | None = None
     calibration: Literal["none", "platt", "isotonic"] = "none"
 
@@ -497,6 +517,7 @@ _FIELD_RULES: dict[tuple[type, str], _Range] = {
     (TrainConfig, "seed"): _SEED,
     (TrainConfig, "patience"): _Range(low=0, cap=1_000_000),
     (TrainConfig, "threads"): _Range(low=1, cap=4096),
+    (TrainConfig, "init_lr_scale"): _Range(low=0, low_open=True, cap=1000),
     (TrainConfig, "log_every"): _Range(low=1, cap=2**31 - 1),
     (TrainConfig, "gpu_data_share"): _UNIT,
     # timedelta(seconds=...) overflows past ~3e13 s; a year is already far past any use.
@@ -706,6 +727,20 @@ def _check_train(cfg: Config) -> None:
             f"train.compile: loss_weighting {t.loss_weighting.get('name')} records the shared representation "
             f"with a forward hook, which a compiled backbone does not run; set train.compile: false"
         )
+    if t.init_from is None:
+        unused = [
+            key
+            for key, value in (
+                ("freeze", t.freeze),
+                ("init_lr_scale", t.init_lr_scale != 1.0),
+                ("init_from_preprocessing", t.init_from_preprocessing != "refit"),
+            )
+            if value
+        ]
+        if unused:
+            raise ConfigError(
+                f"train.{unused[0]}: applies to a warm start; set train.init_from: DIR (a model directory)"
+            )
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
     tasks = cfg.schema.output_tasks

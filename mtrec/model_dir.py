@@ -74,6 +74,7 @@ METRICS = "metrics.json"
 LOG = "log.jsonl"
 DIAGNOSTICS = "diagnostics.json"
 CALIBRATION = "calibration.json"  # with train.calibration: per-task calibrators (mtrec.calibration)
+INIT_FROM = "init_from.json"  # with train.init_from: what the warm start loaded (mtrec.training.warm_start)
 EVALUATIONS = "evaluations"  # evaluate's JSON files, added to a finished directory
 RESUME = "resume"  # in the unfinished folder only: dropped when the run is committed
 

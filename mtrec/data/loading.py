@@ -61,12 +61,19 @@ def encode_files(pre: Preprocessor, spec: str | Sequence[str], *, with_labels: b
 
 
 def load_training_data(
-    schema: Schema, train: str | None, valid: str | None, *, valid_fraction: float, seed: int
+    schema: Schema,
+    train: str | None,
+    valid: str | None,
+    *,
+    valid_fraction: float,
+    seed: int,
+    preprocessor: Preprocessor | None = None,
 ) -> TrainingData:
     """Reads training data, fits preprocessing on the training rows and encodes both splits.
 
     Without ``valid``, a seeded random ``valid_fraction`` of the training rows is held out
-    before fitting, so validation rows never shape the vocabularies or statistics.
+    before fitting, so validation rows never shape the vocabularies or statistics. A given
+    ``preprocessor`` (a warm start's, reused) encodes both splits as it is, unfitted.
     """
     if train is None:
         raise ConfigError("data.train: required (a Parquet file, folder or glob)")
@@ -86,7 +93,7 @@ def load_training_data(
         valid_files = resolve_paths(valid)
         train_table = table
         valid_table = read_table(valid_files, cols)
-    pre = Preprocessor.fit(schema, train_table, source=source)
+    pre = preprocessor or Preprocessor.fit(schema, train_table, source=source)
     valid_source = source if valid is None else str(valid)
     return TrainingData(
         preprocessor=pre,
@@ -146,13 +153,14 @@ def load_streaming_data(
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
+    preprocessor: Preprocessor | None = None,
 ) -> StreamingData:
     """Like :func:`load_training_data`, without ever holding the training rows.
 
     Preprocessing is fitted in one streamed pass; without ``valid`` the same rows as in
     memory mode are held out (and only those are kept, encoded, for validation). Every
     rank fits on all training rows, so every rank holds identical preprocessing without
-    any communication.
+    any communication. A given ``preprocessor`` is used as it is, as in memory mode.
     """
     # streaming.py builds on this module's helpers, so it is imported here.
     from mtrec.data.streaming import ParquetStream, fit_preprocessor_stream, iter_tables
@@ -162,7 +170,7 @@ def load_streaming_data(
     train_files = resolve_paths(train)
     source = str(train_files[0]) if len(train_files) == 1 else str(train)
     holdout = (valid_fraction, seed) if valid is None else None
-    pre = fit_preprocessor_stream(schema, train_files, holdout=holdout, source=source)
+    pre = preprocessor or fit_preprocessor_stream(schema, train_files, holdout=holdout, source=source)
     stream = ParquetStream(
         train_files,
         pre,

@@ -16,6 +16,7 @@ from torch import nn
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.registry import register_backbone
 from mtrec.nn.experts import ExpertGroup
+from mtrec.nn.gates import prefixed
 
 __all__ = ["SharedEmbeddingModel", "TaskNetworks", "shared_embedding"]
 
@@ -43,6 +44,10 @@ class TaskNetworks(nn.Module):
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """Nothing: no dense layer is shared between tasks."""
         return []
+
+    def task_axes(self) -> dict[str, tuple[int, int]]:
+        """Network ``t`` is block ``t`` of every stacked weight (``{name: (shared, per_task)}``)."""
+        return prefixed("networks", self.networks.stacked())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.networks(x)

@@ -108,6 +108,11 @@ class CrossStitchNetwork(nn.Module):
         """
         return [self.weights[-1], self.biases[-1]] if len(self.stitches) else []
 
+    def task_axes(self) -> dict[str, tuple[int, int]]:
+        """Column ``t`` is block ``t`` of every stacked weight (``{name: (shared, per_task)}``;
+        the ``alpha`` units mix all tasks, so they are not)."""
+        return {f"{kind}.{i}": (0, 1) for kind in ("weights", "biases") for i in range(len(self.weights))}
+
     def _stitch(self, i: int, h: torch.Tensor) -> torch.Tensor:
         return self.stitches[i](h) if len(self.stitches) else h
 

@@ -13,7 +13,17 @@ from typing import cast
 import torch
 from torch import nn
 
-from mtrec.nn.gates import SOFTMAX, DSelectKGate, Gate, GateSpec, Penalty, importance_cv2, make_gate
+from mtrec.nn.gates import (
+    SOFTMAX,
+    DSelectKGate,
+    Gate,
+    GateSpec,
+    Penalty,
+    gate_blocks,
+    importance_cv2,
+    make_gate,
+    prefixed,
+)
 from mtrec.nn.mlp import batched_layers, batched_linear
 from mtrec.weighting import ParameterSlice, SharedLayer
 
@@ -61,6 +71,14 @@ class ExpertGroup(nn.Module):
         self.weights, self.biases = batched_layers(num_experts, in_dim, hidden)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.norms = nn.ModuleList(nn.BatchNorm1d(num_experts * h) for h in hidden) if norm else None
+
+    def stacked(self, per_block: int = 1, shared: int = 0) -> dict[str, tuple[int, int]]:
+        """The expert weights as blocks along dim 0: ``{name: (shared, per_block)}``, the first
+        ``shared`` experts common to all blocks, then ``per_block`` experts per block (what the
+        layers' ``task_axes`` declarations are made of). The HoME norms, whose statistics
+        interleave all experts, are left out."""
+        names = [f"weights.{i}" for i in range(len(self.weights))] + [f"biases.{i}" for i in range(len(self.biases))]
+        return {name: (shared, per_block) for name in names}
 
     def _activate(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """``(E, B, h)`` pre-activations -> activations."""
@@ -122,6 +140,10 @@ class MMoELayer(nn.Module):
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The experts' output layer (shared by every task)."""
         return [self.experts.weights[-1], self.experts.biases[-1]]
+
+    def task_axes(self) -> dict[str, tuple[int, int]]:
+        """Parameters stacked by task along dim 0 (``{name: (shared, per_task)}``): the gates."""
+        return prefixed("gates", gate_blocks(self.gates))
 
     def forward(self, x: torch.Tensor, return_gates: bool = False):  # noqa: ANN201 - tensor or pair
         gates = self.gates(x)
@@ -205,6 +227,14 @@ class CGCLayer(nn.Module):
         self.shared_gate = make_gate(gate, in_dim, S + T * K, 1) if shared_gate else None
         self.balance = gate.balance
         self.penalty = Penalty()
+
+    def task_axes(self) -> dict[str, tuple[int, int]]:
+        """Parameters stacked by task along dim 0 (``{name: (shared, per_task)}``): the
+        experts (``S`` shared, then ``K`` per task) and the task gates."""
+        axes = prefixed("experts", self.experts.stacked(self.num_specific, self.num_shared))
+        if self.dselect is not None:
+            return {**axes, **prefixed("dselect", gate_blocks(self.dselect))}
+        return {**axes, "gate_weight": (0, 1), "gate_bias": (0, 1)}
 
     def _task_gates(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, K + S)`` from ``x (B, in_dim)`` or the task inputs ``(T, B, in_dim)``."""
@@ -386,6 +416,11 @@ class AFTBLayer(nn.Module):
         self.gate_weight = nn.Parameter(torch.empty(T, gate_in, S + T * K).uniform_(-bound, bound))
         self.gate_bias = nn.Parameter(torch.empty(T, 1, S + T * K).uniform_(-bound, bound))
 
+    def task_axes(self) -> dict[str, tuple[int, int]]:
+        """Parameters stacked by task along dim 0: the task experts (the gates' last axis
+        counts every task's experts, so they are not)."""
+        return prefixed("task_experts", self.task_experts.stacked(self.num_specific))
+
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The shared experts' output layer (nothing without shared experts)."""
         if self.shared_experts is None:
@@ -456,6 +491,11 @@ class AdaTTLayer(nn.Module):
         self.gate_weight = nn.Parameter(torch.empty(T, in_dim, T * K).uniform_(-bound, bound))
         self.gate_bias = nn.Parameter(torch.empty(T, 1, T * K).uniform_(-bound, bound))
         self.own_weight = nn.Parameter(torch.ones(T, K, 1))
+
+    def task_axes(self) -> dict[str, tuple[int, int]]:
+        """Parameters stacked by task along dim 0: the experts and the residual weights (the
+        gates' last axis counts every task's experts, so they are not)."""
+        return {**prefixed("experts", self.experts.stacked(self.num_specific)), "own_weight": (0, 1)}
 
     def gates_and_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gates ``(B, T, T * K)`` and expert outputs ``(B, T * K, H)``."""

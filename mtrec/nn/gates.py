@@ -35,8 +35,10 @@ __all__ = [
     "Gate",
     "GateSpec",
     "Penalty",
+    "gate_blocks",
     "importance_cv2",
     "make_gate",
+    "prefixed",
     "smooth_step",
     "take_penalties",
 ]
@@ -227,6 +229,22 @@ class DSelectKGate(nn.Module):
 
 _START = 0.05
 """DSelect-k's selector logits are drawn 20x narrower than a linear layer's (times ``gamma``)."""
+
+
+def gate_blocks(gate: nn.Module) -> dict[str, tuple[int, int]]:
+    """A :func:`make_gate` module's parameters as one block per gate along dim 0
+    (``{name: (0, rows per gate)}``): how a layer whose gates are one per task declares them
+    in its ``task_axes``."""
+    if isinstance(gate, DSelectKGate):
+        return {"weight": (0, 1), "bias": (0, 1)}
+    if isinstance(gate, Gate):
+        return {"linear.weight": (0, gate.num_experts), "linear.bias": (0, gate.num_experts)}
+    raise TypeError(f"not a gate: {type(gate).__name__}")
+
+
+def prefixed(prefix: str, axes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """``axes`` with parameter names relative to the child module ``prefix``."""
+    return {f"{prefix}.{name}": value for name, value in axes.items()}
 
 
 def make_gate(spec: GateSpec, in_dim: int, num_experts: int, num_gates: int) -> nn.Module:

@@ -141,6 +141,16 @@ class PPNet(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.out_dim = widths[-1]
 
+    def task_axes(self) -> dict[str, tuple[int, int]]:
+        """Task ``t``'s tower and gates are block ``t`` of every stacked weight
+        (``{name: (shared, per_task)}``)."""
+        names = [f"{kind}.{i}" for kind in ("weights", "biases") for i in range(len(self.weights))]
+        for layer in range(len(self.gates)):
+            names += [
+                f"gates.{layer}.{kind}.{i}" for kind in ("weights", "biases") for i in range(2)
+            ]  # GateNU: 2 layers
+        return dict.fromkeys(names, (0, 1))
+
     def forward(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         gate_in = torch.cat([prior, x.detach()], dim=1)
         h = x.unsqueeze(0).expand(self.num_tasks, -1, -1)  # (T, B, in): task t's tower input

@@ -55,6 +55,11 @@ class RelationTowers(nn.Module):
             MLP(width + k * self.out_dim, relation_hidden, dropout=dropout) for k in range(len(order))
         )
 
+    def order_lists(self) -> tuple[str, ...]:
+        """The lists whose entries follow the task order (what a warm start carries over only to
+        the same tasks in the same order)."""
+        return ("towers", "relations")
+
     def forward(self, reps: torch.Tensor) -> torch.Tensor:
         done: list[torch.Tensor] = []
         out: list[torch.Tensor | None] = [None] * len(self.order)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
+
+from mtrec.errors import ConfigError
 
 if TYPE_CHECKING:
     from mtrec.config import Config
@@ -239,7 +241,7 @@ class HasEmbeddingTables(Protocol):
     def use_sparse_embedding_grads(self, sparse: bool) -> None: ...
 
 
-def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: nn.Module, config: Config, loaded: set[int] | None = None) -> list[torch.optim.Optimizer]:
     """Adam (fused where supported) for dense weights, Adam on touched rows for the embedding.
 
     Sparse Adam updates only the rows a batch touched, so its cost follows the batch, not
@@ -248,20 +250,43 @@ def make_optimizers(model: nn.Module, config: Config) -> list[torch.optim.Optimi
     built with ``sparse=False``), :class:`mtrec.training.optim.LazyAdam` applies the same update.
     ``train.embedding_weight_decay`` decays the touched rows in both (decoupled, AdamW-style:
     :class:`mtrec.training.optim.SparseAdamW` and ``LazyAdam(weight_decay=...)``).
+
+    Frozen parameters (``requires_grad`` off, ``train.freeze``) are left out; the parameters
+    whose ids are in ``loaded`` (a warm start's) learn at ``train.init_lr_scale`` times the rate,
+    in a param group of their own.
     """
     t = config.train
     embedded = cast(HasEmbeddingTables, model)  # a built model (build_model) has these methods
-    tables = embedded.embedding_tables()
-    dense = embedded.dense_parameters()
-    try:
-        opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay)
+    tables = [p for p in embedded.embedding_tables() if p.requires_grad]
+    dense = [p for p in embedded.dense_parameters() if p.requires_grad]
+    if not dense and not tables:
+        raise ConfigError("train.freeze: every parameter is frozen, nothing would train")
+    opt = _adam(_groups(dense, loaded, t.lr, t.init_lr_scale), t.weight_decay)
     optimizers: list[torch.optim.Optimizer] = [opt]
     if tables:
         lr = t.embedding_lr or t.lr
-        sparse = bool(embedded.embedding_parameters())
-        wd = t.embedding_weight_decay
+        sparse = any(p.requires_grad for p in embedded.embedding_parameters())
         embedding_opt = SparseAdamW if sparse else LazyAdam
-        optimizers.append(embedding_opt(tables, lr=lr, weight_decay=wd))
+        optimizers.append(
+            embedding_opt(_groups(tables, loaded, lr, t.init_lr_scale), weight_decay=t.embedding_weight_decay)
+        )
     return optimizers
+
+
+def _groups(params: list[nn.Parameter], loaded: set[int] | None, lr: float, scale: float) -> list[dict[str, Any]]:
+    """One param group at ``lr``, or the ``loaded`` ones at ``lr * scale`` and the rest at ``lr``
+    (an empty group is kept: the first is always the loaded one, the second the new one, so a
+    resumed run finds the same groups)."""
+    if loaded is None:
+        return [{"params": params, "lr": lr}]
+    return [
+        {"params": [p for p in params if id(p) in loaded], "lr": lr * scale},
+        {"params": [p for p in params if id(p) not in loaded], "lr": lr},
+    ]
+
+
+def _adam(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
+    try:
+        return torch.optim.Adam(groups, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(groups, weight_decay=weight_decay)

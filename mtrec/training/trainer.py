@@ -43,6 +43,7 @@ from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned,
 from mtrec.model_dir import (
     CALIBRATION,
     DIAGNOSTICS,
+    INIT_FROM,
     LOG,
     META,
     METRICS,
@@ -86,6 +87,7 @@ from mtrec.training.policy import resolve_device, resolve_embedding_optimizer, r
 from mtrec.training.state import ResumableState, RunRecord
 from mtrec.training.step import TrainStep
 from mtrec.training.tensorboard import GATE_ROWS, TensorBoardLog, open_tensorboard
+from mtrec.training.warm_start import Transfer, freeze, loaded_parameters, read_source, transfer_weights
 from mtrec.weighting import create_weighting
 
 __all__ = ["TrainResult", "train"]
@@ -322,6 +324,8 @@ class Trainer:
         # Ranks on one machine share its cores.
         torch.set_num_threads(self.t.threads or max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
         self.generator = _seed_everything(self.t.seed)
+        self.source = read_source(self.t.init_from) if self.t.init_from is not None else None
+        self.transfer: Transfer | None = None
         self._load_data()
         self._check_calibration_data()
         self._describe_labels()
@@ -384,8 +388,11 @@ class Trainer:
             mode = "stream"  # each rank reads its own share of the row groups
         self.mode = mode
         self.data: TrainingData | StreamingData
+        reused = self._reused_preprocessing()
         if mode == "memory":
-            self.data = load_training_data(schema, d.train, d.valid, valid_fraction=d.valid_fraction, seed=t.seed)
+            self.data = load_training_data(
+                schema, d.train, d.valid, valid_fraction=d.valid_fraction, seed=t.seed, preprocessor=reused
+            )
             self.batches: _MemoryBatches | ParquetStream = _MemoryBatches(
                 self.data.train, t.batch_size, self.generator, device=self.device, gpu_share=t.gpu_data_share
             )
@@ -405,6 +412,7 @@ class Trainer:
                 num_workers=d.num_workers,
                 rank=ctx.rank,
                 world_size=ctx.world_size,
+                preprocessor=reused,
             )
             self.batches = self.data.train
             self.train_rows = self.data.train.total_rows
@@ -418,6 +426,38 @@ class Trainer:
             f"data: {self.train_rows:,} training rows{_ranks(ctx)}, {self.data.valid.num_rows:,} validation rows "
             f"({how} in {load_s:.1f}s); embedding rows {sum(self.layout.table_sizes):,}"
         )
+
+    def _reused_preprocessing(self) -> Preprocessor | None:
+        """``init_from_preprocessing: reuse``: the warm start's saved preprocessing, read for this
+        config's features (which must be the saved ones)."""
+        if self.source is None or self.t.init_from_preprocessing != "reuse":
+            return None
+        try:
+            return Preprocessor.load(self.config.schema, Path(str(self.t.init_from)) / PREPROCESS)
+        except ModelError as exc:
+            raise ConfigError(
+                f"train.init_from_preprocessing: reuse needs the features of {self.t.init_from} ({exc})"
+            ) from None
+
+    def _warm_start(self, model: nn.Module) -> set[int] | None:
+        """``train.init_from``: copies the source's weights into ``model``, freezes
+        ``train.freeze`` and returns the ids of the loaded parameters (``None`` without one)."""
+        if self.source is None:
+            return None
+        source, where = self.source, str(self.t.init_from)
+        self.transfer = transfer_weights(source.model, source.preprocessor, model, self.data.preprocessor, where)
+        self.source = None  # (its weights are no longer needed)
+        self.say(self.transfer.summary())
+        frozen = {id(p) for p in freeze(model, tuple(self.t.freeze), self.transfer)}
+        layer = cast(Any, model).representation_layer() if self.weighting.needs_representation else None
+        if layer is not None and any(id(p) in frozen for p in layer[0].parameters()):
+            raise ConfigError(
+                f"train.freeze: {', '.join(self.t.freeze)} freezes the layer where loss_weighting "
+                f"{self.t.loss_weighting['name']} combines the task gradients; leave it trainable"
+            )
+        if frozen:
+            self.say(f"frozen: {', '.join(self.t.freeze)} ({len(frozen)} parameter tensors)")
+        return loaded_parameters(model, self.transfer)
 
     def _check_calibration_data(self) -> None:
         """``train.calibration`` is fitted on the validation split after training: refuse now,
@@ -486,6 +526,7 @@ class Trainer:
                 f"the tasks share, and {self.config.model.name} (embedding {self.config.model.embedding}) shares none; "
                 "use a model with shared layers, or fixed, uncertainty, dwa, rlw or famo"
             )
+        loaded = self._warm_start(model)
         table_values = sum(table.numel() for table in cast(HasEmbeddingTables, model).embedding_tables())
         self.embedding_optimizer = resolve_embedding_optimizer(
             t.embedding_optimizer, device, table_values, ctx.world_size
@@ -495,7 +536,7 @@ class Trainer:
         # gradients is kept out of DDP and averaged by sync_sparse_grads (see mtrec.training.distributed).
         self.replica = wrap_model(model, ctx, device)
         broadcast_parameters(self.weighting, ctx)
-        self.optimizers = make_optimizers(model, self.config)
+        self.optimizers = make_optimizers(model, self.config, loaded)
         if self.weighting.extra_parameters():
             # Own group without weight decay: decay would pull the log-variances towards 0.
             self.optimizers[0].add_param_group({"params": self.weighting.extra_parameters(), "weight_decay": 0.0})
@@ -534,6 +575,8 @@ class Trainer:
             "embedding_optimizer": self.embedding_optimizer,
             "label_correlations": self.correlations,
         }
+        if self.transfer is not None:
+            self.meta["init_from"] = {"source": self.transfer.source, **self.transfer.counts()}
         if resume is not None:
             # SparseAdam and LazyAdam keep the same state (step, exp_avg, exp_avg_sq), so a run
             # may continue with the other embedding update (e.g. on a GPU after a CPU start).
@@ -541,6 +584,8 @@ class Trainer:
             _check_resumable(resume, staging_dir(self.out_dir), self.config, pre, self.mode, self.ctx)
         elif self.staging is not None:  # rank 0 writes the model directory and its log
             save_model_files(self.staging, self.config, self.data.preprocessor, self.meta)
+            if self.transfer is not None:
+                atomic_write_text(self.staging / INIT_FROM, self.transfer.to_json())
         if self.staging is not None:
             self.log_fh = (self.staging / LOG).open("a")
 

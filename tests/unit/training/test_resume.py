@@ -171,7 +171,7 @@ def test_cli_resume_continues_and_refuses_what_it_cannot(files, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, output=tmp_path / "m", progress=False, on_epoch=stop)
     proc = mtrec("train", "--resume", str(tmp_path / "m"), "--set", "train.epochs=9")
-    assert proc.returncode == 2 and "drop --config, --set and --output" in proc.stderr
+    assert proc.returncode == 2 and "drop --config, --set, --output and --init-from" in proc.stderr
     proc = mtrec("train", "--resume", str(tmp_path / "m"))
     assert proc.returncode == 0, proc.stderr
     assert "resuming after epoch 1" in proc.stderr and "epoch 3/3" in proc.stderr
