@@ -72,7 +72,9 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         self.autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else None
         self.dense_params = model.dense_parameters()  # what grad_clip clips (never the table)
-        self.shared_params, self.last_shared = model.shared_parameters(), model.last_shared_parameters()
+        # Frozen parameters (train.freeze) take no gradient: GradNorm and PCGrad work on the rest.
+        self.shared_params = [p for p in model.shared_parameters() if p.requires_grad]
+        self.last_shared = [e for e in model.last_shared_parameters() if getattr(e, "param", e).requires_grad]
         self.embedding_params = model.embedding_parameters()
         layer = model.representation_layer() if weighting.needs_representation else None
         self.tap = RepresentationTap(*layer) if layer is not None else None

@@ -450,10 +450,17 @@ class Trainer:
         self.say(self.transfer.summary())
         frozen = {id(p) for p in freeze(model, tuple(self.t.freeze), self.transfer)}
         layer = cast(Any, model).representation_layer() if self.weighting.needs_representation else None
-        if layer is not None and any(id(p) in frozen for p in layer[0].parameters()):
+        net, method = cast(Any, model), self.t.loss_weighting["name"]
+        needs = {
+            "gradnorm": [getattr(e, "param", e) for e in net.last_shared_parameters()],
+            "pcgrad": net.shared_parameters(),
+        }.get(method, [])
+        if layer is not None:
+            needs = list(layer[0].parameters())
+        if (any if method != "pcgrad" else all)(id(p) in frozen for p in needs) and needs:
             raise ConfigError(
-                f"train.freeze: {', '.join(self.t.freeze)} freezes the layer where loss_weighting "
-                f"{self.t.loss_weighting['name']} combines the task gradients; leave it trainable"
+                f"train.freeze: {', '.join(self.t.freeze)} freezes the shared layer where loss_weighting "
+                f"{method} works on the task gradients; leave it trainable or use another weighting"
             )
         if frozen:
             self.say(f"frozen: {', '.join(self.t.freeze)} ({len(frozen)} parameter tensors)")

@@ -107,6 +107,15 @@ def test_init_from_with_other_tasks_refitted_vocabulary_and_lower_rate(example, 
             ["train.freeze: experts includes backbone.experts.weights.0", "shape (4, 346, 32) saved, (4, 346, 16)"],
         ),
         (["--set=train.freeze=[embedding]"], ["train.freeze: applies to a warm start"]),
+        (
+            [
+                "--init-from",
+                "runs/ctr_cvr",
+                "--set=train.freeze=[experts]",
+                "--set=train.loss_weighting={name: gradnorm}",
+            ],
+            ["train.freeze: experts freezes the shared layer where loss_weighting gradnorm works"],
+        ),
     ],
 )
 def test_bad_warm_starts_are_one_line_and_write_nothing(example, extra, needles):
