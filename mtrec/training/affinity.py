@@ -30,11 +30,11 @@ The measurement runs on a float64 *shadow* of the model: a copy of its dense lay
 float64 that reads the model's own embedding tables (not copied; their lookups are
 converted), refreshed from the model before each measurement. In fp32 a loss changes by
 ~1e-7 of itself from rounding alone, as much as a lookahead step of ``lr = 1e-3`` changes
-it; in float64 the lookahead is exact to ~1e-12. The model's dense parameters, buffers
-(batch-norm statistics), gradients and optimisers are never touched; the embedding rows a
-shared-input lookahead steps are put back bit for bit, and the random generators are
-restored. The shadow's passes run in the model's training mode (dropout and all), each
-from the same saved random state (the same masks in every pass, so the lookahead losses
+it; in float64 the lookahead is exact to ~1e-12. Nothing of the model is written: not its
+parameters (a step on embedding rows is a float64 addition to the shadow's lookups), buffers
+(batch-norm statistics), gradients or optimisers; the random generators are restored.
+The shadow's passes run in the model's training mode (dropout and all), each from the
+same saved random state (the same masks in every pass, so the lookahead losses
 differ from the base ones by the step alone). The run trains the same weights with the
 measurement on or off.
 
@@ -78,17 +78,21 @@ class SharedSet:
 
     ``kind``: ``dense`` (the model's dense shared parameters), ``input`` (the one input layer
     every task reads: its embedding rows and dense weights) or ``none`` (nothing shared).
-    ``tables`` are the embedding tables among ``params`` (their rows get ``embedding_lr``).
+    ``tables`` are the embedding modules whose weights are among ``params`` (their rows get
+    ``embedding_lr``).
     """
 
     kind: str
     params: tuple[nn.Parameter, ...]
-    tables: tuple[nn.Parameter, ...] = ()
+    tables: tuple[FusedEmbedding, ...] = ()
+
+    def table_of(self, p: nn.Parameter) -> FusedEmbedding | None:
+        return next((t for t in self.tables if t.weight is p), None)
 
     @property
     def values(self) -> int:
         """Dense parameter values measured (a table's are not counted: only its looked-up rows are)."""
-        return sum(p.numel() for p in self.params if not any(p is t for t in self.tables))
+        return sum(p.numel() for p in self.params if self.table_of(p) is None)
 
 
 def shared_set(model: nn.Module) -> SharedSet:
@@ -98,19 +102,33 @@ def shared_set(model: nn.Module) -> SharedSet:
         return SharedSet("dense", dense)
     features = getattr(model, "features", None)
     if isinstance(features, FeatureInput) and features.copies == 1:
-        tables = tuple(m.weight for m in features.modules() if isinstance(m, FusedEmbedding))
+        tables = tuple(m for m in features.modules() if isinstance(m, FusedEmbedding))
         return SharedSet("input", tuple(p for p in features.parameters() if p.requires_grad), tables)
     return SharedSet("none", ())
 
 
 class _Float64Lookup(FusedEmbedding):
-    """A shadow's embedding: the model's own (fp32) table, its lookups returned in float64."""
+    """A shadow's embedding: the model's own (fp32) table, its lookups returned in float64,
+    plus ``delta`` (``(rows, values)``: sorted fused row indices and float64 ``(n, D)``
+    additions), a lookahead step on those rows that leaves the table itself alone."""
 
+    delta: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _plus_delta(self, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = out.double()
+        if self.delta is None:
+            return out
+        stepped, values = self.delta
+        at = torch.searchsorted(stepped, rows).clamp(max=len(stepped) - 1)
+        return out + torch.where((stepped[at] == rows).unsqueeze(-1), values[at], 0.0)
+
+    # (the fused rows are the ones FusedEmbedding.forward and lookup_columns read)
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids).double()
+        return self._plus_delta(super().forward(ids), ids + self.column_offsets)
 
     def lookup_columns(self, ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        return super().lookup_columns(ids, columns).double()
+        rows = ids + self.column_offsets.index_select(0, columns)
+        return self._plus_delta(super().lookup_columns(ids, columns), rows)
 
 
 def float64_shadow(model: nn.Module) -> nn.Module:
@@ -175,63 +193,62 @@ def _same_random_state(device: torch.device) -> Iterator[tuple[torch.Tensor, tor
 
 @dataclass
 class _Step:
-    """Task gradients as dense blocks: per dense parameter the whole gradient, per table the
-    block of its rows ``rows`` (a task whose loss does not reach a row has zeros there)."""
+    """Task gradients as dense float64 blocks: per dense parameter the whole gradient, per
+    table the block of its rows ``rows`` (zeros where a task's loss does not reach a row)."""
 
     params: tuple[nn.Parameter, ...]
-    rows: list[torch.Tensor | None]  # per parameter: the table rows of its block; None: a dense parameter
+    tables: list[_Float64Lookup | None]  # per parameter: its shadow embedding, None for a dense one
+    rows: list[torch.Tensor | None]  # per parameter: the table rows of its block
     rates: list[float]
     blocks: list[list[torch.Tensor]]  # per task: one block per parameter
 
     def flat(self) -> torch.Tensor:
         """``(tasks, P)`` float64."""
-        return torch.stack([torch.cat([b.reshape(-1) for b in task]).double() for task in self.blocks])
+        return torch.stack([torch.cat([b.reshape(-1) for b in task]) for task in self.blocks])
 
     @torch.no_grad()
-    def apply(self, task: int) -> list[torch.Tensor]:
-        """``theta_s -= rate * g_task``; returns the table rows it changed, for :meth:`undo`."""
-        saved = []
-        for p, rows, rate, g in zip(self.params, self.rows, self.rates, self.blocks[task], strict=True):
-            if rows is None:
-                p.add_(g.to(p.dtype), alpha=-rate)
+    def apply(self, task: int) -> None:
+        """``theta_s -= rate * g_task``: in place on the shadow's dense parameters, as a ``delta``
+        of each table's lookups (the model's own table is never written)."""
+        parts = zip(self.params, self.tables, self.rows, self.rates, self.blocks[task], strict=True)
+        for p, table, rows, rate, g in parts:
+            if table is None:
+                p.add_(g, alpha=-rate)
             else:
-                saved.append(p.index_select(0, rows))
-                p.index_add_(0, rows, g.to(p.dtype), alpha=-rate)
-        return saved
+                table.delta = (cast(torch.Tensor, rows), -rate * g)
 
     @torch.no_grad()
-    def undo(self, saved_rows: list[torch.Tensor], dense: dict[int, torch.Tensor]) -> None:
-        """Puts back every parameter :meth:`apply` changed, bit for bit (copies, not a subtraction):
-        a dense one from ``dense[id(p)]``, a table's rows from ``saved_rows``."""
-        tables = iter(saved_rows)
-        for p, rows in zip(self.params, self.rows, strict=True):
-            if rows is None:
-                p.copy_(dense[id(p)])
+    def undo(self, source_of: dict[int, torch.Tensor]) -> None:
+        """Back to ``theta_s``: each dense parameter copied again from the model's (``source_of[id(p)]``)."""
+        for p, table in zip(self.params, self.tables, strict=True):
+            if table is None:
+                p.copy_(source_of[id(p)])
             else:
-                p.index_copy_(0, rows, next(tables))
+                table.delta = None
 
 
 def _task_step(shared: SharedSet, grads: list[list[torch.Tensor]], lr: float, embedding_lr: float) -> _Step:
     """Turns each task's gradients (coalesced sparse ones for a table) into dense blocks over the same rows."""
     rows: list[torch.Tensor | None] = []
     blocks: list[list[torch.Tensor]] = [[] for _ in grads]
-    for k, p in enumerate(shared.params):
-        if not any(p is t for t in shared.tables):
+    tables = [shared.table_of(p) for p in shared.params]
+    for k, (p, table) in enumerate(zip(shared.params, tables, strict=True)):
+        if table is None:
             rows.append(None)
             for task, g in zip(blocks, grads, strict=True):
-                task.append(g[k])
+                task.append(g[k].double())
             continue
         parts = [g[k] for g in grads]  # sparse, or dense zeros where a loss does not reach the table
         idx = [q.indices()[0] if q.is_sparse else q.new_zeros(0, dtype=torch.int64) for q in parts]
         union = torch.unique(torch.cat(idx))
         rows.append(union)
         for task, q, i in zip(blocks, parts, idx, strict=True):
-            block = p.new_zeros(len(union), p.shape[1])
+            block = p.new_zeros(len(union), p.shape[1], dtype=torch.float64)
             if q.is_sparse:
-                block[torch.searchsorted(union, i)] = q.values().to(p.dtype)
+                block[torch.searchsorted(union, i)] = q.values().double()
             task.append(block)
     rates = [lr if r is None else embedding_lr for r in rows]
-    return _Step(shared.params, rows, rates, blocks)
+    return _Step(shared.params, cast(list[_Float64Lookup | None], tables), rows, rates, blocks)
 
 
 def _cosine(flat: torch.Tensor) -> np.ndarray:
@@ -342,11 +359,11 @@ class TaskAffinity:
             cos[np.ix_(live, live)] = _cosine(step.flat())
             base = self._losses(b, rng)
             for k, i in enumerate(live):
-                saved = step.apply(k)
+                step.apply(k)
                 try:
                     after = self._losses(b, rng)
                 finally:
-                    step.undo(saved, self._source_of)
+                    step.undo(self._source_of)
                 for j in live:
                     before, then = float(base[self.tasks[j].name]), float(after[self.tasks[j].name])
                     if before > 0 and math.isfinite(then):
