@@ -46,7 +46,7 @@ def format_matrix(title: str, names: Sequence[str], rows: Sequence[Sequence[floa
     Example:
         >>> print(format_matrix("m:", ["a", "b"], [[1.0, None], [0.25, 1.0]]))
         m:
-                a         b
+                  a         b
           a   1.000       n/a
           b   0.250     1.000
     """

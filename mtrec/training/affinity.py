@@ -402,7 +402,7 @@ def affinity_summary(history: Sequence[dict[str, Any]], affinity: TaskAffinity) 
     return {
         "every": affinity.every,
         "shared": affinity.shared.kind,
-        "shared_values": affinity.shared.values,
+        "shared_dense_values": affinity.shared.values,
         "lr": affinity.lr,
         "embedding_lr": affinity.embedding_lr if affinity.shared.tables else None,
         "measurements": measurements,
