@@ -219,3 +219,38 @@ def test_training_with_affinity_gives_the_same_weights_and_writes_affinity_json(
     assert "task affinity over" in log.getvalue() and "gradient cosine" in log.getvalue()
     epochs = [json.loads(line) for line in (measured.output / "log.jsonl").read_text().splitlines()]
     assert all("affinity" in r for r in epochs if r["event"] == "epoch")
+
+
+def test_a_resumed_run_measures_what_the_uninterrupted_run_measured(tmp_path: Path):
+    from mtrec.config import config_from_dict
+    from mtrec.data.synthetic import write_click_log
+    from mtrec.quickstart import synthetic_features, synthetic_tasks
+    from mtrec.training import train
+
+    data = tmp_path / "clicks.parquet"
+    write_click_log(data, 3000, seed=2)
+    config = config_from_dict(
+        {
+            "data": {"train": str(data)},
+            "features": synthetic_features(),
+            "tasks": synthetic_tasks(),
+            "model": {"name": "mmoe", "embedding_dim": 4, "expert_hidden": [8], "tower_hidden": [4], "dropout": 0.2},
+            "train": {"epochs": 3, "batch_size": 256, "seed": 4, "threads": 1, "device": "cpu", "patience": 5},
+        },
+        overrides=["train.affinity_every=5"],
+    )
+    train(config, output=tmp_path / "whole", progress=False)
+
+    def interrupt(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, output=tmp_path / "cut", progress=False, on_epoch=interrupt)
+    train(config, output=tmp_path / "cut", progress=False, resume=True)
+    whole, cut = (json.loads((tmp_path / d / "affinity.json").read_text()) for d in ("whole", "cut"))
+    for doc in (whole, cut):
+        doc.pop("seconds_per_measurement")
+        for epoch in doc["per_epoch"]:
+            epoch.pop("seconds")
+    assert cut == whole and whole["measurements"] > 0
