@@ -40,7 +40,10 @@ measurement on or off.
 
 Cost per measurement: one forward and ``T`` backward passes (float64) for the gradients
 and ``T + 1`` forward passes without gradients for the lookahead; memory: the dense
-parameters again in float64. Under torchrun rank 0 measures, on its own batches.
+parameters again in float64. On ``configs/synthetic/mmoe.yaml`` (batch 2048, 491k shared
+values, 3 tasks) one measurement takes ~0.65 s on one CPU thread, about 5-6 training steps
+(bf16 autocast): ``affinity_every: 50`` adds ~10 % to the training time (counted in the
+epoch's rows/s). Under torchrun rank 0 measures, on its own batches.
 """
 
 from __future__ import annotations
