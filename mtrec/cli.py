@@ -80,6 +80,8 @@ example:
 Lift is the AUC difference to the baseline (and relative, in %), on each task's own rows; its
 95% CI and p come from the paired DeLong test (GAUC: a paired bootstrap over groups). "negative
 transfer" / "positive transfer" only where the CI excludes 0, else "no significant difference".
+--affinity also prints each model's task affinity (gradient cosine and lookahead affinity), from
+the affinity.json that `mtrec train` writes with train.affinity_every.
 """,
     "evaluate": """\
 example:
@@ -257,6 +259,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the GAUC bootstrap (default: 0)")
     c.add_argument("--output", type=Path, default=None, help="also write the comparison as JSON")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    c.add_argument(
+        "--affinity",
+        action="store_true",
+        help="also show each model's task affinity (its affinity.json, from train.affinity_every)",
+    )
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
@@ -493,6 +500,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             group_by=args.group_by,
             bootstrap=args.bootstrap,
             seed=args.seed,
+            affinity=args.affinity,
         )
         print(format_comparison(comparison))
         if out is not None:

@@ -370,6 +370,12 @@ class TrainConfig:
             calibration of every binary task's probability fitted on the validation split
             (:mod:`mtrec.calibration`), saved in the model directory and applied by
             prediction and scoring; evaluation shows the raw and the calibrated metrics.
+        affinity_every: Steps between task-affinity measurements (``None``: off): on that
+            step's batch, the cosine similarity of the tasks' gradients on the shared
+            parameters and the lookahead inter-task affinity of Fifty et al. (NeurIPS 2021),
+            averaged per epoch, printed at the end and saved as ``affinity.json`` (see
+            :mod:`mtrec.training.affinity`). Parameters, optimisers and random generators are
+            left as they were: the run trains the same weights with it on or off.
     """
 
     epochs: int = 3
@@ -402,6 +408,7 @@ class TrainConfig:
     init_lr_scale: float = 1.0
     tensorboard: str | None = None
     calibration: Literal["none", "platt", "isotonic"] = "none"
+    affinity_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -525,6 +532,7 @@ _FIELD_RULES: dict[tuple[type, str], _Range] = {
     (TrainConfig, "embedding_weight_decay"): _NON_NEGATIVE,
     (TrainConfig, "warmup_steps"): _Range(low=0, cap=2**31 - 1),
     (TrainConfig, "min_lr_ratio"): _UNIT,
+    (TrainConfig, "affinity_every"): _Range(low=1, cap=2**31 - 1),
     (SparseFeature, "min_freq"): _AT_LEAST_1,
     (SparseFeature, "hash_buckets"): _Range(low=1, cap=2**31 - 1),
     (SparseFeature, "max_vocab"): _AT_LEAST_1,

@@ -8,6 +8,7 @@ DIR/
   preprocess/          fitted vocabularies (Parquet) and statistics (JSON)
   metrics.json         validation metrics per epoch and of the best epoch
   log.jsonl            training log, one JSON object per line
+  affinity.json        with train.affinity_every: the task-affinity matrices
 ```
 
 Files are written to a temporary name and renamed; a training run builds the folder
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -54,6 +56,7 @@ from mtrec.schema import InputLayout
 __all__ = [
     "LoadedModel",
     "build_model",
+    "load_affinity",
     "load_model_dir",
     "claim_model_dir",
     "commit_model_dir",
@@ -75,6 +78,7 @@ LOG = "log.jsonl"
 DIAGNOSTICS = "diagnostics.json"
 CALIBRATION = "calibration.json"  # with train.calibration: per-task calibrators (mtrec.calibration)
 INIT_FROM = "init_from.json"  # with train.init_from: what the warm start loaded (mtrec.training.warm_start)
+AFFINITY = "affinity.json"  # with train.affinity_every: task-affinity matrices (mtrec.training.affinity)
 EVALUATIONS = "evaluations"  # evaluate's JSON files, added to a finished directory
 RESUME = "resume"  # in the unfinished folder only: dropped when the run is committed
 
@@ -128,7 +132,9 @@ def build_model(config: Config, layout: InputLayout) -> nn.Module:
 
 
 MODEL_KIND = "model"
-allow_staging_names(MODEL_KIND, (CONFIG, META, WEIGHTS, PREPROCESS, METRICS, LOG, DIAGNOSTICS, RESUME))
+allow_staging_names(
+    MODEL_KIND, (CONFIG, META, WEIGHTS, PREPROCESS, METRICS, LOG, DIAGNOSTICS, CALIBRATION, INIT_FROM, AFFINITY, RESUME)
+)
 
 
 @contextmanager
@@ -276,6 +282,36 @@ def _load_calibration(directory: Path, config: Config) -> dict[str, Calibrator]:
             )
         out[name] = Calibrator.from_json(entry, f"{path}: tasks.{name}")
     return out
+
+
+def load_affinity(directory: str | Path) -> dict[str, Any] | None:
+    """The task-affinity report of a model directory (``None`` without ``affinity.json``):
+    ``tasks`` (names) and the square ``gradient_cosine`` and ``lookahead_affinity`` matrices
+    (numbers or ``null``) checked, one :class:`ModelError` naming the file otherwise."""
+    path = Path(directory) / AFFINITY
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(_read_text(path))
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{path}: invalid JSON ({_first_line(exc)})") from None
+    tasks = raw.get("tasks") if isinstance(raw, dict) else None
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ModelError(f"{path}: expected an object with 'tasks', a non-empty list of task names")
+    n = len(tasks)
+    for key in ("gradient_cosine", "lookahead_affinity"):
+        m = raw.get(key)
+        square = isinstance(m, list) and len(m) == n and all(isinstance(r, list) and len(r) == n for r in m)
+        numbers = square and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            for r in m
+            for v in r
+        )
+        if not numbers:
+            raise ModelError(f"{path}: {key}: expected a {n} x {n} matrix of finite numbers or null")
+    if raw.get("shared") not in ("dense", "input", "none"):
+        raise ModelError(f"{path}: shared: expected dense, input or none, got {raw.get('shared')!r}")
+    return cast(dict[str, Any], raw)
 
 
 # Bounds what a loader reads as text (config.yaml, meta.json, resume/state.json): files that

@@ -1,7 +1,8 @@
 """The one owner of metric tables: the per-task metrics table and plain-text table layout.
 
 ``mtrec train`` and ``mtrec evaluate`` print :func:`format_metrics`; ``mtrec compare`` lays
-out its rows with :func:`text_table`; the HTML report formats its cells with :func:`cell`.
+out its rows with :func:`text_table`; the HTML report formats its cells with :func:`cell`;
+the task x task matrices (label correlations, task affinity) are laid out by :func:`format_matrix`.
 A leaf module: it knows metric key names, not models, files or tasks.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-__all__ = ["cell", "format_metrics", "text_table"]
+__all__ = ["cell", "format_matrix", "format_metrics", "text_table"]
 
 
 def cell(value: Any, missing: str = "n/a", digits: int = 4) -> str:
@@ -35,6 +36,26 @@ def text_table(rows: Sequence[Sequence[str]], align: Literal["numbers_right", "l
             for r in rows
         ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_matrix(title: str, names: Sequence[str], rows: Sequence[Sequence[float | None]], fmt: str = "8.3f") -> str:
+    """A square task x task matrix under ``title``: one row and one column per name, each
+    value formatted with ``fmt`` (``n/a`` where it is ``None`` or NaN).
+
+    Example:
+        >>> print(format_matrix("m:", ["a", "b"], [[1.0, None], [0.25, 1.0]]))
+        m:
+                  a         b
+          a   1.000       n/a
+          b   0.250     1.000
+    """
+    cells = [[format(v, fmt) if v is not None and v == v else "n/a" for v in row] for row in rows]
+    size = max([8, *(len(c) for row in cells for c in row)])
+    width = max(len(n) for n in names)
+    lines = [title, " " * (width + 2) + "  ".join(f"{n:>{size}s}" for n in names)]
+    for name, row in zip(names, cells, strict=True):
+        lines.append(f"  {name:<{width}s}" + "  ".join(f"{c:>{size}s}" for c in row))
     return "\n".join(lines)
 
 

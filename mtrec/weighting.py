@@ -50,6 +50,7 @@ __all__ = [
     "FAMO",
     "MGDA",
     "WEIGHTINGS",
+    "parameter_grads",
     "FixedWeighting",
     "AlignedMTL",
     "CAGrad",
@@ -382,7 +383,7 @@ class GradNorm(LossWeighting):
         norms = []
         params = [e.param for e in last]
         for loss in stacked:
-            grads = _dense_grads(loss, params, what="gradnorm: last_shared")
+            grads = parameter_grads(loss, params, what="gradnorm: last_shared")
             squares = [g[e.rows].float().square().sum() for e, g in zip(last, grads, strict=True)]
             norms.append(torch.stack(squares).sum().sqrt())
         w = self.task_weights
@@ -505,17 +506,28 @@ class DWA(LossWeighting):
         return {n: w * lam for n, w, lam in zip(self.task_names, self.base_weights, self._lambdas, strict=True)}
 
 
-def _dense_grads(
-    loss: torch.Tensor, params: Sequence[nn.Parameter], *, what: str, retain_graph: bool = True
+def parameter_grads(
+    loss: torch.Tensor,
+    params: Sequence[nn.Parameter],
+    *,
+    what: str,
+    retain_graph: bool = True,
+    sparse: bool = False,
 ) -> list[torch.Tensor]:
-    """``d loss / d params`` as dense tensors (zeros where unused), keeping the graph alive."""
+    """``d loss / d params`` (zeros where unused), keeping the graph alive: the per-task
+    gradients of GradNorm, PCGrad and the task-affinity report (:mod:`mtrec.training.affinity`).
+
+    A sparse gradient (an embedding table's) is refused, or with ``sparse=True`` returned
+    coalesced."""
     if not loss.requires_grad:
         return [torch.zeros_like(p) for p in params]
     grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
     out = []
     for p, g in zip(params, grads, strict=True):
         if g is not None and g.is_sparse:
-            raise ValueError(f"{what} must be dense parameters; embedding tables are never shared parameters")
+            if not sparse:
+                raise ValueError(f"{what} must be dense parameters; embedding tables are never shared parameters")
+            g = g.coalesce()
         out.append(torch.zeros_like(p) if g is None else g)
     return out
 
@@ -750,7 +762,7 @@ class PCGrad(LossWeighting):
         flat = None
         if params and self.num_tasks > 1:
             # Per-task gradients first, while the graph is alive; the full backward frees it.
-            per_task = [_dense_grads(loss, params, what="pcgrad: shared") for loss in weighted]
+            per_task = [parameter_grads(loss, params, what="pcgrad: shared") for loss in weighted]
             flat = torch.stack([torch.cat([g.reshape(-1) for g in grads]) for grads in per_task])
             del per_task  # the flat copy is all that is needed; free the per-parameter tensors
         total = sum(weighted, stacked[0].new_zeros(()))

@@ -4,7 +4,8 @@ Every model is evaluated on the same rows, each task on its own sample space; th
 difference to the baseline gets a 95 % interval and p-value from the paired DeLong test
 (:func:`mtrec.metrics.delong_paired`), the GAUC difference (with ``group_by``) from a
 paired bootstrap over groups (:func:`mtrec.metrics.bootstrap_gauc_paired`).  Negative or
-positive transfer is claimed only where the interval excludes 0.
+positive transfer is claimed only where the interval excludes 0. With ``affinity``, each
+model's task-affinity report (``affinity.json``, from ``train.affinity_every``) comes along.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from mtrec.errors import MtrecError
 from mtrec.evaluation.evaluate import evaluate_model_dir
 from mtrec.metrics import bootstrap_gauc_paired, delong_paired
+from mtrec.model_dir import load_affinity
 from mtrec.tables import text_table
 
 __all__ = ["compare_models", "format_comparison"]
@@ -198,6 +200,7 @@ def compare_models(
     bootstrap: int = 1000,
     seed: int = 0,
     gauc_weighting: str = "impressions",
+    affinity: bool = False,
 ) -> dict[str, Any]:
     """Evaluates ``models`` on ``data`` and tests each task's difference to the baseline model.
 
@@ -223,6 +226,7 @@ def compare_models(
         bootstrap: GAUC bootstrap resamples.
         seed: Seed of the GAUC bootstrap.
         gauc_weighting: ``impressions`` or ``clicks``: how groups are weighted in GAUC.
+        affinity: Also give each model's ``affinity`` (its ``affinity.json``, ``None`` without one).
 
     Raises:
         MtrecError: On no models, models trained on different task names, a task with
@@ -253,6 +257,9 @@ def compare_models(
         model: {"architecture": archs[model], "tasks": _model_rows(results[base], result, model == base, **tests)}
         for model, result in results.items()
     }
+    if affinity:
+        for model in table:
+            table[model]["affinity"] = load_affinity(model)
     return {
         "data": str(data),
         "baseline": base,
@@ -333,4 +340,18 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         f"tested results: {counts['negative']} {worse}, {counts['positive']} {better}, "
         f"{counts['none']} with no significant difference"
     )
-    return "\n".join(lines)
+    return "\n".join(lines + _affinity_lines(comparison))
+
+
+def _affinity_lines(comparison: dict[str, Any]) -> list[str]:
+    """Each model's task affinity, where the comparison holds it (``compare --affinity``)."""
+    from mtrec.training.affinity import format_affinity
+
+    lines = []
+    for model, info in comparison["models"].items():
+        if "affinity" not in info:
+            continue
+        doc = info["affinity"]
+        shown = "no affinity.json (train with train.affinity_every: N)" if doc is None else format_affinity(doc)
+        lines += ["", f"{Path(model).name} ({info['architecture']}): {shown}"]
+    return lines

@@ -1,16 +1,22 @@
 """A self-contained HTML evaluation report (figures embedded as PNG data URIs).
 
 Sections: the metrics table, per-task ROC curves, calibration (reliability) plots, the
-training curves from the model's ``log.jsonl``, and the gate-utilisation heatmap for
-models with gates. Figures are drawn with matplotlib, needed for reports only.
+training curves from the model's ``log.jsonl``, the gate-utilisation heatmap for models
+with gates, and the task relations: heatmaps of the label correlations (``meta.json``) and,
+for a model trained with ``train.affinity_every``, of the task affinity (``affinity.json``:
+gradient cosine and lookahead affinity). Every heatmap is drawn by :func:`_heatmap`.
+Figures are drawn with matplotlib, needed for reports only.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +24,12 @@ import numpy as np
 
 from mtrec.errors import MtrecError
 from mtrec.metrics import calibration, roc_curve_points
-from mtrec.model_dir import LOG
+from mtrec.model_dir import LOG, META, load_affinity
 from mtrec.tables import cell
 
 __all__ = ["SECTIONS", "write_report"]
 
-SECTIONS = ("metrics", "roc", "calibration", "training", "gates")
+SECTIONS = ("metrics", "roc", "calibration", "training", "gates", "relations")
 
 
 def _pyplot() -> Any:
@@ -106,6 +112,35 @@ def _training_figure(log_path: Path) -> str | None:
     return _png(fig)
 
 
+def _heatmap(
+    fig: Any,
+    ax: Any,
+    grid: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    *,
+    title: str,
+    label: str,
+    vmin: float,
+    vmax: float,
+    cmap: str = "RdBu",
+    fmt: str = ".2f",
+    light: Callable[[float], bool] = lambda v: False,
+) -> None:
+    """One annotated heatmap of ``grid`` (``rows x cols``; NaN cells blank) on ``ax``, with
+    its colour bar: the one drawing of every heatmap of the report. ``light(v)``: white text."""
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(len(rows)):
+        for k in range(len(cols)):
+            v = grid[i, k]
+            if not np.isnan(v):
+                ax.text(k, i, format(v, fmt), ha="center", va="center", color="white" if light(v) else "black")
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_title(title)
+
+
 def _gates_figure(gates: dict[str, Any]) -> str:
     plt = _pyplot()
     tasks = list(gates["tasks"])
@@ -115,18 +150,102 @@ def _gates_figure(gates: dict[str, Any]) -> str:
         for e, w in gates["tasks"][t]["mean_weight"].items():
             grid[i, experts.index(e)] = w
     fig, ax = plt.subplots(figsize=(1.1 * len(experts) + 2.5, 0.6 * len(tasks) + 1.8))
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(experts)), experts, rotation=30, ha="right")
-    ax.set_yticks(range(len(tasks)), tasks)
-    for i in range(len(tasks)):
-        for k in range(len(experts)):
-            if not np.isnan(grid[i, k]):
-                ax.text(
-                    k, i, f"{grid[i, k]:.2f}", ha="center", va="center", color="white" if grid[i, k] < 0.6 else "black"
-                )
-    fig.colorbar(im, ax=ax, label="mean gate weight")
-    ax.set_title("Gate utilisation (tasks x experts)")
+    _heatmap(
+        fig,
+        ax,
+        grid,
+        tasks,
+        experts,
+        title="Gate utilisation (tasks x experts)",
+        label="mean gate weight",
+        vmin=0,
+        vmax=1,
+        cmap="viridis",
+        light=lambda v: v < 0.6,
+    )
     return _png(fig)
+
+
+def _matrix(rows: Any, n: int) -> np.ndarray:
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in rows], dtype=np.float64).reshape(n, n)
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """One task x task heatmap of the relations figure."""
+
+    title: str
+    names: list[str]
+    grid: np.ndarray
+    label: str
+    fmt: str = ".2f"
+    top: float = 1.0  # the colour scale: [-top, top]
+
+
+def _relation_panels(model_dir: Path, affinity: dict[str, Any] | None) -> list[_Panel]:
+    """The label correlations (``meta.json``) and the task affinity, as heatmaps."""
+    panels = []
+    meta_path = model_dir / META
+    corr = json.loads(meta_path.read_text()).get("label_correlations") if meta_path.is_file() else None
+    if isinstance(corr, dict) and len(corr) > 1 and all(isinstance(r, dict) for r in corr.values()):
+        names = list(corr)
+        grid = _matrix([[corr[a].get(b) for b in names] for a in names], len(names))
+        panels.append(_Panel("Label correlation", names, grid, "correlation"))
+    if affinity is not None and affinity["shared"] != "none":
+        names = list(affinity["tasks"])
+        panels.append(_Panel("Gradient cosine", names, _matrix(affinity["gradient_cosine"], len(names)), "cosine"))
+        look = _matrix(affinity["lookahead_affinity"], len(names))
+        size = np.abs(look[np.isfinite(look)])
+        top = float(size.max()) if size.size and size.max() > 0 else 1.0
+        label = "1 - L_j after / L_j before"
+        panels.append(_Panel("Lookahead affinity (row i -> column j)", names, look, label, ".1e", top))
+    return panels
+
+
+def _strong(v: float, limit: float) -> bool:
+    return abs(v) > limit
+
+
+def _relations_figure(panels: list[_Panel]) -> str:
+    plt = _pyplot()
+    side = 0.8 * max(len(p.names) for p in panels) + 2.5
+    fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels) + 1, side), squeeze=False)
+    for ax, p in zip(axes[0], panels, strict=True):
+        light = functools.partial(_strong, limit=0.7 * p.top)
+        _heatmap(
+            fig,
+            ax,
+            p.grid,
+            p.names,
+            p.names,
+            title=p.title,
+            label=p.label,
+            vmin=-p.top,
+            vmax=p.top,
+            fmt=p.fmt,
+            light=light,
+        )
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _relations_section(model_dir: Path) -> str:
+    affinity = load_affinity(model_dir)
+    panels = _relation_panels(model_dir, affinity)
+    notes = []
+    if affinity is None:
+        notes.append("No task affinity recorded (train with <code>train.affinity_every: N</code>).")
+    elif affinity["shared"] == "none":
+        notes.append("Task affinity: this model shares no parameters between tasks (nothing to measure).")
+    else:
+        notes.append(
+            f"Task affinity over {affinity['measurements']} training measurement(s), every {affinity['every']} "
+            "steps: the cosine of the task gradients on the shared parameters, and the lookahead affinity "
+            "(Fifty et al. 2021) of one SGD step on task i's gradient (rows) on task j's loss (columns); "
+            "positive: the step helps j."
+        )
+    figure = f"<img src='{_relations_figure(panels)}'>" if panels else "<p>No label correlations recorded.</p>"
+    return figure + "".join(f"<p class='note'>{n}</p>" for n in notes)
 
 
 def _metrics_table(result: dict[str, Any]) -> str:
@@ -182,6 +301,7 @@ def write_report(directory: Path, result: dict[str, Any], predictions: dict[str,
         parts.append(("gates", "Gate utilisation", f"<img src='{_gates_figure(result['gates'])}'>{warnings}"))
     else:
         parts.append(("gates", "Gate utilisation", "<p>This architecture has no gates.</p>"))
+    parts.append(("relations", "Task relations", _relations_section(Path(model_dir))))
     sections = "\n".join(f"<section id='{sid}'><h2>{title}</h2>{content}</section>" for sid, title, content in parts)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>mtrec evaluation: {html.escape(str(model_dir))}</title>

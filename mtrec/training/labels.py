@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from mtrec.tables import format_matrix
+
 __all__ = ["format_correlations", "label_correlations"]
 
 
@@ -32,9 +34,5 @@ def label_correlations(labels: np.ndarray, mask: np.ndarray, tasks: Any) -> dict
 
 def format_correlations(corr: dict[str, dict[str, float | None]]) -> str:
     names = list(corr)
-    width = max(len(n) for n in names)
-    lines = ["label correlation (rows both tasks cover):", " " * (width + 2) + "  ".join(f"{n:>8s}" for n in names)]
-    for a in names:
-        cells = "  ".join("     n/a" if corr[a][b] is None else f"{corr[a][b]:8.3f}" for b in names)
-        lines.append(f"  {a:<{width}s}{cells}")
-    return "\n".join(lines)
+    rows = [[corr[a][b] for b in names] for a in names]
+    return format_matrix("label correlation (rows both tasks cover):", names, rows)

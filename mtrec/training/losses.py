@@ -50,7 +50,8 @@ def task_losses(
         raise ValueError(f"normalization: expected one of {', '.join(LOSS_NORMALIZATIONS)}, got {normalization!r}")
     out: dict[str, torch.Tensor] = {}
     for j, task in enumerate(tasks):
-        z = logits[task.name].float()
+        z = logits[task.name]
+        z = z if z.dtype == torch.float64 else z.float()  # (float64: the task-affinity lookahead)
         m = label_mask[:, j]
         w = m.to(z.dtype) if sample_weight is None else torch.where(m, sample_weight[:, j], 0.0)
         per_row = task.kind.loss(task, z, labels[:, j])

@@ -41,6 +41,7 @@ from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.errors import ConfigError, DataError, ModelError, MtrecError
 from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
 from mtrec.model_dir import (
+    AFFINITY,
     CALIBRATION,
     DIAGNOSTICS,
     INIT_FROM,
@@ -66,6 +67,7 @@ from mtrec.predict import predict_logits
 from mtrec.progress import Progress, format_seconds, say
 from mtrec.schema import Task
 from mtrec.tasks import compute_metrics, higher_is_better, summary_metric
+from mtrec.training.affinity import TaskAffinity, affinity_summary, format_affinity
 from mtrec.training.distributed import (
     DistContext,
     all_reduce_array,
@@ -286,6 +288,7 @@ class Trainer:
         self.task_names = tuple(task.name for task in self.tasks)
         self.log_fh: TextIO | None = None
         self.tensorboard: TensorBoardLog | None = None
+        self.affinity: TaskAffinity | None = None
         self.global_step = 0  # updates since the start of training (TensorBoard's x axis)
 
     def say(self, text: str) -> None:
@@ -330,6 +333,7 @@ class Trainer:
         self._check_calibration_data()
         self._describe_labels()
         self._build_model()
+        self._start_affinity()  # (it copies the model: before compiling and before the step's hooks)
         if self.t.tensorboard is not None and self.staging is not None:  # rank 0, before anything is written
             self.tensorboard = open_tensorboard(self.t.tensorboard)
         self._open_model_dir(resume)
@@ -379,6 +383,22 @@ class Trainer:
                     "time": time.time(),
                 }
             )
+
+    def _start_affinity(self) -> None:
+        """With ``train.affinity_every``, rank 0 measures the task affinity (see :mod:`mtrec.training.affinity`)."""
+        if self.t.affinity_every is None or self.staging is None:
+            return
+        lr, embedding_lr = self.t.lr, self.t.embedding_lr
+        self.affinity = TaskAffinity(
+            self.model,
+            self.tasks,
+            every=self.t.affinity_every,
+            lr=lr,
+            embedding_lr=lr if embedding_lr is None else embedding_lr,
+            normalization=self.t.loss_normalization,
+        )
+        if self.affinity.shared.kind == "none":
+            self.say(f"task affinity: {self.config.model.name} shares no parameters between tasks; nothing to measure")
 
     def _load_data(self) -> None:
         t, d, schema, ctx = self.t, self.config.data, self.config.schema, self.ctx
@@ -635,6 +655,8 @@ class Trainer:
             source = prefetch_to_device(source, self.device)
         step = 0
         for step, batch in enumerate(source, start=1):
+            if self.affinity is not None and self.affinity.due(self.global_step + 1):
+                self.affinity.measure(batch)  # at the parameters this update starts from
             loss, parts = self.step(batch)
             self.global_step += 1
             sums.add(loss, parts, len(batch))
@@ -678,6 +700,8 @@ class Trainer:
             "valid_seconds": valid_s,
             "rows_per_second": rows / train_s if train_s > 0 else None,
         }
+        if self.affinity is not None:
+            record["affinity"] = self.affinity.epoch_record()
         gates = None
         if self.tensorboard is not None:
             gates = gate_diagnostics(self.model, self.valid_cols, batch_size=t.eval_batch_size, max_rows=GATE_ROWS)
@@ -713,7 +737,7 @@ class Trainer:
         self.log({"event": "end", "best_epoch": record.best_epoch, "time": time.time()})
 
     def _write_results(self, staging: Path) -> None:
-        """Rank 0: gate diagnostics of the saved (best) weights, metrics.json and meta.json."""
+        """Rank 0: gate diagnostics of the saved (best) weights, affinity.json, metrics.json and meta.json."""
         model, record = self.model, self.state.record
         best = load_file(str(staging / WEIGHTS), device=str(self.device))
         check_state_tensors(model.state_dict(), best, staging / WEIGHTS)
@@ -724,6 +748,10 @@ class Trainer:
             self.say(format_gates(gates))
         if self.t.calibration != "none":
             self._calibrate(staging)
+        if self.affinity is not None:
+            doc = affinity_summary(record.history, self.affinity)
+            atomic_write_text(staging / AFFINITY, json.dumps(doc, indent=2))
+            self.say(format_affinity(doc))
         summary = {
             "best_epoch": record.best_epoch,
             "monitor": self.t.monitor,

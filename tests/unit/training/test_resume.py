@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -192,3 +193,39 @@ def test_state_packing_round_trips_without_pickle():
     assert torch.equal(back[3][0], torch.arange(4)) and back["nested"]["t"].dtype == torch.bfloat16
     with pytest.raises(TypeError, match="cannot save a set"):
         _pack({"s": {1, 2}}, {})
+
+
+def test_an_interrupted_warm_start_resumes_to_the_uninterrupted_result(files, tmp_path):
+    """init_from.json is written with the run's first files: the unfinished folder stays one that
+    mtrec owns, so it resumes (and the result equals the run that was not interrupted)."""
+    source = tmp_path / "source"
+    train(
+        dataclasses.replace(
+            _config(files[0], "memory"), train=dataclasses.replace(_config(files[0], "memory").train, epochs=1)
+        ),
+        output=source,
+        progress=False,
+    )
+    cfg = _config(files[0], "memory")
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, init_from=str(source), freeze=("embedding",), init_lr_scale=0.5)
+    )
+    whole = train(cfg, output=tmp_path / "whole", progress=False)
+
+    def stop(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, output=tmp_path / "cut", progress=False, on_epoch=stop)
+    assert (tmp_path / "cut.incomplete" / "init_from.json").is_file()
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, output=tmp_path / "again", progress=False, on_epoch=stop)
+    train(cfg, output=tmp_path / "again", progress=False, overwrite=True)  # starting over replaces it
+    resumed = train(cfg, output=tmp_path / "cut", progress=False, resume=True)
+    assert resumed.history[-1]["valid"] == whole.history[-1]["valid"]
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(
+        a["features.embedding.weight"], load_file(source / "model.safetensors")["features.embedding.weight"]
+    )
