@@ -53,8 +53,9 @@ class CrossStitch(nn.Module):
         # fp32 even under autocast: its backward reduces over all B * H values, and the CPU
         # bf16 GEMM of torch 2.13 dies of SIGFPE on one thread once that reaches 2^19
         # (a batch of 2048 rows of 256 units); the mix is T^2 multiply-adds per value anyway.
+        work = torch.promote_types(h.dtype, self.alpha.dtype)  # (float64 stays float64)
         with torch.autocast(h.device.type, enabled=False):
-            mixed = torch.mm(self.alpha, h.reshape(T, -1).float())
+            mixed = torch.mm(self.alpha.to(work), h.reshape(T, -1).to(work))
         return mixed.view(h.shape).to(h.dtype)
 
 
