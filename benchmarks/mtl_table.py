@@ -68,11 +68,29 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         ["features.sequence.hist_item_ids.pooling=target_attention", "features.sequence.hist_item_ids.target=item_id"],
     ),
     **{f"recommended_{w}": ("recommended", [f"train.loss_weighting={{name: {w}}}"]) for w in WEIGHTINGS},
+    # Rows on other tasks than independent's, each against a baseline on its own tasks: ESCM2
+    # against the ESMM it adds its risk to (ESMM over independent models is refused: it shares
+    # nothing for the product to learn from), AITM against separate models on its two tasks.
+    "esmm_ple": ("esmm_ple", []),
+    "escm2_ips_ple": ("esmm_ple", ["esmm.counterfactual=ips"]),
+    "escm2_dr_ple": ("esmm_ple", ["esmm.counterfactual=dr"]),
+    "independent_aitm": (
+        "independent",
+        ["tasks=[{name: ctr, label: click, type: binary}, {name: ctcvr, label: conversion, type: binary}]"],
+    ),
+}
+# The baseline of each row trained on other tasks (a baseline is its own); every other row's is independent.
+BASELINE_OF = {
+    "esmm_ple": "esmm_ple",
+    "escm2_ips_ple": "esmm_ple",
+    "escm2_dr_ple": "esmm_ple",
+    "independent_aitm": "independent_aitm",
+    "aitm": "independent_aitm",
 }
 # Rows that need what only some sections' data has (a behaviour sequence).
 ONLY_IN = {"recommended_din": ("synthetic",)}
 GROUPS = {
-    "architectures": [k for k, (c, o) in ROWS.items() if not o and c != "recommended"],
+    "architectures": [k for k, (c, o) in ROWS.items() if not o and c != "recommended" and k not in BASELINE_OF],
     "gate options on mmoe": ["mmoe_dselect_k", "mmoe_balance", "mmoe_home_norm"],
     "input blocks on the recommended config": ["recommended", "recommended_dcn_v2", "recommended_din"],
     "loss weighting on the recommended config": ["recommended", *(f"recommended_{w}" for w in WEIGHTINGS)],
@@ -95,7 +113,7 @@ def plot_table(result: dict[str, Any], path: Path) -> None:
     for ax, (name, task) in zip(axes[0], panels, strict=True):
         models = result[name]["models"]
         base = models[BASELINE]["test_auc"][task]["mean"]
-        rows = [r for r in order if r in models]
+        rows = [r for r in order if r in models and models[r].get("baseline", BASELINE) == BASELINE]
         means = [models[r]["test_auc"][task]["mean"] - base for r in rows]
         stds = [models[r]["test_auc"][task]["std"] for r in rows]
         verdicts = [(models[r].get("vs_independent") or {}).get(task, {}).get("verdict", "") for r in rows]
@@ -120,6 +138,13 @@ def section_rows(name: str, labels: list[str]) -> list[tuple[str, Path, list[str
         config, overrides = ROWS[label]
         if (folder / f"{config}.yaml").is_file() and name in ONLY_IN.get(label, (name,)):
             rows.append((label, folder / f"{config}.yaml", overrides))
+    # A baseline of other tasks is trained where a row it is the baseline of is (and only there).
+    present = {label for label, _, _ in rows}
+    needed = {BASELINE_OF[lab] for lab in present if lab in BASELINE_OF and BASELINE_OF[lab] != lab}
+    rows = [r for r in rows if BASELINE_OF.get(r[0]) != r[0] or r[0] in needed]
+    for base in sorted(needed - present):
+        config, overrides = ROWS[base]
+        rows.insert(1, (base, folder / f"{config}.yaml", overrides))
     return rows
 
 
@@ -163,15 +188,15 @@ def markdown(result: dict[str, Any]) -> str:
             if not present:
                 continue
             lines.append(f"| *{group}* |" + " |" * (2 * len(tasks) + 3))
-            for label in present:
-                res = models[label]
-                cells = [_fmt(res["test_auc"][t]) for t in tasks]
-                versus = res.get("vs_independent")
-                cells += [_vs(versus[t], seeds) if versus else "(baseline)" for t in tasks]
-                lines.append(
-                    f"| {label} | " + " | ".join(cells) + f" | {_gate_cell(res)} | {res['seconds_per_epoch']:.1f} "
-                    f"| {res['epochs_run']:.1f} |"
-                )
+            lines += [_row_line(label, models[label], tasks, seeds) for label in present]
+        for base in sorted({b for lab, b in BASELINE_OF.items() if lab in models}):
+            own = [base, *(lab for lab in ROWS if BASELINE_OF.get(lab) == base and lab != base and lab in models)]
+            tasks = list(models[base]["test_auc"])
+            lines += ["", f"Rows on other tasks, against `{base}` (on the same tasks):", ""]
+            head = "| row | " + " | ".join(f"{t} AUC" for t in tasks)
+            head += " | " + " | ".join(f"{t} vs {base}" for t in tasks) + " | gates | s/epoch | epochs |"
+            lines += [head, "|---|" + "---|" * (2 * len(tasks) + 3)]
+            lines += [_row_line(label, models[label], tasks, seeds) for label in own]
         lines += [
             "",
             "Rows: "
@@ -185,6 +210,17 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("reading"):
         lines += ["", "## Reading", "", result["reading"]]
     return "\n".join(lines) + "\n"
+
+
+def _row_line(label: str, res: dict[str, Any], tasks: list[str], seeds: int) -> str:
+    cells = [_fmt(res["test_auc"][t]) for t in tasks]
+    versus = res.get("vs_independent")
+    cells += [_vs(versus[t], seeds) if versus else "(baseline)" for t in tasks]
+    return (
+        f"| {label} | "
+        + " | ".join(cells)
+        + f" | {_gate_cell(res)} | {res['seconds_per_epoch']:.1f} | {res['epochs_run']:.1f} |"
+    )
 
 
 def _data_line(data: dict[str, Any], tasks: list[str]) -> str:
@@ -236,7 +272,8 @@ def main() -> None:
             for name in SECTIONS:
                 if args.only is None or name in args.only:
                     s0 = time.perf_counter()
-                    result[name] = run_rows(name, section_rows(name, labels), args, Path(tmp), gates=True)
+                    rows = section_rows(name, labels)
+                    result[name] = run_rows(name, rows, args, Path(tmp), gates=True, baseline_of=BASELINE_OF)
                     result[name]["seconds"] = time.perf_counter() - s0
         result["seconds"] = time.perf_counter() - t0
         if args.only is not None and json_path.is_file():

@@ -109,11 +109,21 @@ Row = tuple[str, Path, list[str]]
 
 
 def run_rows(
-    name: str, rows: list[Row], args: argparse.Namespace, work: Path, *, gates: bool = False
+    name: str,
+    rows: list[Row],
+    args: argparse.Namespace,
+    work: Path,
+    *,
+    gates: bool = False,
+    baseline_of: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Trains every row with seeds ``0 .. args.seeds - 1`` on section ``name``'s data, scores
     the test rows, compares each seed's models with its ``independent`` row (paired DeLong),
-    and with ``gates`` records the gate diagnostics of gated models on the test rows."""
+    and with ``gates`` records the gate diagnostics of gated models on the test rows.
+
+    A row trained on other tasks than ``independent`` (AITM's ``ctcvr``, ESMM's product task)
+    names in ``baseline_of`` the row it is compared with instead: separate models on its own
+    tasks (a baseline row maps to itself)."""
     from mtrec.evaluation.compare import compare_models
 
     labels = [label for label, _, _ in rows]
@@ -139,14 +149,19 @@ def run_rows(
                 f"[{done}/{total}] {name} {label} seed {seed}: {run['epochs_run']} epochs, best {run['best_epoch']}, "
                 f"{run['seconds']:.0f}s (elapsed {(time.perf_counter() - t0) / 60:.1f} min)"
             )
-        comparison = compare_models([str(dirs[m]) for m in labels], str(test_file), baseline=str(dirs[BASELINE]))
+        groups: dict[str, list[str]] = {}
         for label in labels:
-            tasks = comparison["models"][str(dirs[label])]["tasks"]
-            runs[label][-1]["test_auc"] = {t: e["value"] for t, e in tasks.items()}
-            if label != BASELINE:
-                runs[label][-1]["vs_independent"] = {
-                    t: {k: e.get(k) for k in ("delta", "ci_low", "ci_high", "p_value")} for t, e in tasks.items()
-                }
+            groups.setdefault((baseline_of or {}).get(label, BASELINE), []).append(label)
+        for base, members in groups.items():
+            comparison = compare_models([str(dirs[m]) for m in members], str(test_file), baseline=str(dirs[base]))
+            for label in members:
+                tasks = comparison["models"][str(dirs[label])]["tasks"]
+                runs[label][-1]["test_auc"] = {t: e["value"] for t, e in tasks.items()}
+                runs[label][-1]["baseline"] = base
+                if label != base:
+                    runs[label][-1]["vs_independent"] = {
+                        t: {k: e.get(k) for k in ("delta", "ci_low", "ci_high", "p_value")} for t, e in tasks.items()
+                    }
         aucs = "; ".join(f"{m} " + " ".join(f"{v:.4f}" for v in runs[m][-1]["test_auc"].values()) for m in labels)
         _say(f"{name} seed {seed} test AUC: {aucs}")
         for out in dirs.values():
@@ -192,6 +207,8 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "parameters": runs[0].get("parameters"),
         "runs": runs,
     }
+    if runs[0].get("baseline", BASELINE) != BASELINE:
+        out["baseline"] = runs[0]["baseline"]
     gate_runs = [r["gates"] for r in runs if r.get("gates")]
     if gate_runs:
         out["gates"] = {k: _mean_std([g[k] for g in gate_runs]) for k in ("largest_share", "entropy_ratio")}
