@@ -114,3 +114,60 @@ def test_small_mtl_table_end_to_end(tmp_path: Path):
     markdown = out.with_suffix(".md").read_text()
     assert "| mmoe_dselect_k |" in markdown and "*gate options on mmoe*" in markdown
     assert "`mmoe_dselect_k` = mmoe.yaml model.gate=dselect_k" in markdown
+
+
+def test_small_mtl_table_rows_on_other_tasks_meet_their_own_baseline(tmp_path: Path):
+    """AITM (ctr + ctcvr) is compared with independent models on its own tasks, ESCM2 with the
+    ESMM it adds its risk to; neither lands in the main table or the plot against independent."""
+    out = tmp_path / "table"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "mtl_table.py"), "--only", "synthetic", "--seeds", "1",
+        "--rows", "independent,aitm,escm2_ips_ple", "--synthetic-rows", "6000", "--synthetic-test-rows", "4000",
+        "--threads", "1", "--output", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    models = json.loads(out.with_suffix(".json").read_text())["synthetic"]["models"]
+    # The baselines the rows need are trained although --rows does not name them.
+    assert set(models) == {"independent", "aitm", "independent_aitm", "escm2_ips_ple", "esmm_ple"}
+    assert models["aitm"]["baseline"] == "independent_aitm" and set(models["aitm"]["vs_independent"]) == {
+        "ctr",
+        "ctcvr",
+    }
+    assert models["escm2_ips_ple"]["baseline"] == "esmm_ple"
+    assert set(models["escm2_ips_ple"]["vs_independent"]) == {"ctr", "cvr", "satisfaction", "ctcvr"}
+    assert "vs_independent" not in models["esmm_ple"] and "baseline" not in models["independent"]
+    markdown = out.with_suffix(".md").read_text()
+    main_table = markdown.split("Rows on other tasks", 1)[0]
+    assert "| aitm |" not in main_table and "| esmm_ple |" not in main_table
+    assert "against `independent_aitm`" in markdown and "ctcvr vs esmm_ple" in markdown
+
+
+def test_small_warm_start_study_end_to_end(tmp_path: Path):
+    """benchmarks/warm_start.py on a tiny log: its figures agree with each other."""
+    out = tmp_path / "warm"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "warm_start.py"), "--seeds", "1", "--rows", "8000",
+        "--test-rows", "4000", "--epochs", "2", "--threads", "1", "--no-census", "--affinity-every", "2",
+        "--output", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.with_suffix(".json").read_text())
+    run = result["runs"][0]
+    # The scratch run reaches its own best validation AUC, at the epoch where it is best.
+    best = max(run["valid_curve"]["scratch"])
+    assert run["target_valid_auc"] == best
+    assert run["reach"]["scratch"]["epoch"] == run["valid_curve"]["scratch"].index(best) + 1
+    assert run["reach"]["scratch"]["steps"] == run["reach"]["scratch"]["epoch"] * run["steps_per_epoch"]
+    warm = run["reach"]["warm"]
+    assert warm["epoch"] is None or run["valid_curve"]["warm"][warm["epoch"] - 1] >= best
+    assert set(run["test_auc"]["warm"]) == {"ctr", "cvr", "satisfaction"}
+    assert set(run["old_tasks_test_auc"]) == {"ctr", "cvr"}
+    mmoe, independent = result["affinity"]["synthetic"]["mmoe"], result["affinity"]["synthetic"]["independent"]
+    assert mmoe["tasks"] == ["ctr", "cvr", "satisfaction"] and mmoe["measurements"] > 0
+    assert all(abs(mmoe["gradient_cosine"][i][i] - 1.0) < 1e-6 for i in range(3))
+    assert independent["shared"] == "none"
+    markdown = out.with_suffix(".md").read_text()
+    assert "Time to the scratch model's best validation AUC" in markdown and "shares no parameters" in markdown
+    assert out.with_suffix(".png").stat().st_size > 0
