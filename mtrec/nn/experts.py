@@ -85,7 +85,15 @@ class ExpertGroup(nn.Module):
         if self.norms is None:
             return self.dropout(torch.relu(h))
         E, B, width = h.shape
-        flat = self.norms[layer](h.transpose(0, 1).reshape(B, E * width))
+        norm, x = cast(nn.BatchNorm1d, self.norms[layer]), h.transpose(0, 1).reshape(B, E * width)
+        if norm.training and B == 1:
+            # One row has no batch statistics (BatchNorm raises): a last batch of one row is
+            # normalised by the running ones, which it leaves as they are.
+            flat = nn.functional.batch_norm(
+                x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
+            )
+        else:
+            flat = norm(x)
         return self.dropout(nn.functional.silu(flat.view(B, E, width).transpose(0, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

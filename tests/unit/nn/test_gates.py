@@ -205,3 +205,19 @@ def test_normalised_experts_are_independent_linear_batchnorm_swish_stacks(train)
         pre = group.norms[0](torch.randn(64, E * hidden[0]) * 5 + 3).detach()
         assert pre.mean(0).abs().max() < 1e-5
         assert math.isclose(float(pre.var(0, unbiased=False).mean()), 1.0, rel_tol=1e-3)
+
+
+def test_expert_norm_trains_on_a_batch_of_one_row_with_the_running_statistics():
+    """A last training batch of one row (3,593 rows in batches of 512) has no batch statistics:
+    it is normalised with the running ones, as in evaluation, and leaves them as they are."""
+    torch.manual_seed(0)
+    group = ExpertGroup(3, 5, (4,), norm=True)
+    group.train()
+    group(torch.randn(64, 5))  # some running statistics
+    before = [b.clone() for b in group.norms[0].buffers()]
+    x = torch.randn(1, 5)
+    out = group(x)
+    assert torch.isfinite(out).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, group.norms[0].buffers(), strict=True))
+    group.eval()
+    torch.testing.assert_close(out, group(x))
