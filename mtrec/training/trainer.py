@@ -89,7 +89,7 @@ from mtrec.training.policy import resolve_device, resolve_embedding_optimizer, r
 from mtrec.training.state import ResumableState, RunRecord
 from mtrec.training.step import TrainStep
 from mtrec.training.tensorboard import GATE_ROWS, TensorBoardLog, open_tensorboard
-from mtrec.training.warm_start import Transfer, freeze, loaded_parameters, read_source, transfer_weights
+from mtrec.training.warm_start import Transfer, freeze, frozen_norms, loaded_parameters, read_source, transfer_weights
 from mtrec.weighting import create_weighting
 
 __all__ = ["TrainResult", "train"]
@@ -329,6 +329,7 @@ class Trainer:
         self.generator = _seed_everything(self.t.seed)
         self.source = read_source(self.t.init_from) if self.t.init_from is not None else None
         self.transfer: Transfer | None = None
+        self.frozen_norms: list[nn.Module] = []
         self._load_data()
         self._check_calibration_data()
         self._describe_labels()
@@ -484,6 +485,7 @@ class Trainer:
             )
         if frozen:
             self.say(f"frozen: {', '.join(self.t.freeze)} ({len(frozen)} parameter tensors)")
+        self.frozen_norms = frozen_norms(model)
         return loaded_parameters(model, self.transfer)
 
     def _check_calibration_data(self) -> None:
@@ -644,6 +646,8 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> _EpochTotals:
         self.model.train()
+        for norm in self.frozen_norms:  # (their running statistics are part of what is frozen)
+            norm.eval()
         steps = self.batches.num_batches(epoch)
         bar = _EpochProgress(steps, epoch, self.t.epochs, self.t.log_every, self.stream, self.progress)
         # Loss sums stay on the device: reading them (a host sync that stalls the GPU

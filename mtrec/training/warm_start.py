@@ -35,7 +35,7 @@ from mtrec.errors import ConfigError, ModelError
 from mtrec.model_dir import LoadedModel, load_model_dir
 from mtrec.models.parts import ModelParts, Table, freeze_groups, model_parts
 
-__all__ = ["Transfer", "freeze", "loaded_parameters", "read_source", "transfer_weights"]
+__all__ = ["Transfer", "freeze", "frozen_norms", "loaded_parameters", "read_source", "transfer_weights"]
 
 LOADED, REMAPPED, NEW, DROPPED = "loaded", "remapped", "new", "dropped"
 
@@ -265,6 +265,19 @@ def freeze(model: nn.Module, names: tuple[str, ...], report: Transfer) -> list[n
     for p in frozen.values():
         p.requires_grad_(False)
     return list(frozen.values())
+
+
+def frozen_norms(model: nn.Module) -> list[nn.Module]:
+    """The batch-norm layers whose parameters are all frozen (HoME's expert norms under a frozen
+    ``experts``): kept in evaluation mode while training, so that their running statistics,
+    which are buffers rather than parameters, stay as loaded too."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and any(True for _ in m.parameters())
+        and not any(p.requires_grad for p in m.parameters())
+    ]
 
 
 def loaded_parameters(model: nn.Module, report: Transfer) -> set[int]:

@@ -163,3 +163,46 @@ def test_loaded_parameters_learn_at_the_scaled_rate_and_frozen_ones_are_left_out
     assert not any(n.startswith("backbone.experts") for n in scaled | full)  # frozen: in no group
     assert [g["lr"] for g in table.param_groups] == pytest.approx([0.01, 0.1])
     assert [len(g["params"]) for g in table.param_groups] == [1, 0]
+
+
+def test_frozen_experts_keep_their_batch_norm_statistics_bit_for_bit(tmp_path):
+    """HoME's expert norms hold running statistics (buffers, not parameters): freezing the
+    experts keeps them as loaded too, while a trainable expert group's move."""
+    from safetensors.torch import load_file
+
+    from mtrec.config import config_from_dict
+    from mtrec.data.synthetic import write_click_log
+    from mtrec.quickstart import synthetic_features, synthetic_tasks
+    from mtrec.training import train
+
+    data = tmp_path / "clicks.parquet"
+    write_click_log(data, 4000, seed=1)
+
+    def config(**train_keys):
+        return config_from_dict(
+            {
+                "data": {"train": str(data)},
+                "features": synthetic_features(),
+                "tasks": synthetic_tasks(),
+                "model": {
+                    "name": "mmoe",
+                    "embedding_dim": 4,
+                    "expert_hidden": [8],
+                    "tower_hidden": [4],
+                    "expert_norm": True,
+                },
+                "train": {"epochs": 1, "batch_size": 512, "threads": 1, **train_keys},
+            }
+        )
+
+    train(config(), output=tmp_path / "source", progress=False)
+    source = load_file(tmp_path / "source" / "model.safetensors")
+    for frozen, same in ((["experts"], True), (["embedding"], False)):
+        out = tmp_path / f"warm-{frozen[0]}"
+        train(config(init_from=str(tmp_path / "source"), freeze=frozen), output=out, progress=False)
+        after = load_file(out / "model.safetensors")
+        experts = [k for k in source if k.startswith("backbone.experts.")]
+        assert any("running_mean" in k for k in experts)
+        assert all(torch.equal(after[k], source[k]) for k in experts) == same
+        stats = [k for k in experts if "running" in k]
+        assert all(torch.equal(after[k], source[k]) for k in stats) == same
