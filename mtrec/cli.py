@@ -390,8 +390,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.config is None:
         raise MtrecError("train: --config is required (or --resume DIR)")
     overrides = list(args.overrides)
-    if args.init_from is not None:  # (a JSON string is a YAML string: any path stays text)
-        overrides.insert(0, f"train.init_from={json.dumps(str(args.init_from))}")
+    if args.init_from is not None:  # last, so the flag wins; a JSON string is a YAML string: any path stays text
+        overrides.append(f"train.init_from={json.dumps(str(args.init_from))}")
     config = load_config(args.config, overrides)
     train(config, output=args.output, overwrite=args.overwrite, progress=not args.quiet, debug=args.debug)
     return 0

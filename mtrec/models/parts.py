@@ -10,9 +10,10 @@ need to know of any registered architecture, read from the built module tree:
   a layer says so in a ``task_axes()`` method, ``{name: (shared, per_task)}`` relative to
   itself, meaning the first ``shared`` rows are common to all tasks and then come ``per_task``
   rows per task, in its model's task order (:attr:`ModelParts.stacked`);
-* a layer may hold lists whose entries follow the task order (AITM's transfer chain, DBMTL's
-  relation layers, whose inputs grow with the tasks before them): ``order_lists()`` names
-  them, and they carry over only to a model with the same tasks in the same order;
+* a layer may hold parts that follow the task order (AITM's transfer chain, DBMTL's relation
+  layers, whose inputs grow with the tasks before them; gates and cross-stitch units indexed by
+  task on two axes): ``ordered_parts()`` names them (parameters or modules), and they carry
+  over only to a model with the same tasks in the same order;
 * embedding tables (:class:`~mtrec.nn.FusedEmbedding`) with one copy per task.
 
 The freeze groups (:func:`freeze_groups`) are what ``train.freeze`` accepts: ``embedding``
@@ -111,16 +112,21 @@ def model_parts(model: nn.Module) -> ModelParts:
         if callable(axes):
             for name, (shared, per_task) in axes().items():
                 parts.stacked[_join(path, name)] = Stacked(tasks, shared, per_task)
-        lists = getattr(module, "order_lists", None)
-        if callable(lists):
-            for name in lists():
-                prefix = _join(path, name) + "."
-                parts.ordered.update({k: tasks for k in keys if k.startswith(prefix)})
+        ordered = getattr(module, "ordered_parts", None)
+        if callable(ordered):
+            for name in ordered():
+                whole = _join(path, name)
+                parts.ordered.update({k: tasks for k in keys if k == whole or k.startswith(whole + ".")})
         if isinstance(module, FusedEmbedding):
             copies = getattr(_parent(model, path), "copies", 1)
             sizes = module.table_sizes[: len(module.table_sizes) // max(copies, 1)]
             parts.tables[_join(path, "weight")] = Table(sizes, tasks if copies > 1 else ())
     return parts
+
+
+def _is_gate(name: str) -> bool:
+    """A gate's parameter: softmax gates, CGC's task gates, DSelect-k gates, PEPNet's Gate NUs."""
+    return "gate" in name or ".dselect." in name
 
 
 def _parent(model: nn.Module, path: str) -> nn.Module:
@@ -141,7 +147,7 @@ def freeze_groups(model: nn.Module) -> dict[str, list[str]]:
         "features": [n for n in names if n.startswith(features + ".")],
         "backbone": [n for n in names if n.startswith(backbone + ".")],
         "experts": [n for n in names if any(n.startswith(p) for p in expert_paths)],
-        "gates": [n for n in names if n.startswith(backbone + ".") and "gate" in n.removeprefix(backbone)],
+        "gates": [n for n in names if n.startswith(backbone + ".") and _is_gate(n.removeprefix(backbone))],
         "towers": [n for n in names if n in parts.tower_task],
     }
     for name in names:

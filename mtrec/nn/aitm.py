@@ -101,7 +101,7 @@ class AITMLayer(nn.Module):
         # attentions[t - 1] merges into task t, for t >= 1.
         self.attentions = nn.ModuleList(AdaptiveInformationTransfer(self.out_dim) for _ in range(num_tasks - 1))
 
-    def order_lists(self) -> tuple[str, ...]:
+    def ordered_parts(self) -> tuple[str, ...]:
         """The lists whose entries follow the task chain (what a warm start carries over only to
         the same tasks in the same order)."""
         return ("towers", "transfers", "attentions")

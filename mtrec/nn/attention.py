@@ -40,6 +40,13 @@ class TargetAttention(nn.Module):
         self.copies = copies
         self.weights, self.biases = batched_layers(copies, 4 * dim, (*hidden, 1))
 
+    def task_axes(self) -> dict[str, tuple[int, int]]:
+        """With one set per task (``copies > 1``): set ``t`` is block ``t`` of every weight."""
+        if self.copies == 1:
+            return {}
+        names = [f"weights.{i}" for i in range(len(self.weights))] + [f"biases.{i}" for i in range(len(self.biases))]
+        return dict.fromkeys(names, (0, 1))
+
     def scores(self, history: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``(C * B, L)`` the weight of every history item (0 past each row's length)."""
         CB, L, D = history.shape

@@ -58,6 +58,13 @@ class CrossNetwork(nn.Module):
             nn.Parameter(torch.empty(copies, 1, dim).uniform_(-bound, bound)) for _ in range(layers)
         )
 
+    def task_axes(self) -> dict[str, tuple[int, int]]:
+        """With one set per task (``copies > 1``): set ``t`` is block ``t`` of every weight."""
+        if self.copies == 1:
+            return {}
+        names = [f"weights.{i}" for i in range(len(self.weights))] + [f"biases.{i}" for i in range(len(self.biases))]
+        return dict.fromkeys(names, (0, 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         single = x.dim() == 2
         x0 = x.unsqueeze(0) if single else x  # (C, B, d)

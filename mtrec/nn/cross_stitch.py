@@ -114,6 +114,11 @@ class CrossStitchNetwork(nn.Module):
         the ``alpha`` units mix all tasks, so they are not)."""
         return {f"{kind}.{i}": (0, 1) for kind in ("weights", "biases") for i in range(len(self.weights))}
 
+    def ordered_parts(self) -> tuple[str, ...]:
+        """The ``alpha`` units, indexed by task on both axes: carried over only to the same tasks
+        in the same order."""
+        return ("stitches",)
+
     def _stitch(self, i: int, h: torch.Tensor) -> torch.Tensor:
         return self.stitches[i](h) if len(self.stitches) else h
 

@@ -75,10 +75,15 @@ class ExpertGroup(nn.Module):
     def stacked(self, per_block: int = 1, shared: int = 0) -> dict[str, tuple[int, int]]:
         """The expert weights as blocks along dim 0: ``{name: (shared, per_block)}``, the first
         ``shared`` experts common to all blocks, then ``per_block`` experts per block (what the
-        layers' ``task_axes`` declarations are made of). The HoME norms, whose statistics
-        interleave all experts, are left out."""
+        layers' ``task_axes`` declarations are made of), the HoME norms' channels included."""
         names = [f"weights.{i}" for i in range(len(self.weights))] + [f"biases.{i}" for i in range(len(self.biases))]
-        return {name: (shared, per_block) for name in names}
+        axes = {name: (shared, per_block) for name in names}
+        for i, norm in enumerate(self.norms or ()):
+            # Channels are laid out expert by expert (``_activate``): expert e owns e*h .. (e+1)*h.
+            width = cast(nn.BatchNorm1d, norm).num_features // self.num_experts
+            for buffer in ("weight", "bias", "running_mean", "running_var"):
+                axes[f"norms.{i}.{buffer}"] = (shared * width, per_block * width)
+        return axes
 
     def _activate(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """``(E, B, h)`` pre-activations -> activations."""
@@ -429,6 +434,11 @@ class AFTBLayer(nn.Module):
         counts every task's experts, so they are not)."""
         return prefixed("task_experts", self.task_experts.stacked(self.num_specific))
 
+    def ordered_parts(self) -> tuple[str, ...]:
+        """The gates, indexed by task on both axes (task ``t``'s gate over every task's experts):
+        carried over only to the same tasks in the same order."""
+        return ("gate_weight", "gate_bias")
+
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The shared experts' output layer (nothing without shared experts)."""
         if self.shared_experts is None:
@@ -504,6 +514,11 @@ class AdaTTLayer(nn.Module):
         """Parameters stacked by task along dim 0: the experts and the residual weights (the
         gates' last axis counts every task's experts, so they are not)."""
         return {**prefixed("experts", self.experts.stacked(self.num_specific)), "own_weight": (0, 1)}
+
+    def ordered_parts(self) -> tuple[str, ...]:
+        """The gates, indexed by task on both axes (task ``t``'s gate over every task's experts):
+        carried over only to the same tasks in the same order."""
+        return ("gate_weight", "gate_bias")
 
     def gates_and_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gates ``(B, T, T * K)`` and expert outputs ``(B, T * K, H)``."""

@@ -55,7 +55,7 @@ class RelationTowers(nn.Module):
             MLP(width + k * self.out_dim, relation_hidden, dropout=dropout) for k in range(len(order))
         )
 
-    def order_lists(self) -> tuple[str, ...]:
+    def ordered_parts(self) -> tuple[str, ...]:
         """The lists whose entries follow the task order (what a warm start carries over only to
         the same tasks in the same order)."""
         return ("towers", "relations")

@@ -51,6 +51,7 @@ from mtrec.model_dir import (
     PREPROCESS,
     RESUME,
     WEIGHTS,
+    LoadedModel,
     build_model,
     check_state_tensors,
     claim_model_dir,
@@ -94,6 +95,10 @@ from mtrec.weighting import create_weighting
 
 __all__ = ["TrainResult", "train"]
 
+DIAGNOSTIC_ROWS = 65_536
+"""The validation rows (the first ones) the saved gate diagnostics are measured on: a bounded cost
+after the last epoch, and shares of expert weight known to ~0.01 on that many rows."""
+
 
 @dataclass
 class TrainResult:
@@ -103,6 +108,8 @@ class TrainResult:
     best_epoch: int
     best_metrics: dict[str, dict[str, Any]]
     history: list[dict[str, Any]]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds of each stage (``meta.json``'s ``timings``, see :meth:`Trainer.run`, and ``commit_s``)."""
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -290,6 +297,8 @@ class Trainer:
         self.tensorboard: TensorBoardLog | None = None
         self.affinity: TaskAffinity | None = None
         self.global_step = 0  # updates since the start of training (TensorBoard's x axis)
+        self.timings: dict[str, float] = {}
+        self.best_logits: dict[str, np.ndarray] | None = None  # the best epoch's validation logits
 
     def say(self, text: str) -> None:
         say(self.stream, self.progress, text)
@@ -304,8 +313,16 @@ class Trainer:
             self.tensorboard.record({**record, **tensorboard_only}, self.global_step)
 
     def run(self, on_epoch: Callable[[dict[str, Any]], None] | None, resume: dict[str, Any] | None) -> TrainResult:
+        """Trains and writes the model directory. ``self.timings`` (saved in ``meta.json``) has the
+        seconds of each stage: ``read_encode_s`` (the data read and encoded, preprocessing
+        fitted), ``setup_s`` (the rest before the first step: label statistics, the model, the
+        model directory's first files), ``train_s`` and ``validate_s`` (summed over the epochs),
+        ``checkpoint_s`` (resume states and best weights), ``post_loop_s`` (best weights read
+        back, diagnostics, calibration, metrics) and, in the result only, ``commit_s``."""
         try:
+            t0 = time.perf_counter()
             self.setup(resume)
+            self.timings["setup_s"] = time.perf_counter() - t0 - self.timings.get("read_encode_s", 0.0)
             self.fit(on_epoch)
             self.finish()
         finally:
@@ -313,22 +330,28 @@ class Trainer:
                 self.log_fh.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
+        t0 = time.perf_counter()
         if self.staging is not None:
             commit_model_dir(self.staging, self.out_dir)
+        self.timings["commit_s"] = time.perf_counter() - t0
         # Every rank returns only once the model directory exists.
         barrier(self.ctx)
         record = self.state.record
         self.say(f"best epoch {record.best_epoch}: {_fmt_metrics(record.best_metrics, self.tasks)}")
         self.say(f"model saved to {self.out_dir}")
-        return TrainResult(self.out_dir, record.best_epoch, record.best_metrics, record.history)
+        return TrainResult(self.out_dir, record.best_epoch, record.best_metrics, record.history, dict(self.timings))
 
     # ------------------------------------------------------------------------------- setup
     def setup(self, resume: dict[str, Any] | None) -> None:
         # Ranks on one machine share its cores.
         torch.set_num_threads(self.t.threads or max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
         self.generator = _seed_everything(self.t.seed)
-        self.source = read_source(self.t.init_from) if self.t.init_from is not None else None
+        self.source: LoadedModel | None = None
         self.transfer: Transfer | None = None
+        if self.t.init_from is not None and resume is None:
+            self.source = read_source(self.t.init_from)
+        elif self.t.init_from is not None:  # resumed: what was loaded is known, the source is not read again
+            self.transfer = Transfer.read(staging_dir(self.out_dir) / INIT_FROM)
         self.frozen_norms: list[nn.Module] = []
         self._load_data()
         self._check_calibration_data()
@@ -441,6 +464,7 @@ class Trainer:
             self.labelled, self.labelled_what = self.data.valid, "validation"
             how = f"stream mode: encoded size ~{size_mb:,.0f} MiB, budget {d.memory_budget_mb:,.0f} MiB; fitted"
         load_s = time.perf_counter() - t0
+        self.timings["read_encode_s"] = load_s
         self.layout = self.data.preprocessor.layout()
         check_same(dataclasses.asdict(self.layout), ctx, "the fitted preprocessing (input layout)")
         self.say(
@@ -449,26 +473,43 @@ class Trainer:
         )
 
     def _reused_preprocessing(self) -> Preprocessor | None:
-        """``init_from_preprocessing: reuse``: the warm start's saved preprocessing, read for this
-        config's features (which must be the saved ones)."""
-        if self.source is None or self.t.init_from_preprocessing != "reuse":
+        """``init_from_preprocessing: reuse``: the warm start's saved preprocessing (that of the
+        run being resumed, once it has started), for this config's features, which must be the
+        saved ones; this config's tasks."""
+        if self.t.init_from is None or self.t.init_from_preprocessing != "reuse":
             return None
-        try:
-            return Preprocessor.load(self.config.schema, Path(str(self.t.init_from)) / PREPROCESS)
-        except ModelError as exc:
-            raise ConfigError(
-                f"train.init_from_preprocessing: reuse needs the features of {self.t.init_from} ({exc})"
-            ) from None
+        if self.source is None:  # resuming: the run's own preprocessing is the reused one
+            return Preprocessor.load(self.config.schema, staging_dir(self.out_dir) / PREPROCESS)
+        saved, here = self.source.config.schema, self.config.schema
+        for kind in ("sparse", "dense", "sequence"):
+            old = {f.name: f for f in getattr(saved, kind)}
+            for f in getattr(here, kind):
+                same = f.name in old and (
+                    _encoding(old[f.name]) == _encoding(f) if kind == "sequence" else old[f.name] == f
+                )
+                if not same:
+                    raise ConfigError(
+                        f"train.init_from_preprocessing: reuse encodes with {self.t.init_from}'s preprocessing, "
+                        f"which has no {kind} feature {f.name!r} as this config declares it; use refit"
+                    )
+            if len(old) != len(getattr(here, kind)):
+                raise ConfigError(
+                    f"train.init_from_preprocessing: reuse needs the {kind} features of {self.t.init_from} "
+                    f"({', '.join(old) or 'none'}); use refit"
+                )
+        pre = self.source.preprocessor
+        return Preprocessor(here, pre.vocabs, pre.dense_stats)
 
     def _warm_start(self, model: nn.Module) -> set[int] | None:
         """``train.init_from``: copies the source's weights into ``model``, freezes
         ``train.freeze`` and returns the ids of the loaded parameters (``None`` without one)."""
-        if self.source is None:
+        if self.source is not None:
+            source, where = self.source, str(self.t.init_from)
+            self.transfer = transfer_weights(source.model, source.preprocessor, model, self.data.preprocessor, where)
+            self.source = None  # (its weights are no longer needed)
+            self.say(self.transfer.summary())
+        if self.transfer is None:
             return None
-        source, where = self.source, str(self.t.init_from)
-        self.transfer = transfer_weights(source.model, source.preprocessor, model, self.data.preprocessor, where)
-        self.source = None  # (its weights are no longer needed)
-        self.say(self.transfer.summary())
         frozen = {id(p) for p in freeze(model, tuple(self.t.freeze), self.transfer)}
         layer = cast(Any, model).representation_layer() if self.weighting.needs_representation else None
         net, method = cast(Any, model), self.t.loss_weighting["name"]
@@ -502,9 +543,11 @@ class Trainer:
         """Rank 0: fits each binary task's calibrator on the validation rows it holds (the best
         weights are loaded) and writes them to the model directory."""
         method, v = self.t.calibration, self.data.valid
-        logits = predict_logits(
-            self.model, self.valid_cols, self.task_names, batch_size=self.t.eval_batch_size, device=self.device
-        )
+        logits = self.best_logits  # the best epoch's, from its validation (none after a resume)
+        if logits is None:
+            logits = predict_logits(
+                self.model, self.valid_cols, self.task_names, batch_size=self.t.eval_batch_size, device=self.device
+            )
         fitted, lines = {}, []
         for j, task in enumerate(self.tasks):
             if not task.kind.ranks:
@@ -636,7 +679,11 @@ class Trainer:
             totals = self.train_epoch(epoch)
             record = self.validate(epoch, totals)
             self.state.record.add(record)
+            c0 = time.perf_counter()
             self.checkpoint(epoch, record["improved"])
+            self.timings["checkpoint_s"] = self.timings.get("checkpoint_s", 0.0) + time.perf_counter() - c0
+            for key, part in (("train_s", "train_seconds"), ("validate_s", "valid_seconds")):
+                self.timings[key] = self.timings.get(key, 0.0) + record[part]
             if on_epoch is not None:
                 on_epoch(record)
             bad_epochs = self.state.record.bad_epochs
@@ -689,6 +736,8 @@ class Trainer:
         value = summary_metric(metrics, t.monitor, valid_loss)
         higher_better = higher_is_better(t.monitor)
         improved = self.state.record.improves(value, higher_better)
+        if improved and self.t.calibration != "none":  # what calibration is fitted on, kept (not re-predicted)
+            self.best_logits = logits
         record = {
             "event": "epoch",
             "epoch": epoch,
@@ -730,6 +779,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ finish
     def finish(self) -> None:
+        self.finish_t0 = time.perf_counter()
         record = self.state.record
         if record.best_epoch == 0:
             # The monitored metric was never defined (e.g. one class only): keep the last weights.
@@ -746,7 +796,7 @@ class Trainer:
         best = load_file(str(staging / WEIGHTS), device=str(self.device))
         check_state_tensors(model.state_dict(), best, staging / WEIGHTS)
         model.load_state_dict(best)
-        gates = gate_diagnostics(model, self.valid_cols, batch_size=self.t.eval_batch_size)
+        gates = gate_diagnostics(model, self.valid_cols, batch_size=self.t.eval_batch_size, max_rows=DIAGNOSTIC_ROWS)
         if gates is not None:
             atomic_write_text(staging / DIAGNOSTICS, json.dumps({"gates": gates}, indent=2))
             self.say(format_gates(gates))
@@ -764,6 +814,8 @@ class Trainer:
         }
         atomic_write_text(staging / METRICS, json.dumps(summary, indent=2))
         self.meta["best_epoch"] = record.best_epoch
+        self.timings["post_loop_s"] = time.perf_counter() - self.finish_t0
+        self.meta["timings"] = dict(self.timings)
         atomic_write_text(staging / META, json.dumps(self.meta, indent=2))
 
 
@@ -785,6 +837,11 @@ def _check_resumable(
             f"{config.data.train}: the training data no longer gives the preprocessing of the run being resumed "
             f"(vocabularies or statistics changed since {staging / PREPROCESS} was fitted)"
         )
+
+
+def _encoding(s: Any) -> tuple[Any, ...]:
+    """What of a list feature its encoding depends on (not its pooling, a model choice)."""
+    return (s.name, s.max_len, s.vocab_from, s.min_freq)
 
 
 def _compile_backbones(model: nn.Module) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -72,7 +73,20 @@ class Transfer:
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        return json.dumps({"source": self.source, "counts": self.counts(), "parameters": self.entries}, indent=2)
+        doc = {"source": self.source, "counts": self.counts(), "parameters": self.entries, "partial": self.partial}
+        return json.dumps(doc, indent=2)
+
+    @classmethod
+    def read(cls, path: Path) -> Transfer:
+        """The report a run wrote (``init_from.json``), for resuming it without its source."""
+        try:
+            doc = json.loads(path.read_text())
+            report = cls(str(doc["source"]), [dict(e) for e in doc["parameters"]], dict(doc.get("partial", {})))
+            if not all(isinstance(e.get("name"), str) and isinstance(e.get("status"), str) for e in report.entries):
+                raise ValueError("an entry without name or status")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{path}: cannot read the warm start's report ({exc})") from None
+        return report
 
 
 def read_source(directory: str) -> LoadedModel:
@@ -125,6 +139,7 @@ def _copy_table(
     old_keys = {key[0]: (i, key[1]) for i, key in enumerate(_table_keys(old_pre))}
     new_starts, old_starts = np.cumsum([0, *new_t.sizes]), np.cumsum([0, *old_t.sizes])
     kept = known = 0
+    missing: list[str] = []  # tables that start fresh: a feature the source lacks, other buckets
     copies = [(c, 0 if not old_t.copy_tasks else _index(old_t.copy_tasks, task)) for c, task in _copy_list(new_t)]
     same = new_w.shape == old_w.shape and all(c == old_c for c, old_c in copies)  # row for row?
     for i, (feature, buckets) in enumerate(_table_keys(new_pre)):
@@ -132,9 +147,12 @@ def _copy_table(
         known += new_t.sizes[i] - 1
         if j is None or buckets != old_buckets:
             same = False
+            missing.append(feature)
             continue
         if buckets is None:
             new_rows, old_rows = _row_map(new_pre.vocabs[feature], old_pre.vocabs[feature])
+            if len(new_rows) == 1 and new_t.sizes[i] > 1:
+                missing.append(feature)  # (IDs of another type: none can be matched)
         else:
             new_rows = old_rows = np.arange(buckets + 1)
         kept += len(new_rows) - 1
@@ -146,9 +164,13 @@ def _copy_table(
             src = torch.from_numpy(old_rows + old_starts[j] + old_c * old_starts[-1])
             new_w.index_copy_(0, dst, old_w.index_select(0, src).to(new_w.device, new_w.dtype))
     fresh = [task for c, task in _copy_list(new_t) if copies[c][1] is None]
-    detail = f"{kept:,} of {known:,} IDs kept by raw ID" + (
-        f"; copies of new tasks {', '.join(fresh)} fresh" if fresh else ""
-    )
+    detail = f"{kept:,} of {known:,} IDs kept by raw ID"
+    if fresh:
+        detail += f"; the table sets of new tasks {', '.join(fresh)} are fresh"
+        report.partial[name] = f"the table sets of {', '.join(fresh)} are new"
+    if missing:
+        detail += f"; {', '.join(missing)} fresh (not in the saved model, other hash buckets or ID type)"
+        report.partial[name] = f"the tables of {', '.join(missing)} are new"
     report.add(name, LOADED if same else REMAPPED, "the same IDs in the same rows" if same else detail)
 
 
@@ -281,6 +303,9 @@ def frozen_norms(model: nn.Module) -> list[nn.Module]:
 
 
 def loaded_parameters(model: nn.Module, report: Transfer) -> set[int]:
-    """Ids of the parameters a warm start loaded anything into (what ``init_lr_scale`` scales)."""
-    done = {e["name"] for e in report.entries if e["status"] in (LOADED, REMAPPED)}
+    """Ids of the parameters a warm start loaded (what ``init_lr_scale`` scales): whole, or
+    remapped with nothing of them new (an embedding table whose only fresh rows are new IDs
+    counts; a tensor holding a new task's block, a new task's table set or a new feature's
+    table does not, and learns at the full rate)."""
+    done = {e["name"] for e in report.entries if e["status"] in (LOADED, REMAPPED) and e["name"] not in report.partial}
     return {id(p) for name, p in model.named_parameters() if name in done}

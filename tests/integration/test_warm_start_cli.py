@@ -111,6 +111,15 @@ def test_init_from_with_other_tasks_refitted_vocabulary_and_lower_rate(example, 
             [
                 "--init-from",
                 "runs/ctr_cvr",
+                "--set=train.init_from_preprocessing=reuse",
+                "--set=features.dense.0.transform=standardize",
+            ],
+            ["train.init_from_preprocessing: reuse", "no dense feature 'item_price' as this config declares it"],
+        ),
+        (
+            [
+                "--init-from",
+                "runs/ctr_cvr",
                 "--set=train.freeze=[experts]",
                 "--set=train.loss_weighting={name: gradnorm}",
             ],

@@ -3,6 +3,7 @@ evaluation that use them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -197,3 +198,34 @@ def test_a_tampered_calibration_file_is_refused_on_load(logs, tmp_path):
     path.unlink()
     with pytest.raises(ModelError, match="calibration.json: missing .*train.calibration: platt"):
         load_model_dir(out)
+
+
+def test_platt_is_fitted_on_the_best_epochs_validation_logits_and_the_stages_are_timed(logs, tmp_path):
+    """The calibration reuses the logits the best epoch was validated with: the same fit as on
+    the saved model's own predictions of the validation rows (which are not predicted again);
+    meta.json carries the seconds of each stage."""
+    from mtrec.data.batches import TensorColumns
+    from mtrec.model_dir import load_model_dir
+    from mtrec.predict import predict_logits
+
+    train_file, test_file = logs
+    cfg = _config(train_file, "platt", valid=test_file)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3, patience=3))
+    out = tmp_path / "m"
+    result = train(cfg, output=out, progress=False)
+    assert result.best_epoch < 3 or all(h["improved"] for h in result.history)
+    saved = json.loads((out / "calibration.json").read_text())["tasks"]
+    loaded = load_model_dir(out)
+    encoded = loaded.preprocessor.transform(pq.read_table(test_file))
+    logits = predict_logits(loaded.model, TensorColumns.from_encoded(encoded), loaded.model.task_names)
+    space = encoded.label_mask[:, 1]  # cvr: the clicked rows
+    again = fit_calibrator("platt", logits["cvr"][space], encoded.labels[space, 1], None, task="cvr").to_json()
+    assert saved["cvr"]["rows"] == again["rows"]
+    assert saved["cvr"]["a"] == pytest.approx(again["a"], rel=1e-6) and saved["cvr"]["b"] == pytest.approx(
+        again["b"], rel=1e-6
+    )
+    meta = json.loads((out / "meta.json").read_text())
+    stages = ("read_encode_s", "setup_s", "train_s", "validate_s", "checkpoint_s", "post_loop_s")
+    assert all(meta["timings"][k] >= 0 for k in stages)
+    assert meta["timings"]["train_s"] == pytest.approx(sum(h["train_seconds"] for h in result.history))
+    assert result.timings["commit_s"] >= 0

@@ -208,7 +208,10 @@ def test_an_interrupted_warm_start_resumes_to_the_uninterrupted_result(files, tm
     )
     cfg = _config(files[0], "memory")
     cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, init_from=str(source), freeze=("embedding",), init_lr_scale=0.5)
+        cfg,
+        train=dataclasses.replace(
+            cfg.train, init_from=str(source), freeze=("embedding",), init_lr_scale=0.5, init_from_preprocessing="reuse"
+        ),
     )
     whole = train(cfg, output=tmp_path / "whole", progress=False)
 
@@ -222,10 +225,11 @@ def test_an_interrupted_warm_start_resumes_to_the_uninterrupted_result(files, tm
     with pytest.raises(KeyboardInterrupt):
         train(cfg, output=tmp_path / "again", progress=False, on_epoch=stop)
     train(cfg, output=tmp_path / "again", progress=False, overwrite=True)  # starting over replaces it
+    source.rename(tmp_path / "moved")  # resuming needs init_from.json, not the source
     resumed = train(cfg, output=tmp_path / "cut", progress=False, resume=True)
     assert resumed.history[-1]["valid"] == whole.history[-1]["valid"]
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(
-        a["features.embedding.weight"], load_file(source / "model.safetensors")["features.embedding.weight"]
+        a["features.embedding.weight"], load_file(tmp_path / "moved" / "model.safetensors")["features.embedding.weight"]
     )

@@ -158,8 +158,12 @@ def test_loaded_parameters_learn_at_the_scaled_rate_and_frozen_ones_are_left_out
     ids = {id(p): n for n, p in new.named_parameters()}
     scaled, full = ({ids[id(p)] for p in g["params"]} for g in dense.param_groups)
     assert [g["lr"] for g in dense.param_groups] == pytest.approx([0.001, 0.01])
-    assert "towers.0.out.weight" in scaled and "backbone.gates.linear.weight" in scaled
-    assert full == {n for n in ids.values() if n.startswith("towers.1.")}  # task b's tower is new
+    assert "towers.0.out.weight" in scaled and "backbone.experts.weights.0" not in scaled  # (frozen)
+    # Task b's tower is new, and so is b's block of the gates: they learn at the full rate.
+    assert full == {n for n in ids.values() if n.startswith("towers.1.")} | {
+        "backbone.gates.linear.weight",
+        "backbone.gates.linear.bias",
+    }
     assert not any(n.startswith("backbone.experts") for n in scaled | full)  # frozen: in no group
     assert [g["lr"] for g in table.param_groups] == pytest.approx([0.01, 0.1])
     assert [len(g["params"]) for g in table.param_groups] == [1, 0]
@@ -206,3 +210,53 @@ def test_frozen_experts_keep_their_batch_norm_statistics_bit_for_bit(tmp_path):
         assert all(torch.equal(after[k], source[k]) for k in experts) == same
         stats = [k for k in experts if "running" in k]
         assert all(torch.equal(after[k], source[k]) for k in stats) == same
+
+
+def test_per_task_cross_layers_and_two_axis_gates_follow_the_tasks():
+    """Per-task parts a model holds outside its towers: the cross layers of each task's table set
+    go block by block by task; AdaTT's gates (task by task's experts) start fresh when the tasks
+    or their order change, and load whole when they do not."""
+    pre = _pre(("a", "b"), OLD_USERS)
+    old = _model("independent", pre, ("a", "b"), seed=1, hidden=(8,), cross_layers=1)
+    new = _model("independent", pre, ("b", "a"), seed=2, hidden=(8,), cross_layers=1)
+    report = transfer_weights(old, pre, new, pre, "old")
+    w_o, w_n = old.state_dict()["features.cross.weights.0"], new.state_dict()["features.cross.weights.0"]
+    assert torch.equal(w_n[0], w_o[1]) and torch.equal(w_n[1], w_o[0])
+    assert report.status("features.cross.weights.0") == "remapped"
+    kw = {"num_task_experts": 1, "expert_hidden": (8,), "num_levels": 1}
+    old = _model("adatt", pre, ("a", "b"), seed=1, **kw)
+    swapped = _model("adatt", pre, ("b", "a"), seed=2, **kw)
+    report = transfer_weights(old, pre, swapped, pre, "old")
+    assert report.status("backbone.levels.0.gate_weight") == "new"
+    same = _model("adatt", pre, ("a", "b"), seed=3, **kw)
+    report = transfer_weights(old, pre, same, pre, "old")
+    assert report.status("backbone.levels.0.gate_weight") == "loaded"
+
+
+def test_home_norms_of_task_experts_move_with_their_experts():
+    pre = _pre(("a", "b"), OLD_USERS)
+    kw = {"num_shared_experts": 1, "num_task_experts": 1, "expert_hidden": (4,), "expert_norm": True}
+    old = _model("cgc", pre, ("a", "b"), seed=1, **kw)
+    with torch.no_grad():  # distinct running statistics per expert
+        old.state_dict()["backbone.levels.0.experts.norms.0.running_mean"].copy_(torch.arange(12.0))
+    new_pre = _pre(("b", "a", "c"), OLD_USERS)
+    new = _model("cgc", new_pre, ("b", "a", "c"), seed=2, **kw)
+    report = transfer_weights(old, pre, new, new_pre, "old")
+    mean = new.state_dict()["backbone.levels.0.experts.norms.0.running_mean"]  # [shared | b | a | c], 4 each
+    assert mean[:4].tolist() == [0, 1, 2, 3]  # shared
+    assert mean[4:8].tolist() == [8, 9, 10, 11] and mean[8:12].tolist() == [4, 5, 6, 7]  # b and a swapped
+    assert mean[12:].tolist() == [0, 0, 0, 0]  # c's fresh statistics
+    assert "the blocks of c are new" in report.partial["backbone.levels.0.experts.norms.0.running_mean"]
+
+
+def test_freeze_refuses_tables_that_start_fresh_and_finds_dselect_gates():
+    pre = _pre(("a", "b"), OLD_USERS)
+    old = _model("independent", pre, ("a", "b"), seed=1, hidden=(8,))
+    new = _model("independent", pre, ("a", "b", "c"), seed=2, hidden=(8,))
+    report = transfer_weights(old, pre, new, pre, "old")
+    with pytest.raises(ConfigError, match="the table sets of c are new"):
+        freeze(new, ("embedding",), report)
+    assert id(new.state_dict(keep_vars=True)["features.embedding.weight"]) not in loaded_parameters(new, report)
+    cgc = _model("cgc", pre, ("a", "b"), seed=1, num_shared_experts=1, num_task_experts=1, gate="dselect_k")
+    gates = freeze_groups(cgc)["gates"]
+    assert gates and all(".dselect." in n for n in gates)
