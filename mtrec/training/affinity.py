@@ -106,7 +106,9 @@ def shared_set(model: nn.Module) -> SharedSet:
     features = getattr(model, "features", None)
     if isinstance(features, FeatureInput) and features.copies == 1:
         tables = tuple(m for m in features.modules() if isinstance(m, FusedEmbedding))
-        return SharedSet("input", tuple(p for p in features.parameters() if p.requires_grad), tables)
+        params = tuple(p for p in features.parameters() if p.requires_grad)
+        if params:  # (all of it frozen, train.freeze: nothing shared is trained, nothing to measure)
+            return SharedSet("input", params, tables)
     return SharedSet("none", ())
 
 
@@ -349,7 +351,8 @@ class TaskAffinity:
         with torch.no_grad():
             for s, m in self._sources:
                 s.copy_(m)
-        self.shadow.train(self.model.training)
+        for mine, theirs in zip(self.shadow.modules(), self.model.modules(), strict=True):
+            mine.training = theirs.training  # module by module: frozen batch norms stay in eval mode
         b = _float64_batch(batch)
         with _same_random_state(_device(self.model)) as rng:
             parts = self._losses(b, rng, grad=True)
