@@ -152,13 +152,13 @@ def run_rows(
         groups: dict[str, list[str]] = {}
         for label in labels:
             groups.setdefault((baseline_of or {}).get(label, BASELINE), []).append(label)
-        for base, members in groups.items():
-            comparison = compare_models([str(dirs[m]) for m in members], str(test_file), baseline=str(dirs[base]))
+        for anchor, members in groups.items():  # (each group against its own baseline row)
+            comparison = compare_models([str(dirs[m]) for m in members], str(test_file), baseline=str(dirs[anchor]))
             for label in members:
                 tasks = comparison["models"][str(dirs[label])]["tasks"]
                 runs[label][-1]["test_auc"] = {t: e["value"] for t, e in tasks.items()}
-                runs[label][-1]["baseline"] = base
-                if label != base:
+                runs[label][-1]["baseline"] = anchor
+                if label != anchor:
                     runs[label][-1]["vs_independent"] = {
                         t: {k: e.get(k) for k in ("delta", "ci_low", "ci_high", "p_value")} for t, e in tasks.items()
                     }
