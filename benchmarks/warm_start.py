@@ -5,10 +5,11 @@ Warm start, on the synthetic log, for each seed:
 
 1. ``configs/synthetic/warm_start/ctr_cvr.yaml``: MMoE on CTR and CVR (the ranker that exists);
 2. ``scratch``: ``configs/synthetic/mmoe.yaml`` on all three tasks from scratch;
-3. ``warm``: the same config with ``train.init_from`` the first model, its preprocessing reused
-   and its embedding frozen (the README's example);
+3. the same config with ``train.init_from`` the first model and its preprocessing reused:
+   ``warm_frozen_embedding`` with its embedding frozen (the README's example), ``warm`` with
+   everything trained;
 
-both (2) and (3) for ``--epochs`` epochs without early stopping, validated after each. The
+(2) and (3) for ``--epochs`` epochs without early stopping, validated after each. The
 new task's target is the best validation AUC the scratch model reaches for it; for each run
 the steps and training seconds until an epoch's validation AUC of the new task reaches it (None:
 never). The test rows score every model once: the old tasks' AUC before (model 1) and after
@@ -45,7 +46,12 @@ NEW_TASK = "satisfaction"
 OLD_TASKS = ("ctr", "cvr")
 SOURCE = ROOT / "configs" / "synthetic" / "warm_start" / "ctr_cvr.yaml"
 FULL = ROOT / "configs" / "synthetic" / "mmoe.yaml"
-WARM = ["train.freeze=[embedding]", "train.init_from_preprocessing=reuse"]
+# The warm starts, each from the CTR+CVR model: the README's (embedding frozen) and one that trains everything.
+WARM = {
+    "warm_frozen_embedding": ["train.freeze=[embedding]", "train.init_from_preprocessing=reuse"],
+    "warm": ["train.init_from_preprocessing=reuse"],
+}
+RUNS = ("scratch", *WARM)
 
 
 def _train(config: Path, overrides: list[str], out: Path) -> list[dict[str, Any]]:
@@ -81,20 +87,21 @@ def warm_start_seed(seed: int, base: list[str], test_file: Path, work: Path, epo
     """One seed of the warm-start study (module docstring)."""
     run = [*base, f"train.seed={seed}"]
     fixed = [f"train.epochs={epochs}", f"train.patience={epochs}"]
-    source, scratch, warm = work / f"source-{seed}", work / f"scratch-{seed}", work / f"warm-{seed}"
+    source = work / f"source-{seed}"
+    dirs = {name: work / f"{name}-{seed}" for name in RUNS}
     t0 = time.perf_counter()
     _train(SOURCE, run, source)
     source_s = time.perf_counter() - t0
-    histories = {
-        "scratch": _train(FULL, [*run, *fixed], scratch),
-        "warm": _train(FULL, [*run, *fixed, f"train.init_from={source}", *WARM], warm),
-    }
+    histories = {"scratch": _train(FULL, [*run, *fixed], dirs["scratch"])}
+    for name, keys in WARM.items():
+        histories[name] = _train(FULL, [*run, *fixed, f"train.init_from={source}", *keys], dirs[name])
+    scratch = dirs["scratch"]
     rows = json.loads((scratch / "meta.json").read_text())["train_rows"]
     batch = yaml.safe_load((scratch / "config.yaml").read_text())["train"]["batch_size"]
     steps_per_epoch = -(-rows // batch)
     target = max(h["valid"][NEW_TASK]["auc"] for h in histories["scratch"])
     before = _test_auc({"source": source}, test_file, "source")["source"]
-    after = _test_auc({"scratch": scratch, "warm": warm}, test_file, "scratch")
+    after = _test_auc(dirs, test_file, "scratch")
     return {
         "seed": seed,
         "target_valid_auc": target,
@@ -103,7 +110,7 @@ def warm_start_seed(seed: int, base: list[str], test_file: Path, work: Path, epo
         "reach": {name: _reach(h, target, steps_per_epoch) for name, h in histories.items()},
         "valid_curve": {name: [h["valid"][NEW_TASK]["auc"] for h in hs] for name, hs in histories.items()},
         "old_tasks_test_auc": {
-            t: {"before": before[t]["value"], "after": after["warm"][t]["value"]} for t in OLD_TASKS
+            t: {"before": before[t]["value"], **{name: after[name][t]["value"] for name in WARM}} for t in OLD_TASKS
         },
         "test_auc": after,
     }
@@ -127,24 +134,24 @@ def summarise(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         known = [v for v in values if v is not None]
         return {**(_mean_std(known) if known else {}), "reached": len(known), "of": len(values)}
 
-    out: dict[str, Any] = {"reach": {}, "test_auc": {}, "old_tasks": {}}
-    for name in ("scratch", "warm"):
+    out: dict[str, Any] = {"reach": {}, "test_auc": {}, "old_tasks": {}, "vs_scratch": {}}
+    for name in RUNS:
         out["reach"][name] = {k: stat([s["reach"][name][k] for s in seeds]) for k in ("steps", "seconds")}
         tasks = seeds[0]["test_auc"][name]
         out["test_auc"][name] = {t: _mean_std([s["test_auc"][name][t]["value"] for s in seeds]) for t in tasks}
     for t in OLD_TASKS:
-        out["old_tasks"][t] = {
-            k: _mean_std([s["old_tasks_test_auc"][t][k] for s in seeds]) for k in ("before", "after")
+        keys = ("before", *WARM)
+        out["old_tasks"][t] = {k: _mean_std([s["old_tasks_test_auc"][t][k] for s in seeds]) for k in keys}
+    for name in WARM:
+        deltas = {t: [s["test_auc"][name][t] for s in seeds] for t in seeds[0]["test_auc"][name]}
+        out["vs_scratch"][name] = {
+            t: {
+                "delta": _mean_std([d["delta"] for d in ds]),
+                "significant_wins": sum(d["p_value"] < 0.05 and d["delta"] > 0 for d in ds),
+                "significant_losses": sum(d["p_value"] < 0.05 and d["delta"] < 0 for d in ds),
+            }
+            for t, ds in deltas.items()
         }
-    deltas = {t: [s["test_auc"]["warm"][t] for s in seeds] for t in seeds[0]["test_auc"]["warm"]}
-    out["warm_vs_scratch"] = {
-        t: {
-            "delta": _mean_std([d["delta"] for d in ds]),
-            "significant_wins": sum(d["p_value"] < 0.05 and d["delta"] > 0 for d in ds),
-            "significant_losses": sum(d["p_value"] < 0.05 and d["delta"] < 0 for d in ds),
-        }
-        for t, ds in deltas.items()
-    }
     return out
 
 
@@ -162,34 +169,43 @@ def _matrix(tasks: list[str], m: list[list[Any]], fmt: str) -> list[str]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    s = result["summary"]
+    s, seeds = result["summary"], result["seeds"]
+    warm = "; ".join(f"`{name}`: `{' '.join(keys)}`" for name, keys in WARM.items())
     lines = [
         f"# Warm start: add `{NEW_TASK}` to a CTR+CVR MMoE, against all three tasks from scratch",
         "",
         f"Produced by `{result['command']}` in {result['seconds'] / 60:.1f} min on {result['machine']}; "
-        f"{result['seeds']} seeds, {result['data']['train_rows']:,} training rows, {result['data']['test_rows']:,} "
-        f"test rows, {result['epochs']} epochs each without early stopping. Warm: `{' '.join(WARM)}`.",
+        f"{seeds} seeds, {result['data']['train_rows']:,} training rows, {result['data']['test_rows']:,} "
+        f"test rows, {result['epochs']} epochs each without early stopping, validated after each epoch "
+        f"(so steps are known to the epoch). Each warm start begins from the CTR+CVR model of the same seed "
+        f"(`configs/synthetic/warm_start/ctr_cvr.yaml`, its own 3 epochs not counted); {warm}.",
         "",
-        f"## Time to the scratch model's best validation AUC on `{NEW_TASK}`",
+        f"## Steps to the scratch model's best validation AUC on `{NEW_TASK}`",
         "",
         "| run | steps | training seconds | reached in |",
         "|---|---|---|---|",
     ]
-    for name in ("scratch", "warm"):
+    for name in RUNS:
         r = s["reach"][name]
         lines.append(
             f"| {name} | {_f(r['steps'], 0)} | {_f(r['seconds'], 1)} | {r['steps']['reached']} of {r['steps']['of']} |"
         )
-    lines += ["", "## Test AUC", "", "| task | scratch | warm | warm − scratch (DeLong p < 0.05: wins / losses) |"]
-    lines.append("|---|---|---|---|")
-    for t, v in s["warm_vs_scratch"].items():
-        lines.append(
-            f"| {t} | {_f(s['test_auc']['scratch'][t])} | {_f(s['test_auc']['warm'][t])} | "
-            f"{_f(v['delta'])} ({v['significant_wins']} / {v['significant_losses']} of {result['seeds']}) |"
-        )
-    lines += ["", "Old tasks, test AUC before (the CTR+CVR model) and after the warm start:", ""]
-    lines += ["| task | before | after |", "|---|---|---|"]
-    lines += [f"| {t} | {_f(v['before'])} | {_f(v['after'])} |" for t, v in s["old_tasks"].items()]
+    tasks = list(s["test_auc"]["scratch"])
+    lines += ["", "## Test AUC (mean ± std over the seeds)", ""]
+    lines += ["| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [f"| {name} | " + " | ".join(_f(s["test_auc"][name][t]) for t in tasks) + " |" for name in RUNS]
+    lines += ["", "Against scratch, per seed (paired DeLong on the test rows; wins / losses at p < 0.05):", ""]
+    lines += ["| run | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name, versus in s["vs_scratch"].items():
+        cells = [
+            f"{_f(v['delta'])} ({v['significant_wins']} / {v['significant_losses']} of {seeds})"
+            for v in (versus[t] for t in tasks)
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Old tasks, test AUC before (the CTR+CVR model) and after each warm start:", ""]
+    lines += ["| task | before | " + " | ".join(WARM) + " |", "|---|---|" + "---|" * len(WARM)]
+    for t, v in s["old_tasks"].items():
+        lines.append(f"| {t} | {_f(v['before'])} | " + " | ".join(_f(v[name]) for name in WARM) + " |")
     for name, models in result.get("affinity", {}).items():
         lines += ["", f"## Task affinity on {name}"]
         for model, doc in models.items():
@@ -213,7 +229,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for s in result["runs"]:
-        for name, color in (("scratch", "#9a9a9a"), ("warm", "#3b75af")):
+        for name, color in zip(RUNS, ("#9a9a9a", "#3b75af", "#2e8b57"), strict=False):
             curve = s["valid_curve"][name]
             steps = [(i + 1) * s["steps_per_epoch"] for i in range(len(curve))]
             ax.plot(steps, curve, marker="o", color=color, label=name if s["seed"] == 0 else None)

@@ -161,14 +161,16 @@ def test_small_warm_start_study_end_to_end(tmp_path: Path):
     assert run["target_valid_auc"] == best
     assert run["reach"]["scratch"]["epoch"] == run["valid_curve"]["scratch"].index(best) + 1
     assert run["reach"]["scratch"]["steps"] == run["reach"]["scratch"]["epoch"] * run["steps_per_epoch"]
-    warm = run["reach"]["warm"]
-    assert warm["epoch"] is None or run["valid_curve"]["warm"][warm["epoch"] - 1] >= best
-    assert set(run["test_auc"]["warm"]) == {"ctr", "cvr", "satisfaction"}
-    assert set(run["old_tasks_test_auc"]) == {"ctr", "cvr"}
+    for name in ("warm", "warm_frozen_embedding"):
+        reach = run["reach"][name]
+        assert reach["epoch"] is None or run["valid_curve"][name][reach["epoch"] - 1] >= best
+        assert reach["epoch"] is not None or max(run["valid_curve"][name]) < best
+        assert set(run["test_auc"][name]) == {"ctr", "cvr", "satisfaction"}
+    assert set(run["old_tasks_test_auc"]["ctr"]) == {"before", "warm", "warm_frozen_embedding"}
     mmoe, independent = result["affinity"]["synthetic"]["mmoe"], result["affinity"]["synthetic"]["independent"]
     assert mmoe["tasks"] == ["ctr", "cvr", "satisfaction"] and mmoe["measurements"] > 0
     assert all(abs(mmoe["gradient_cosine"][i][i] - 1.0) < 1e-6 for i in range(3))
     assert independent["shared"] == "none"
     markdown = out.with_suffix(".md").read_text()
-    assert "Time to the scratch model's best validation AUC" in markdown and "shares no parameters" in markdown
+    assert "Steps to the scratch model's best validation AUC" in markdown and "shares no parameters" in markdown
     assert out.with_suffix(".png").stat().st_size > 0
