@@ -174,7 +174,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Warm start: add `{NEW_TASK}` to a CTR+CVR MMoE, against all three tasks from scratch",
         "",
-        f"Produced by `{result['command']}` in {result['seconds'] / 60:.1f} min on {result['machine']}; "
+        "Produced by "
+        + " and ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
+        + (" (the affinity study by the first)" if "commands" in result else "")
+        + f" in {result['seconds'] / 60:.1f} min on {result['machine']}; "
         f"{seeds} seeds, {result['data']['train_rows']:,} training rows, {result['data']['test_rows']:,} "
         f"test rows, {result['epochs']} epochs each without early stopping, validated after each epoch "
         f"(so steps are known to the epoch). Each warm start begins from the CTR+CVR model of the same seed "
@@ -250,6 +253,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--affinity-every", type=int, default=20)
     p.add_argument("--no-census", action="store_true", help="leave census-income out of the affinity study")
+    p.add_argument(
+        "--affinity-from",
+        type=Path,
+        default=None,
+        help="take the affinity study from this earlier JSON instead of running it",
+    )
     p.add_argument("--census-source", type=Path, default=ROOT.parent / "shared" / "data" / "census-income-kdd")
     p.add_argument("--census-data", type=Path, default=ROOT / "data" / "census-income", help="prepared folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra overrides for every run")
@@ -297,6 +306,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             r = runs[-1]["reach"]
             _say(f"seed {seed}: steps to target scratch {r['scratch']['steps']}, warm {r['warm']['steps']}")
         result["runs"], result["summary"] = runs, summarise(runs)
+        if args.affinity_from is not None:
+            earlier = json.loads(args.affinity_from.read_text())
+            result["affinity"], result["commands"] = earlier["affinity"], [earlier["command"], result["command"]]
+            result["seconds"] = time.perf_counter() - t0 + earlier.get("affinity_seconds", earlier["seconds"])
+            return result
+        a0 = time.perf_counter()
         folder = ROOT / "configs" / "synthetic"
         models = {m: folder / f"{m}.yaml" for m in ("mmoe", "independent")}
         result["affinity"] = {"synthetic": affinity("synthetic", models, base, work, args.affinity_every)}
@@ -307,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             folder = ROOT / "configs" / "census_income"
             models = {m: folder / f"{m}.yaml" for m in ("mmoe", "independent")}
             result["affinity"]["census"] = affinity("census", models, census, work, args.affinity_every)
+    result["affinity_seconds"] = time.perf_counter() - a0
     result["seconds"] = time.perf_counter() - t0
     return result
 
