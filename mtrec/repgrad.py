@@ -18,7 +18,6 @@ import itertools
 import math
 
 import numpy as np
-from scipy.optimize import minimize
 
 __all__ = [
     "MAX_MIN_NORM_TASKS",
@@ -103,6 +102,8 @@ def cagrad_coefficients(gram: np.ndarray, c: float) -> np.ndarray:
     def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
         norm = math.sqrt(max(float(w @ A @ w), 1e-300))
         return float(w @ b) + k * norm, b + k * (A @ w) / norm
+
+    from scipy.optimize import minimize  # (here: scipy.optimize costs ~0.5 s to import, and only CAGrad needs it)
 
     result = minimize(
         objective,
