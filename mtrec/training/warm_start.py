@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import nn
 
 from mtrec.data.preprocess import Preprocessor
-from mtrec.errors import ConfigError, ModelError
+from mtrec.errors import ConfigError, DataError, ModelError
 from mtrec.model_dir import LoadedModel, load_model_dir
 from mtrec.models.parts import ModelParts, Table, freeze_groups, model_parts
 
@@ -106,18 +105,15 @@ def _table_keys(pre: Preprocessor) -> list[tuple[str, int | None]]:
     return keys
 
 
-def _row_map(new: pa.Array, old: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def _row_map(pre: Preprocessor, name: str, new: pa.Array, old: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``(new_rows, old_rows)`` of the IDs both vocabularies know (row 0, the unseen
-    row, included), by raw ID."""
-    if new.type != old.type:
-        try:
-            new = new.cast(old.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return np.zeros(1, np.int64), np.zeros(1, np.int64)
-    found = pc.index_in(new, value_set=old)
-    known = np.flatnonzero(found.is_valid().to_numpy(zero_copy_only=False))
-    old_rows = found.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[known] + 1
-    return np.concatenate([[0], known + 1]), np.concatenate([[0], old_rows])
+    row, included), by raw ID: the new vocabulary looked up in the old one as encoding does."""
+    try:
+        found = pre._lookup("init_from", name, new, old)  # old row of each new ID, 0: unknown
+    except DataError:  # IDs of another type: none can be matched
+        return np.zeros(1, np.int64), np.zeros(1, np.int64)
+    known = np.flatnonzero(found)
+    return np.concatenate([[0], known + 1]), np.concatenate([[0], found[known]])
 
 
 def _copy_table(
@@ -150,7 +146,7 @@ def _copy_table(
             missing.append(feature)
             continue
         if buckets is None:
-            new_rows, old_rows = _row_map(new_pre.vocabs[feature], old_pre.vocabs[feature])
+            new_rows, old_rows = _row_map(old_pre, feature, new_pre.vocabs[feature], old_pre.vocabs[feature])
             if len(new_rows) == 1 and new_t.sizes[i] > 1:
                 missing.append(feature)  # (IDs of another type: none can be matched)
         else:

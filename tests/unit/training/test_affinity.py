@@ -15,20 +15,13 @@ import torch.nn.functional as F
 
 from mtrec.batch import Batch
 from mtrec.models import create_model, list_models
-from mtrec.schema import InputLayout, Task
+from mtrec.schema import Task
 from mtrec.training.affinity import TaskAffinity, affinity_summary, format_affinity, shared_set
 from mtrec.training.losses import task_losses
+from tests.unit.models.test_models import LAYOUT
 
 torch.set_num_threads(1)
 
-LAYOUT = InputLayout(
-    table_sizes=(50, 30, 7, 20),
-    sparse_tables=(0, 1, 2),
-    sequence_tables=(1, 3),
-    sequence_max_len=(5, 3),
-    sequence_pooling=("mean", "sum"),
-    num_dense=4,
-)
 NAMES = ("ctr", "cvr", "sat")
 TASKS = tuple(Task(n, label=n) for n in NAMES)
 
