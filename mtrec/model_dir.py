@@ -311,6 +311,10 @@ def load_affinity(directory: str | Path) -> dict[str, Any] | None:
             raise ModelError(f"{path}: {key}: expected a {n} x {n} matrix of finite numbers or null")
     if raw.get("shared") not in ("dense", "input", "none"):
         raise ModelError(f"{path}: shared: expected dense, input or none, got {raw.get('shared')!r}")
+    for key, least in (("every", 1), ("measurements", 0)):
+        v = raw.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise ModelError(f"{path}: {key}: expected an integer >= {least}, got {v!r}")
     return cast(dict[str, Any], raw)
 
 

@@ -2,7 +2,8 @@
 
 ``mtrec train`` and ``mtrec evaluate`` print :func:`format_metrics`; ``mtrec compare`` lays
 out its rows with :func:`text_table`; the HTML report formats its cells with :func:`cell`;
-the task x task matrices (label correlations, task affinity) are laid out by :func:`format_matrix`.
+the task x task matrices (label correlations, task affinity) are laid out by :func:`format_matrix`,
+and a run's ``affinity.json`` as text (``train``, ``compare --affinity``) by :func:`format_affinity`.
 A leaf module: it knows metric key names, not models, files or tasks.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-__all__ = ["cell", "format_matrix", "format_metrics", "text_table"]
+__all__ = ["cell", "format_affinity", "format_matrix", "format_metrics", "text_table"]
 
 
 def cell(value: Any, missing: str = "n/a", digits: int = 4) -> str:
@@ -95,3 +96,26 @@ def format_metrics(tasks: Mapping[str, Mapping[str, Any]]) -> str:
         if "gauc" in m
     ]
     return text_table(rows) + ("\n" + "\n".join(notes) if notes else "")
+
+
+_SHARED_WHAT = {
+    "dense": "the shared dense parameters",
+    "input": "the shared input layer (the embedding rows a batch reads)",
+}
+
+
+def format_affinity(doc: dict[str, Any]) -> str:
+    """The run's two matrices as text tables (``n/a`` where undefined), or why there are none."""
+    if doc.get("shared") == "none":
+        return "task affinity: this model shares no parameters between tasks (nothing to measure)"
+    names = list(doc["tasks"])
+    what = _SHARED_WHAT.get(str(doc.get("shared")), "the shared parameters")
+    head = f"task affinity over {doc['measurements']} measurement(s), every {doc['every']} steps, on {what}:"
+    cosine = format_matrix("gradient cosine (row task i, column task j):", names, doc["gradient_cosine"])
+    lookahead = format_matrix(
+        "lookahead affinity 1 - L_j(after a step on task i) / L_j (row i, column j):",
+        names,
+        doc["lookahead_affinity"],
+        fmt="+10.2e",
+    )
+    return "\n".join([head, cosine, lookahead])

@@ -21,7 +21,7 @@ from mtrec.errors import MtrecError
 from mtrec.evaluation.evaluate import evaluate_model_dir
 from mtrec.metrics import bootstrap_gauc_paired, delong_paired
 from mtrec.model_dir import load_affinity
-from mtrec.tables import text_table
+from mtrec.tables import format_affinity, text_table
 
 __all__ = ["compare_models", "format_comparison"]
 
@@ -345,8 +345,6 @@ def format_comparison(comparison: dict[str, Any]) -> str:
 
 def _affinity_lines(comparison: dict[str, Any]) -> list[str]:
     """Each model's task affinity, where the comparison holds it (``compare --affinity``)."""
-    from mtrec.training.affinity import format_affinity
-
     lines = []
     for model, info in comparison["models"].items():
         if "affinity" not in info:

@@ -65,12 +65,11 @@ from mtrec.models.base import FeatureInput
 from mtrec.nn.embedding import FusedEmbedding
 from mtrec.nn.gates import take_penalties
 from mtrec.schema import Task
-from mtrec.tables import format_matrix
 from mtrec.training.losses import task_losses
 from mtrec.training.step import loss_denominators
 from mtrec.weighting import parameter_grads
 
-__all__ = ["SharedSet", "TaskAffinity", "affinity_summary", "float64_shadow", "format_affinity", "shared_set"]
+__all__ = ["SharedSet", "TaskAffinity", "affinity_summary", "float64_shadow", "shared_set"]
 
 MATRICES = ("gradient_cosine", "lookahead_affinity")
 
@@ -417,26 +416,3 @@ def affinity_summary(history: Sequence[dict[str, Any]], affinity: TaskAffinity) 
         **{name: _to_json(mean.mean()) for name, mean in means.items()},
         "per_epoch": per_epoch,
     }
-
-
-_SHARED_WHAT = {
-    "dense": "the shared dense parameters",
-    "input": "the shared input layer (the embedding rows a batch reads)",
-}
-
-
-def format_affinity(doc: dict[str, Any]) -> str:
-    """The run's two matrices as text tables (``n/a`` where undefined), or why there are none."""
-    if doc.get("shared") == "none":
-        return "task affinity: this model shares no parameters between tasks (nothing to measure)"
-    names = list(doc["tasks"])
-    what = _SHARED_WHAT.get(str(doc.get("shared")), "the shared parameters")
-    head = f"task affinity over {doc['measurements']} measurement(s), every {doc['every']} steps, on {what}:"
-    cosine = format_matrix("gradient cosine (row task i, column task j):", names, doc["gradient_cosine"])
-    lookahead = format_matrix(
-        "lookahead affinity 1 - L_j(after a step on task i) / L_j (row i, column j):",
-        names,
-        doc["lookahead_affinity"],
-        fmt="+10.2e",
-    )
-    return "\n".join([head, cosine, lookahead])

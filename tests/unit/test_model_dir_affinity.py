@@ -8,9 +8,11 @@ import pytest
 
 from mtrec.errors import ModelError
 from mtrec.model_dir import AFFINITY, load_affinity
+from mtrec.tables import format_affinity
 
 GOOD = {
     "every": 5,
+    "measurements": 4,
     "shared": "dense",
     "tasks": ["ctr", "cvr"],
     "gradient_cosine": [[1.0, -0.2], [-0.2, 1.0]],
@@ -32,6 +34,10 @@ def test_a_missing_file_is_none_and_a_good_one_reads_back(tmp_path):
         ({"lookahead_affinity": [[1.0, "x"], [0.0, 1.0]]}, "lookahead_affinity"),
         ({"gradient_cosine": [[1.0, True], [0.0, 1.0]]}, "gradient_cosine"),
         ({"shared": "all"}, "shared: expected dense, input or none"),
+        ({"every": 0}, "every: expected an integer >= 1"),
+        ({"every": "5"}, "every: expected an integer"),
+        ({"measurements": -1}, "measurements: expected an integer >= 0"),
+        ({"measurements": None}, "measurements"),
     ],
 )
 def test_a_tampered_file_is_one_model_error_naming_it(tmp_path, change, needle):
@@ -39,6 +45,13 @@ def test_a_tampered_file_is_one_model_error_naming_it(tmp_path, change, needle):
     with pytest.raises(ModelError, match="affinity.json") as err:
         load_affinity(tmp_path)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_text_form_of_a_checked_file_names_its_settings(tmp_path):
+    (tmp_path / AFFINITY).write_text(json.dumps(GOOD))
+    text = format_affinity(load_affinity(tmp_path))
+    assert text.startswith("task affinity over 4 measurement(s), every 5 steps, on the shared dense parameters")
+    assert "n/a" in text  # the null lookahead entry
 
 
 def test_invalid_json_is_one_model_error(tmp_path):

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from mtrec.batch import Batch
 from mtrec.models import create_model, list_models
 from mtrec.schema import Task
-from mtrec.training.affinity import TaskAffinity, affinity_summary, format_affinity, shared_set
+from mtrec.tables import format_affinity
+from mtrec.training.affinity import TaskAffinity, affinity_summary, shared_set
 from mtrec.training.losses import task_losses
 from tests.unit.models.test_models import LAYOUT
 
