@@ -405,25 +405,22 @@ class Preprocessor:
         return arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
 
     # ----------------------------------------------------------------- layout
+    def table_owners(self) -> list[tuple[str, int | None]]:
+        """Each embedding table's owner, in table order: (sparse feature or sequence name, its
+        hash buckets or None). A sequence with ``vocab_from`` reads its feature's table."""
+        schema = self.schema
+        owners: list[tuple[str, int | None]] = [(f.name, f.hash_buckets) for f in schema.sparse]
+        return owners + [(s.name, None) for s in schema.sequence if s.vocab_from is None]
+
     def layout(self) -> InputLayout:
         """Embedding tables and encoded widths for building a model."""
         schema = self.schema
-        table_sizes: list[int] = []
-        table_of: dict[str, int] = {}
-        for f in schema.sparse:
-            table_of[f.name] = len(table_sizes)
-            table_sizes.append(self.cardinality(f))
-        seq_tables = []
-        for s in schema.sequence:
-            if s.vocab_from is not None:
-                seq_tables.append(table_of[s.vocab_from])
-            else:
-                seq_tables.append(len(table_sizes))
-                table_sizes.append(len(self.vocabs[s.name]) + 1)
+        owners = self.table_owners()
+        table_of = {name: i for i, (name, _) in enumerate(owners)}
         return InputLayout(
-            table_sizes=tuple(table_sizes),
+            table_sizes=tuple(len(self.vocabs[n]) + 1 if b is None else b + 1 for n, b in owners),
             sparse_tables=tuple(table_of[f.name] for f in schema.sparse),
-            sequence_tables=tuple(seq_tables),
+            sequence_tables=tuple(table_of[s.vocab_from or s.name] for s in schema.sequence),
             sequence_max_len=tuple(s.max_len for s in schema.sequence),
             sequence_pooling=tuple(s.pooling for s in schema.sequence),
             num_dense=len(schema.dense),

@@ -96,15 +96,6 @@ def read_source(directory: str) -> LoadedModel:
         raise ConfigError(f"train.init_from: {exc}; expected a model directory written by `mtrec train`") from None
 
 
-def _table_keys(pre: Preprocessor) -> list[tuple[str, int | None]]:
-    """Each logical embedding table's owner: (feature or list name, hash buckets or None)."""
-    schema, keys = pre.schema, []
-    for f in schema.sparse:
-        keys.append((f.name, f.hash_buckets))
-    keys += [(s.name, None) for s in schema.sequence if s.vocab_from is None]
-    return keys
-
-
 def _row_map(pre: Preprocessor, name: str, new: pa.Array, old: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``(new_rows, old_rows)`` of the IDs both vocabularies know (row 0, the unseen
     row, included), by raw ID: the new vocabulary looked up in the old one as encoding does."""
@@ -132,13 +123,13 @@ def _copy_table(
     if old_t.copy_tasks and not new_t.copy_tasks:
         report.add(name, NEW, "saved with one table set per task, shared here")
         return
-    old_keys = {key[0]: (i, key[1]) for i, key in enumerate(_table_keys(old_pre))}
+    old_keys = {key[0]: (i, key[1]) for i, key in enumerate(old_pre.table_owners())}
     new_starts, old_starts = np.cumsum([0, *new_t.sizes]), np.cumsum([0, *old_t.sizes])
     kept = known = 0
     missing: list[str] = []  # tables that start fresh: a feature the source lacks, other buckets
     copies = [(c, 0 if not old_t.copy_tasks else _index(old_t.copy_tasks, task)) for c, task in _copy_list(new_t)]
     same = new_w.shape == old_w.shape and all(c == old_c for c, old_c in copies)  # row for row?
-    for i, (feature, buckets) in enumerate(_table_keys(new_pre)):
+    for i, (feature, buckets) in enumerate(new_pre.table_owners()):
         j, old_buckets = old_keys.get(feature, (None, None))
         known += new_t.sizes[i] - 1
         if j is None or buckets != old_buckets:
