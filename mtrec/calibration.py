@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mtrec.errors import DataError, ModelError
+from mtrec.metrics.functional import sigmoid
 
 __all__ = ["METHODS", "Calibrator", "check_calibration_data", "fit_calibrator"]
 
@@ -61,15 +62,15 @@ class Calibrator:
         logit itself, exact where the float32 probability would have saturated."""
         z = np.asarray(z, dtype=np.float64)
         if self.method == "platt":
-            return (1.0 / (1.0 + np.exp(-(self.a * z + self.b)))).astype(np.float32)
-        return np.interp(1.0 / (1.0 + np.exp(-z)), self.x, self.y).astype(np.float32)
+            return sigmoid(self.a * z + self.b).astype(np.float32)
+        return np.interp(sigmoid(z), self.x, self.y).astype(np.float32)
 
     def apply(self, p: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of the model's probabilities ``p`` (float32, same shape)."""
         p = np.asarray(p, dtype=np.float64)
         if self.method == "platt":
             z = np.log(np.clip(p, 1e-12, 1.0)) - np.log(np.clip(1.0 - p, 1e-12, 1.0))
-            out = 1.0 / (1.0 + np.exp(-(self.a * z + self.b)))
+            out = sigmoid(self.a * z + self.b)
         else:
             out = np.interp(p, self.x, self.y)
         return out.astype(np.float32)
@@ -137,7 +138,7 @@ def fit_calibrator(
     if method == "isotonic":
         from sklearn.isotonic import IsotonicRegression
 
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = sigmoid(z)
         # Bounded away from 0 and 1 by 1 / (n + 2): a block of the fit with no positive (or no
         # negative) would otherwise say "never" (or "always"), an infinite log loss for the next row.
         eps = 1.0 / (y.size + 2)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mtrec.metrics.functional import auc, log_loss_from_logits, mae, pr_auc, rmse
+from mtrec.metrics.functional import auc, log_loss_from_logits, mae, pr_auc, rmse, sigmoid
 
 __all__ = [
     "BINARY",
@@ -117,7 +117,7 @@ class _Binary(TaskKind):
         return ~((ys == 0) | (ys == 1)), "{0, 1}"
 
     def metrics(self, task: _TaskFields, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> dict[str, Any]:
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = sigmoid(z)
         a = auc(y, z, sample_weight=w)
         logloss = log_loss_from_logits(y, z, sample_weight=w)
         mean_pred, mean_label = float(np.average(p, weights=w)), float(np.average(y, weights=w))

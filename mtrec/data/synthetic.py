@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtrec.files import atomic_write_text, write_file
+from mtrec.metrics.functional import sigmoid
 
 __all__ = ["generate_click_log", "write_click_log"]
 
@@ -106,10 +107,6 @@ _W_AFF, _W_UCAT, _W_HIST = 0.38, 0.22, 0.38
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=key))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _zipf_weights(n: int, a: float, q: float) -> np.ndarray:
@@ -325,7 +322,7 @@ def _build_items(w: dict[str, Any], seed: int) -> None:
     # A 7-day CTR estimate: impressions scale with popularity, so tail items are noisy.
     share = pop / pop.sum()
     imps = rng.poisson(5.0 + share * 3.0e6)
-    true_ctr = _sigmoid(np.log(_TARGET_CLICK_RATE / (1 - _TARGET_CLICK_RATE)) + w["i_bias"])
+    true_ctr = sigmoid(np.log(_TARGET_CLICK_RATE / (1 - _TARGET_CLICK_RATE)) + w["i_bias"])
     clicks = rng.binomial(imps, true_ctr)
     w["i_ctr_est"] = (clicks + 0.5) / (imps + 10.0)
 
@@ -499,7 +496,7 @@ def _solve_intercept(logit: np.ndarray, weight: np.ndarray | None, target: float
     lo, hi = -30.0, 30.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        mean = np.average(_sigmoid(mid + logit), weights=weight)
+        mean = np.average(sigmoid(mid + logit), weights=weight)
         if mean < target:
             lo = mid
         else:
@@ -516,7 +513,7 @@ def _calibrate(world: _World, seed: int) -> None:
     rng = _rng(seed, _S_CALIB)
     rows = _sample_rows(world, rng, 0, _CALIBRATION_ROWS, _CALIBRATION_ROWS)
     world.b_click = _solve_intercept(rows["click_logit"], None, _TARGET_CLICK_RATE)
-    p_click = _sigmoid(world.b_click + rows["click_logit"])
+    p_click = sigmoid(world.b_click + rows["click_logit"])
     # Conditional rates are defined among clicks, so weight each row by its click probability.
     world.b_conv = _solve_intercept(rows["conv_logit"], p_click, _TARGET_CONV_RATE)
     world.b_sat = _solve_intercept(rows["sat_logit"], p_click, _TARGET_SAT_RATE)
@@ -771,10 +768,10 @@ def _generate_chunk(w: _World, schema: pa.Schema, seed: int, sample_seed: int | 
     rng = _rng(seed, *key)
     r = _sample_rows(w, rng, row_start, n, rows)
 
-    p_click = _sigmoid(w.b_click + r["click_logit"])
-    p_conv = _sigmoid(w.b_conv + r["conv_logit"])
+    p_click = sigmoid(w.b_click + r["click_logit"])
+    p_conv = sigmoid(w.b_conv + r["conv_logit"])
     sat_logit = w.b_sat + r["sat_logit"]
-    p_sat = _sigmoid(sat_logit)
+    p_sat = sigmoid(sat_logit)
     # Labels are sampled hierarchically: click first, then the post-click outcomes.
     click = rng.random(n) < p_click
     conversion = click & (rng.random(n) < p_conv)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mtrec.errors import MtrecError
-from mtrec.metrics import calibration, roc_curve_points
+from mtrec.metrics import calibration, roc_curve_points, sigmoid
 from mtrec.model_dir import LOG, META, load_affinity
 from mtrec.tables import cell
 
@@ -78,7 +78,7 @@ def _calibration_figure(tasks: list[tuple[str, np.ndarray, np.ndarray]]) -> str:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4), squeeze=False)
     for ax, (name, y, z) in zip(axes[0], tasks, strict=True):
-        p = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+        p = sigmoid(z.astype(np.float64))
         cal = calibration(y, p, bins=10, strategy="quantile")
         xs = [b["mean_pred"] for b in cal["bins"]]
         ys = [b["mean_label"] for b in cal["bins"]]

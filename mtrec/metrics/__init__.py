@@ -14,6 +14,7 @@ from mtrec.metrics.functional import (
     pr_curve_points,
     rmse,
     roc_curve_points,
+    sigmoid,
 )
 from mtrec.metrics.grouped import gauc
 from mtrec.metrics.significance import bootstrap_gauc_paired, delong_paired
@@ -38,5 +39,6 @@ __all__ = [
     "pr_auc",
     "pr_curve_points",
     "rmse",
+    "sigmoid",
     "roc_curve_points",
 ]

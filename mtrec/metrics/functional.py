@@ -35,8 +35,18 @@ __all__ = [
     "pr_auc",
     "pr_curve_points",
     "rmse",
+    "sigmoid",
     "roc_curve_points",
 ]
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function of logits ``z`` (same dtype): ``1 / (1 + exp(-z))``, 0 without an
+    overflow warning where ``exp(-z)`` overflows. The one NumPy sigmoid of mtrec (metrics,
+    calibration, the report and the synthetic log's generator)."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-z))
+
 
 ArrayLike = Any  # numpy array, Python sequence or torch tensor
 

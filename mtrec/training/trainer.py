@@ -42,6 +42,7 @@ from mtrec.data.streaming import ParquetStream
 from mtrec.diagnostics import format_gates, gate_diagnostics
 from mtrec.errors import ConfigError, DataError, ModelError, MtrecError
 from mtrec.files import atomic_write_text, is_sealed, output_path, remove_owned, staging_dir
+from mtrec.metrics.functional import sigmoid
 from mtrec.model_dir import (
     AFFINITY,
     CALIBRATION,
@@ -69,8 +70,9 @@ from mtrec.models.base import MultiTaskModel
 from mtrec.predict import predict_logits
 from mtrec.progress import Progress, format_seconds, say
 from mtrec.schema import Task
+from mtrec.tables import format_affinity
 from mtrec.tasks import compute_metrics, higher_is_better, summary_metric
-from mtrec.training.affinity import TaskAffinity, affinity_summary, format_affinity
+from mtrec.training.affinity import TaskAffinity, affinity_summary
 from mtrec.training.distributed import (
     DistContext,
     all_reduce_array,
@@ -563,7 +565,7 @@ class Trainer:
             y, z = v.labels[space, j], logits[task.name][space]
             cal = fit_calibrator(method, z, y, w, task=task.name)
             fitted[task.name] = cal
-            raw, calibrated = 1.0 / (1.0 + np.exp(-z.astype(np.float64))), cal.apply_logits(z)
+            raw, calibrated = sigmoid(z.astype(np.float64)), cal.apply_logits(z)
             rate = float(np.average(y, weights=w))
             lines.append(
                 f"{task.name} {float(np.average(raw, weights=w)) / rate:.3f} -> "
