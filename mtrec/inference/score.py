@@ -2,7 +2,14 @@
 slice by slice through a :class:`~mtrec.inference.ranker.Ranker` and writes the predictions
 (and pass-through ``keep`` columns) to Parquet, atomically.
 
-Multiclass tasks are written as one ``float32`` column per class, ``<task>_c0`` ..
+The result's ``timings`` give the seconds of each stage: ``load_s`` (the model, the inputs'
+schemas and the check of ``precision="bf16"``), ``read_s`` (Parquet decoding), ``encode_s``
+(the preprocessor), ``forward_s`` (the network and calibration) and ``write_s`` (output
+columns, rank score, Parquet writing).
+
+Output columns: the ``keep`` columns unchanged (same Arrow type), one ``float32`` column per
+task named by the task (probability / value), then ``rank_score`` (float64) if a rank formula
+is given. Multiclass tasks are written as one ``float32`` column per class, ``<task>_c0`` ..
 ``<task>_c<C-1>``: flat numeric columns can be read, filtered and sorted by any Parquet
 consumer (SQL engines, pandas, spreadsheets' importers) without unnesting a list.
 """
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -161,7 +169,7 @@ class _Progress(Progress):
             self.line(f"scored {self.done:,}/{self.total:,} rows ({pct:.1f} %) rows/s {rate:,.0f} eta {eta:,.0f}s")
 
 
-def _iter_chunks(job: _Job, columns: list[str]) -> Iterator[pa.Table]:
+def _iter_chunks(job: _Job, columns: list[str], rows: int = _READ_ROWS) -> Iterator[pa.Table]:
     """Fixed-size slices of a file in row order; only one slice is decoded at a time."""
     try:
         # pre_buffer=False: with pyarrow's default (True) the reader keeps the buffered
@@ -171,7 +179,7 @@ def _iter_chunks(job: _Job, columns: list[str]) -> Iterator[pa.Table]:
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{job.source}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     try:
-        for rb in pf.iter_batches(batch_size=_READ_ROWS, columns=columns, use_threads=True):
+        for rb in pf.iter_batches(batch_size=rows, columns=columns, use_threads=True):
             yield pa.Table.from_batches([rb])
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{job.source}: cannot be decoded ({str(exc).splitlines()[0]})") from None
@@ -187,15 +195,26 @@ def _score_file(
     formula: Mapping[str, Any] | None,
     batch_size: int,
     progress: _Progress,
+    timings: dict[str, float],
 ) -> int:
+    """Scores one file into ``target``; adds its seconds per stage to ``timings``."""
     keep = [f.name for f in job.keep_types]
     schema = pa.schema(_output_fields(ranker, job.keep_types, formula is not None))
     columns = list(dict.fromkeys([*keep, *ranker.feature_columns]))
     rows = 0
+    clock = time.perf_counter
     with pq.ParquetWriter(target, schema) as writer:
-        for table in _iter_chunks(job, columns):
+        chunks = _iter_chunks(job, columns)
+        while True:
+            t0 = clock()
+            table = next(chunks, None)
+            if table is None:
+                break
+            t1 = clock()
             enc = ranker.preprocessor.transform(table, source=str(job.source), with_labels=False)
+            t2 = clock()
             preds = ranker.predict_encoded(enc, batch_size=batch_size)
+            t3 = clock()
             arrays: list[pa.Array | pa.ChunkedArray] = [table.column(c) for c in keep]
             for t in ranker.tasks:
                 v = preds[t.name]  # (N,) or (N, C): one output column per class
@@ -208,7 +227,63 @@ def _score_file(
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
             rows += table.num_rows
             progress.update(table.num_rows)
+            for key, seconds in (
+                ("read_s", t1 - t0),
+                ("encode_s", t2 - t1),
+                ("forward_s", t3 - t2),
+                ("write_s", clock() - t3),
+            ):
+                timings[key] = timings.get(key, 0.0) + seconds
     return rows
+
+
+# bf16 is checked on the first slice of the first input: its largest difference from fp32 must
+# stay under 1e-3 / 1.5, because the largest difference grows with the rows compared (on the
+# benchmark MMoE: 6.3e-4 on the first 65,536 rows, 8.3e-4 over 1M). A check, not a bound.
+BF16_ROWS = _READ_ROWS
+BF16_TOLERANCE = 6.5e-4
+
+
+def _choose_precision(ranker: Ranker, job: _Job, precision: str, batch_size: int) -> dict[str, Any]:
+    """``precision: bf16`` runs the experts' matrix products in bf16 only where that is exact
+    enough: the first :data:`BF16_ROWS` rows of the first input are scored both ways, and
+    unless every output is within :data:`BF16_TOLERANCE` of fp32 the run stays fp32. Returns
+    what was chosen and why, for the result."""
+    if precision not in ("fp32", "bf16"):
+        raise MtrecError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    if precision == "fp32":
+        return {"precision": "fp32"}
+    import torch
+
+    from mtrec.nn.experts import use_bf16_gemms
+
+    if ranker.device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+        return {"precision": "fp32", "precision_note": "this CPU has no bf16 matrix instructions: fp32"}
+    if use_bf16_gemms(ranker.module, False) == 0:
+        return {"precision": "fp32", "precision_note": "the model has no expert layers to run in bf16: fp32"}
+    table = next(_iter_chunks(job, list(ranker.feature_columns), rows=BF16_ROWS), None)
+    if table is None:
+        return {"precision": "fp32", "precision_note": "no rows to check bf16 on: fp32"}
+    enc = ranker.preprocessor.transform(table, source=str(job.source), with_labels=False)
+    ref = ranker.predict_encoded(enc, batch_size=batch_size)
+    use_bf16_gemms(ranker.module)
+    got = ranker.predict_encoded(enc, batch_size=batch_size)
+    diff = max(float(np.abs(got[k] - ref[k]).max()) for k in ref)
+    check = {"rows": table.num_rows, "max_abs_diff": diff, "tolerance": BF16_TOLERANCE}
+    if diff <= BF16_TOLERANCE:
+        return {"precision": "bf16", "bf16_check": check}
+    use_bf16_gemms(ranker.module, False)
+    note = f"bf16 differs from fp32 by up to {diff:.1e} > {BF16_TOLERANCE:g} on the first {table.num_rows} rows: fp32"
+    return {"precision": "fp32", "bf16_check": check, "precision_note": note}
+
+
+def _formula(rank: str | Mapping[str, Any] | None, ranker: Ranker) -> dict[str, Any] | None:
+    """The rank formula, checked against the model's tasks (None without ``rank``)."""
+    if rank is None:
+        return None
+    formula = parse_rank(rank) if isinstance(rank, str) else dict(rank)
+    check_rank(formula, ranker.tasks)
+    return formula
 
 
 def score_parquet(
@@ -224,6 +299,7 @@ def score_parquet(
     stream: TextIO | None = None,
     device: str = "cpu",
     calibrated: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Scores Parquet file(s) with a saved model and writes the predictions as Parquet (binary
     tasks calibrated where the model has ``train.calibration``, unless ``calibrated`` is false).
@@ -234,10 +310,7 @@ def score_parquet(
     destination folder and renamed when complete, so a failed or interrupted run leaves
     nothing under the output name.
 
-    Output columns: the ``keep`` columns unchanged (same Arrow type), one ``float32``
-    column per task named by the task (probability / value; a multiclass task gives one
-    column per class, ``<task>_c<k>``), then ``rank_score`` (float64) if ``rank`` is given.
-    Rows are in input order.
+    The output's columns are the module docstring's; rows are in input order.
 
     Args:
         model_dir: A model directory written by training.
@@ -245,20 +318,21 @@ def score_parquet(
         output: A Parquet file when the input is one file (or a glob matching one file);
             a folder with one file per input file (same relative names) otherwise.
         keep: Input columns copied to the output, e.g. ``("user_id", "item_id")``.
-        batch_size: Rows per forward pass (4096: ~15 % faster than 16384 on the benchmark
-            MMoE on 2 CPU cores, and ~150 MB lighter).
+        batch_size: Rows per forward pass (4096: lighter than 16384 by ~150 MB, and faster).
         rank: A rank expression (``"ctr^1*cvr^0.5"``, ``"0.7*ctr+0.3*cvr"``) or a formula
             dict (see :func:`rank_score`), written as the column ``rank_score``.
         overwrite: Replace an existing output (a folder only if it holds only ``*.parquet``).
         progress: Print rows/s and ETA on ``stream`` (default stderr).
         stream, device: Where progress goes; where the network runs.
+        precision: ``fp32``, or ``bf16`` for the experts' matrix products where the first
+            rows say it is exact enough (:func:`_choose_precision`; the result says which ran).
 
     Returns:
-        ``{"output", "files", "rows", "seconds", "rows_per_second"}``.
+        ``{"output", "files", "rows", "seconds", "rows_per_second", "timings"}`` (``timings``:
+        the seconds of each stage, as the module docstring names them).
 
     Raises:
-        MtrecError: Bad arguments, existing output, unreadable input, missing or mistyped
-            columns, unknown task in ``rank``.
+        MtrecError: Bad arguments, existing output, unreadable input, missing or mistyped columns, unknown rank task.
     """
     if batch_size < 1:
         raise MtrecError(f"--batch-size: expected a positive number, got {batch_size}")
@@ -266,18 +340,16 @@ def score_parquet(
     output = Path(output)
     ranker = load_model(model_dir, device=device)
     ranker.calibration = ranker.calibration if calibrated else {}
-    formula: dict[str, Any] | None = None
-    if rank is not None:
-        formula = parse_rank(rank) if isinstance(rank, str) else dict(rank)
-        check_rank(formula, ranker.tasks)
+    formula = _formula(rank, ranker)
     jobs, as_folder = _plan(ranker, input, output, keep, formula is not None, overwrite)
+    chosen = _choose_precision(ranker, jobs[0], precision, batch_size)
+    timings = {"load_s": time.perf_counter() - t0, "read_s": 0.0, "encode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
     inputs = [j.source for j in jobs] + ([input] if as_folder and Path(str(input)).is_dir() else [])
-    total = sum(j.num_rows for j in jobs)
-    bar = _Progress(total, stream or sys.stderr, progress)
+    bar = _Progress(sum(j.num_rows for j in jobs), stream or sys.stderr, progress)
     kind = SCORES_KIND if as_folder else None
     with claim_output(output, kind=kind, overwrite=overwrite, inputs=inputs, what="a folder of mtrec scores") as out:
         try:
-            rows = _write_scores(ranker, jobs, output, out, as_folder, formula=formula, batch_size=batch_size, bar=bar)
+            rows = _write_scores(ranker, jobs, output, out, as_folder, formula, batch_size, bar, timings)
         except OSError as exc:
             # A full disk while writing a folder of scores: the staging folder goes on the next run.
             raise MtrecError(f"{output}: cannot write ({exc.strerror or exc}); nothing was replaced") from None
@@ -290,6 +362,8 @@ def score_parquet(
         "rows": rows,
         "seconds": seconds,
         "rows_per_second": rows / seconds if seconds > 0 else float("nan"),
+        "timings": timings,
+        **chosen,
     }
 
 
@@ -299,10 +373,10 @@ def _write_scores(
     output: Path,
     out: Path,
     as_folder: bool,
-    *,
     formula: dict[str, Any] | None,
     batch_size: int,
     bar: _Progress,
+    timings: dict[str, float],
 ) -> int:
     """Scores every job into ``out`` (a staged folder, or one atomically written file); returns rows."""
     if not as_folder:
@@ -310,7 +384,9 @@ def _write_scores(
 
         def write(tmp: Path) -> None:
             nonlocal rows
-            rows = _score_file(ranker, jobs[0], tmp, formula=formula, batch_size=batch_size, progress=bar)
+            rows = _score_file(
+                ranker, jobs[0], tmp, formula=formula, batch_size=batch_size, progress=bar, timings=timings
+            )
 
         write_file(out, write)
         return rows
@@ -319,5 +395,7 @@ def _write_scores(
         for job in jobs:
             target = staging / job.target.relative_to(output)
             target.parent.mkdir(parents=True, exist_ok=True)
-            rows += _score_file(ranker, job, target, formula=formula, batch_size=batch_size, progress=bar)
+            rows += _score_file(
+                ranker, job, target, formula=formula, batch_size=batch_size, progress=bar, timings=timings
+            )
     return rows

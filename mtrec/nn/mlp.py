@@ -30,7 +30,9 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         width = in_dim
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            # In place: a Linear's output is fresh and its backward does not read it (one
+            # allocation less per layer; same values and gradients).
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h

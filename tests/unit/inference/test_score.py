@@ -311,3 +311,16 @@ def test_globs_output_files_or_folders_and_overwrite_safety(model_dir: Path, tmp
         score_parquet(model_dir, data / "p0.parquet", tmp_path / "x.parquet", keep=("ctr",), progress=False)
     assert not (tmp_path / "x.parquet").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bf16_on_a_model_without_experts_stays_fp32_and_says_so(model_dir: Path, tmp_path):
+    src = tmp_path / "in.parquet"
+    pq.write_table(_table(500, 3), src)
+    fp32 = score_parquet(model_dir, src, tmp_path / "a.parquet", progress=False)
+    got = score_parquet(model_dir, src, tmp_path / "b.parquet", progress=False, precision="bf16")
+    assert got["precision"] == "fp32" and "bf16_check" not in got
+    if torch.cpu._is_avx512_bf16_supported():
+        assert got["precision_note"] == "the model has no expert layers to run in bf16: fp32"
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+    assert set(fp32["timings"]) == {"load_s", "read_s", "encode_s", "forward_s", "write_s"}
+    assert all(v >= 0 for v in fp32["timings"].values()) and fp32["timings"]["forward_s"] > 0
