@@ -253,11 +253,9 @@ def _choose_precision(ranker: Ranker, job: _Job, precision: str, batch_size: int
         raise MtrecError(f"--precision: expected fp32 or bf16, got {precision!r}")
     if precision == "fp32":
         return {"precision": "fp32"}
-    import torch
+    from mtrec.nn.experts import bf16_gemms_supported, use_bf16_gemms
 
-    from mtrec.nn.experts import use_bf16_gemms
-
-    if ranker.device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+    if not bf16_gemms_supported(ranker.device):
         return {"precision": "fp32", "precision_note": "this CPU has no bf16 matrix instructions: fp32"}
     if use_bf16_gemms(ranker.module, False) == 0:
         return {"precision": "fp32", "precision_note": "the model has no expert layers to run in bf16: fp32"}

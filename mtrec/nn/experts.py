@@ -27,7 +27,18 @@ from mtrec.nn.gates import (
 from mtrec.nn.mlp import batched_layers, batched_linear
 from mtrec.weighting import ParameterSlice, SharedLayer
 
-__all__ = ["PLE", "AFTBLayer", "AdaTT", "AdaTTLayer", "CGCLayer", "ExpertGroup", "Gate", "MMoELayer", "use_bf16_gemms"]
+__all__ = [
+    "PLE",
+    "AFTBLayer",
+    "AdaTT",
+    "AdaTTLayer",
+    "CGCLayer",
+    "ExpertGroup",
+    "Gate",
+    "MMoELayer",
+    "bf16_gemms_supported",
+    "use_bf16_gemms",
+]
 
 
 def _expert_labels(shared: int, specific: int, tasks: int, task_names: tuple[str, ...] | None) -> list[str]:
@@ -129,6 +140,14 @@ class ExpertGroup(nn.Module):
         for layer, (w, b) in enumerate(zip(self.weights[1:], self.biases[1:], strict=True), start=1):
             h = self._activate(self._gemm(b, h, w), layer)
         return h.transpose(0, 1)
+
+
+def bf16_gemms_supported(device: torch.device) -> bool:
+    """Whether bf16 matrix products are native on ``device`` (a CPU needs AVX512-BF16 or AMX;
+    elsewhere they are emulated, slower than fp32)."""
+    if device.type != "cpu":
+        return True
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def use_bf16_gemms(module: nn.Module, on: bool = True) -> int:

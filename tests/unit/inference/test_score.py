@@ -16,6 +16,7 @@ from mtrec.config import config_from_dict
 from mtrec.errors import DataError, MtrecError
 from mtrec.files import MARKER
 from mtrec.inference import Ranker, parse_rank, rank_score, score_parquet
+from mtrec.nn.experts import bf16_gemms_supported
 
 N = 3000
 
@@ -319,7 +320,7 @@ def test_bf16_on_a_model_without_experts_stays_fp32_and_says_so(model_dir: Path,
     fp32 = score_parquet(model_dir, src, tmp_path / "a.parquet", progress=False)
     got = score_parquet(model_dir, src, tmp_path / "b.parquet", progress=False, precision="bf16")
     assert got["precision"] == "fp32" and "bf16_check" not in got
-    if torch.cpu._is_avx512_bf16_supported():
+    if bf16_gemms_supported(torch.device("cpu")):
         assert got["precision_note"] == "the model has no expert layers to run in bf16: fp32"
     assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
     assert set(fp32["timings"]) == {"load_s", "read_s", "encode_s", "forward_s", "write_s"}

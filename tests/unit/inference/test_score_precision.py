@@ -15,7 +15,7 @@ import mtrec
 from mtrec.config import config_from_dict
 from mtrec.errors import MtrecError
 from mtrec.inference import score, score_parquet
-from mtrec.nn.experts import MMoELayer, use_bf16_gemms
+from mtrec.nn.experts import MMoELayer, bf16_gemms_supported, use_bf16_gemms
 
 N = 6000
 
@@ -79,7 +79,7 @@ def test_bf16_scoring_agrees_with_fp32_within_1e3_and_reports_its_check(model_di
     fp32 = score_parquet(model_dir, candidates, tmp_path / "fp32.parquet", progress=False)
     bf16 = score_parquet(model_dir, candidates, tmp_path / "bf16.parquet", progress=False, precision="bf16")
     assert fp32["precision"] == "fp32" and "bf16_check" not in fp32
-    if not torch.cpu._is_avx512_bf16_supported():
+    if not bf16_gemms_supported(torch.device("cpu")):
         assert bf16["precision"] == "fp32" and "no bf16" in bf16["precision_note"]
         return
     assert bf16["precision"] == "bf16", bf16.get("precision_note")
@@ -96,7 +96,7 @@ def test_bf16_that_disagrees_on_the_first_rows_stays_fp32_and_says_why(model_dir
     fp32 = score_parquet(model_dir, candidates, tmp_path / "fp32.parquet", progress=False)
     got = score_parquet(model_dir, candidates, tmp_path / "fell_back.parquet", progress=False, precision="bf16")
     assert got["precision"] == "fp32"
-    if torch.cpu._is_avx512_bf16_supported():
+    if bf16_gemms_supported(torch.device("cpu")):
         assert "differs from fp32" in got["precision_note"] and got["bf16_check"]["max_abs_diff"] > 0
     a, b = _scores(tmp_path / "fp32.parquet"), _scores(tmp_path / "fell_back.parquet")
     assert all(np.array_equal(a[k], b[k]) for k in a) and fp32["rows"] == got["rows"]
