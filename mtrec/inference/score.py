@@ -237,42 +237,72 @@ def _score_file(
     return rows
 
 
-# bf16 is checked on the first slice of the first input: its largest difference from fp32 must
-# stay under 1e-3 / 1.5, because the largest difference grows with the rows compared (on the
+# bf16 is checked on the first rows of the inputs: its largest difference from fp32 must stay
+# under 1e-3 / 1.5, because the largest difference grows with the rows compared (on the
 # benchmark MMoE: 6.3e-4 on the first 65,536 rows, 8.3e-4 over 1M). A check, not a bound.
+# The difference is absolute for probabilities and relative beyond 1 (regression values).
 BF16_ROWS = _READ_ROWS
 BF16_TOLERANCE = 6.5e-4
+PRECISIONS = ("fp32", "bf16")
 
 
-def _choose_precision(ranker: Ranker, job: _Job, precision: str, batch_size: int) -> dict[str, Any]:
+def _first_rows(ranker: Ranker, jobs: list[_Job]) -> tuple[pa.Table, _Job] | None:
+    """The first :data:`BF16_ROWS` rows of the first input file that has any."""
+    for job in jobs:
+        for table in _iter_chunks(job, list(ranker.feature_columns), rows=BF16_ROWS):
+            if table.num_rows:
+                return table, job
+    return None
+
+
+def _bf16_difference(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[float, str]:
+    """The largest ``|bf16 - fp32| / max(1, |fp32|)`` over every output (NaN where both are NaN
+    counts as equal), and the task it is in."""
+    worst = (0.0, next(iter(ref)))
+    for name, r in ref.items():
+        d = np.abs(got[name].astype(np.float64) - r) / np.maximum(1.0, np.abs(r))
+        both_nan = np.isnan(got[name]) & np.isnan(r)
+        d = np.where(both_nan, 0.0, np.nan_to_num(d, nan=np.inf))
+        worst = max(worst, (float(d.max()), name))
+    return worst
+
+
+def _choose_precision(ranker: Ranker, jobs: list[_Job], precision: str, batch_size: int) -> dict[str, Any]:
     """``precision: bf16`` runs the experts' matrix products in bf16 only where that is exact
-    enough: the first :data:`BF16_ROWS` rows of the first input are scored both ways, and
-    unless every output is within :data:`BF16_TOLERANCE` of fp32 the run stays fp32. Returns
-    what was chosen and why, for the result."""
-    if precision not in ("fp32", "bf16"):
-        raise MtrecError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    enough: the first :data:`BF16_ROWS` rows are scored both ways, and unless every output is
+    within :data:`BF16_TOLERANCE` of fp32 the run stays fp32. Returns what ran and why."""
     if precision == "fp32":
         return {"precision": "fp32"}
     from mtrec.nn.experts import bf16_gemms_supported, use_bf16_gemms
 
     if not bf16_gemms_supported(ranker.device):
-        return {"precision": "fp32", "precision_note": "this CPU has no bf16 matrix instructions: fp32"}
+        return {"precision": "fp32", "precision_note": f"{ranker.device} has no native bf16 matrix products: fp32"}
     if use_bf16_gemms(ranker.module, False) == 0:
         return {"precision": "fp32", "precision_note": "the model has no expert layers to run in bf16: fp32"}
-    table = next(_iter_chunks(job, list(ranker.feature_columns), rows=BF16_ROWS), None)
-    if table is None:
+    first = _first_rows(ranker, jobs)
+    if first is None:
         return {"precision": "fp32", "precision_note": "no rows to check bf16 on: fp32"}
+    table, job = first
     enc = ranker.preprocessor.transform(table, source=str(job.source), with_labels=False)
     ref = ranker.predict_encoded(enc, batch_size=batch_size)
     use_bf16_gemms(ranker.module)
-    got = ranker.predict_encoded(enc, batch_size=batch_size)
-    diff = max(float(np.abs(got[k] - ref[k]).max()) for k in ref)
-    check = {"rows": table.num_rows, "max_abs_diff": diff, "tolerance": BF16_TOLERANCE}
+    diff, task = _bf16_difference(ref, ranker.predict_encoded(enc, batch_size=batch_size))
+    check = {"rows": table.num_rows, "max_diff": diff, "task": task, "tolerance": BF16_TOLERANCE}
     if diff <= BF16_TOLERANCE:
         return {"precision": "bf16", "bf16_check": check}
     use_bf16_gemms(ranker.module, False)
-    note = f"bf16 differs from fp32 by up to {diff:.1e} > {BF16_TOLERANCE:g} on the first {table.num_rows} rows: fp32"
+    note = (
+        f"bf16 differs from fp32 by up to {diff:.1e} (task {task!r}) > {BF16_TOLERANCE:.1e} "
+        f"on the first {table.num_rows:,} rows: fp32"
+    )
     return {"precision": "fp32", "bf16_check": check, "precision_note": note}
+
+
+def _check_arguments(batch_size: int, precision: str) -> None:
+    if batch_size < 1:
+        raise MtrecError(f"--batch-size: expected a positive number, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise MtrecError(f"--precision: expected fp32 or bf16, got {precision!r}")
 
 
 def _formula(rank: str | Mapping[str, Any] | None, ranker: Ranker) -> dict[str, Any] | None:
@@ -332,15 +362,14 @@ def score_parquet(
     Raises:
         MtrecError: Bad arguments, existing output, unreadable input, missing or mistyped columns, unknown rank task.
     """
-    if batch_size < 1:
-        raise MtrecError(f"--batch-size: expected a positive number, got {batch_size}")
+    _check_arguments(batch_size, precision)
     t0 = time.perf_counter()
     output = Path(output)
     ranker = load_model(model_dir, device=device)
     ranker.calibration = ranker.calibration if calibrated else {}
     formula = _formula(rank, ranker)
     jobs, as_folder = _plan(ranker, input, output, keep, formula is not None, overwrite)
-    chosen = _choose_precision(ranker, jobs[0], precision, batch_size)
+    chosen = _choose_precision(ranker, jobs, precision, batch_size)
     timings = {"load_s": time.perf_counter() - t0, "read_s": 0.0, "encode_s": 0.0, "forward_s": 0.0, "write_s": 0.0}
     inputs = [j.source for j in jobs] + ([input] if as_folder and Path(str(input)).is_dir() else [])
     bar = _Progress(sum(j.num_rows for j in jobs), stream or sys.stderr, progress)

@@ -143,11 +143,13 @@ class ExpertGroup(nn.Module):
 
 
 def bf16_gemms_supported(device: torch.device) -> bool:
-    """Whether bf16 matrix products are native on ``device`` (a CPU needs AVX512-BF16 or AMX;
-    elsewhere they are emulated, slower than fp32)."""
-    if device.type != "cpu":
-        return True
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    """Whether bf16 matrix products are native on ``device``: a CPU with AVX512-BF16 or AMX, a
+    CUDA GPU that supports bf16 (Ampere and later); elsewhere they are emulated or unsupported."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return False
 
 
 def use_bf16_gemms(module: nn.Module, on: bool = True) -> int:

@@ -30,9 +30,9 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         width = in_dim
         for h in hidden:
-            # In place: a Linear's output is fresh and its backward does not read it (one
-            # allocation less per layer; same values and gradients).
-            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+            # Not in place: a representation-gradient weighting taps a Linear's output by a
+            # forward hook (mtrec.training.step), which an in-place ReLU would overwrite.
+            layers += [nn.Linear(width, h), nn.ReLU()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h

@@ -359,6 +359,19 @@ def test_the_tap_records_training_passes_only():
     assert tap.take().tensors == ()
 
 
+@pytest.mark.parametrize(("name", "kwargs"), [("shared_bottom", {"bottom_hidden": (8, 6)}), ("aitm", {})])
+def test_the_tapped_representation_is_the_linear_output_before_its_activation(name, kwargs):
+    # An in-place ReLU after the tapped Linear would overwrite what the tap holds (and move its
+    # grad_fn onto the ReLU): the gradient methods would then work on another tensor.
+    model = create_model(name, LAYOUT, ("a", "b"), embedding_dim=4, **kwargs)
+    tap = RepresentationTap(*model.representation_layer())
+    model(_batch())
+    (rep,) = tap.take().tensors
+    tap.remove()
+    assert type(rep.grad_fn).__name__ == "AddmmBackward0"
+    assert (rep < 0).any()  # pre-activation values, not clamped at 0
+
+
 # ---- config -----------------------------------------------------------------------------
 
 

@@ -15,7 +15,8 @@ import mtrec
 from mtrec.config import config_from_dict
 from mtrec.errors import MtrecError
 from mtrec.inference import score, score_parquet
-from mtrec.nn.experts import MMoELayer, bf16_gemms_supported, use_bf16_gemms
+from mtrec.nn import experts
+from mtrec.nn.experts import MMoELayer, use_bf16_gemms
 
 N = 6000
 
@@ -44,6 +45,12 @@ def model_dir(tmp_path_factory) -> Path:
         }
     )
     return mtrec.train(config, output=work / "model", progress=False).output
+
+
+@pytest.fixture
+def bf16_here(monkeypatch):
+    """The bf16 path runs on any CPU (emulated where the CPU has no bf16 instructions)."""
+    monkeypatch.setattr(experts, "bf16_gemms_supported", lambda device: True)
 
 
 @pytest.fixture(scope="module")
@@ -75,31 +82,55 @@ def test_bf16_gemms_change_evaluation_only_and_switch_back_exactly():
     assert "bf16_gemms" not in layer.state_dict()  # never saved
 
 
-def test_bf16_scoring_agrees_with_fp32_within_1e3_and_reports_its_check(model_dir, candidates, tmp_path):
+def test_bf16_scoring_agrees_with_fp32_within_1e3_and_reports_its_check(model_dir, candidates, tmp_path, bf16_here):
     fp32 = score_parquet(model_dir, candidates, tmp_path / "fp32.parquet", progress=False)
     bf16 = score_parquet(model_dir, candidates, tmp_path / "bf16.parquet", progress=False, precision="bf16")
     assert fp32["precision"] == "fp32" and "bf16_check" not in fp32
-    if not bf16_gemms_supported(torch.device("cpu")):
-        assert bf16["precision"] == "fp32" and "no bf16" in bf16["precision_note"]
-        return
-    assert bf16["precision"] == "bf16", bf16.get("precision_note")
     check = bf16["bf16_check"]
-    assert check["rows"] == 5000 and 0 < check["max_abs_diff"] <= check["tolerance"]
+    assert check["rows"] == 5000 and check["max_diff"] > 0 and check["task"] in ("ctr", "like")
     a, b = _scores(tmp_path / "fp32.parquet"), _scores(tmp_path / "bf16.parquet")
     diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert diff == pytest.approx(check["max_diff"])  # the check saw every row here
     assert 0 < diff <= 1e-3
-    assert diff == pytest.approx(check["max_abs_diff"])  # the check saw every row here
+    assert bf16["precision"] == ("bf16" if diff <= score.BF16_TOLERANCE else "fp32")
 
 
-def test_bf16_that_disagrees_on_the_first_rows_stays_fp32_and_says_why(model_dir, candidates, tmp_path, monkeypatch):
+def test_the_check_reads_the_first_file_that_has_rows(model_dir, candidates, tmp_path, bf16_here):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pq.read_table(candidates).slice(0, 0), folder / "a_empty.parquet")
+    pq.write_table(pq.read_table(candidates), folder / "b.parquet")
+    got = score_parquet(model_dir, folder, tmp_path / "out", progress=False, precision="bf16")
+    assert got["rows"] == 5000 and got["bf16_check"]["rows"] == 5000
+
+
+def test_bf16_that_disagrees_on_the_first_rows_stays_fp32_and_says_why(
+    model_dir, candidates, tmp_path, monkeypatch, bf16_here
+):
     monkeypatch.setattr(score, "BF16_TOLERANCE", 0.0)
     fp32 = score_parquet(model_dir, candidates, tmp_path / "fp32.parquet", progress=False)
     got = score_parquet(model_dir, candidates, tmp_path / "fell_back.parquet", progress=False, precision="bf16")
-    assert got["precision"] == "fp32"
-    if bf16_gemms_supported(torch.device("cpu")):
-        assert "differs from fp32" in got["precision_note"] and got["bf16_check"]["max_abs_diff"] > 0
+    assert got["precision"] == "fp32" and got["bf16_check"]["max_diff"] > 0
+    assert got["precision_note"].startswith("bf16 differs from fp32 by up to ")
+    assert "on the first 5,000 rows: fp32" in got["precision_note"]
     a, b = _scores(tmp_path / "fp32.parquet"), _scores(tmp_path / "fell_back.parquet")
     assert all(np.array_equal(a[k], b[k]) for k in a) and fp32["rows"] == got["rows"]
+
+
+def test_without_native_bf16_the_run_stays_fp32_and_says_so(model_dir, candidates, tmp_path, monkeypatch):
+    monkeypatch.setattr(experts, "bf16_gemms_supported", lambda device: False)
+    got = score_parquet(model_dir, candidates, tmp_path / "s.parquet", progress=False, precision="bf16")
+    assert got["precision"] == "fp32" and got["precision_note"] == "cpu has no native bf16 matrix products: fp32"
+
+
+def test_the_difference_is_absolute_for_probabilities_relative_for_large_values_and_nan_safe():
+    ref = {"p": np.array([0.2, 0.5], np.float32), "dwell": np.array([100.0, np.nan], np.float32)}
+    diff, task = score._bf16_difference(ref, {"p": ref["p"] + 1e-4, "dwell": ref["dwell"] * 1.0005})
+    assert task == "dwell" and diff == pytest.approx(5e-4, rel=1e-3)  # 0.05 absolute on 100: relative
+    same_nan = score._bf16_difference(ref, {"p": ref["p"], "dwell": ref["dwell"].copy()})
+    assert same_nan == (0.0, "p")
+    one_nan = {"p": np.array([np.nan, 0.5], np.float32), "dwell": ref["dwell"]}
+    assert score._bf16_difference(ref, one_nan) == (float("inf"), "p")
 
 
 def test_an_unknown_precision_is_refused_before_anything_is_written(model_dir, candidates, tmp_path):
@@ -108,7 +139,7 @@ def test_an_unknown_precision_is_refused_before_anything_is_written(model_dir, c
     assert not any(tmp_path.iterdir())
 
 
-def test_the_cli_prints_why_bf16_was_not_used(model_dir, candidates, tmp_path, capsys, monkeypatch):
+def test_the_cli_prints_why_bf16_was_not_used(model_dir, candidates, tmp_path, capsys, monkeypatch, bf16_here):
     from mtrec.cli import main
 
     monkeypatch.setattr(score, "BF16_TOLERANCE", 0.0)
@@ -116,4 +147,4 @@ def test_the_cli_prints_why_bf16_was_not_used(model_dir, candidates, tmp_path, c
     args = ["score", "--model", str(model_dir), "--input", str(candidates), "--output", str(out), "--quiet"]
     assert main([*args, "--precision", "bf16"]) == 0
     err = capsys.readouterr().err
-    assert err.startswith("mtrec: ") and ": fp32" in err and out.is_file()
+    assert err.startswith("mtrec: bf16 differs from fp32") and err.count("\n") == 1 and out.is_file()
