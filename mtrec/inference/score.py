@@ -5,7 +5,8 @@ slice by slice through a :class:`~mtrec.inference.ranker.Ranker` and writes the 
 The result's ``timings`` give the seconds of each stage: ``load_s`` (the model, the inputs'
 schemas and the check of ``precision="bf16"``), ``read_s`` (Parquet decoding), ``encode_s``
 (the preprocessor), ``forward_s`` (the network and calibration) and ``write_s`` (output
-columns, rank score, Parquet writing).
+columns, rank score, Parquet writing); closing the writer and the final rename are in
+``seconds`` only.
 
 Output columns: the ``keep`` columns unchanged (same Arrow type), one ``float32`` column per
 task named by the task (probability / value), then ``rank_score`` (float64) if a rank formula
