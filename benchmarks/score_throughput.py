@@ -87,22 +87,21 @@ def _peak_rss_mb() -> float:
 
 
 def _run_child(model: Path, data: Path, output: Path, threads: int, batch_size: int, precision: str = "fp32") -> dict:
-    cmd = [sys.executable, __file__, "--child", str(model), str(data), str(output), str(threads), str(batch_size)]
-    cmd.append(precision)
+    cmd = [sys.executable, __file__, "--child", *map(str, (model, data, output, threads, batch_size, precision))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _parity(model: Path, data: Path, workdir: Path, args: argparse.Namespace) -> dict:
-    """Every task's largest |bf16 - fp32| over the whole big input (the last bf16 output
-    against an fp32 run of the same file)."""
+def _parity(model: Path, data: Path, scored: Path, args: argparse.Namespace) -> dict:
+    """Every task's largest |bf16 - fp32| over the whole big input: ``scored`` (the last bf16
+    output of ``data``) against an fp32 run of the same file."""
     import pyarrow.parquet as pq
 
-    reference = workdir / "scores_fp32_reference.parquet"
+    reference = scored.with_name("scores_fp32_reference.parquet")
     _run_child(model, data, reference, args.threads, args.batch_size, "fp32")
-    low, ref = pq.read_table(workdir / f"scores_{data.stem.split('_')[-1]}.parquet"), pq.read_table(reference)
+    low, ref = pq.read_table(scored), pq.read_table(reference)
     return {
         c: float(abs(low.column(c).to_numpy() - ref.column(c).to_numpy()).max())
         for c in ref.column_names
@@ -195,7 +194,7 @@ def main() -> None:
         "runs": {str(k): v for k, v in runs.items()},
     }
     if args.precision == "bf16":
-        result["parity_vs_fp32"] = _parity(model, inputs[big], workdir, args)
+        result["parity_vs_fp32"] = _parity(model, inputs[big], workdir / f"scores_{big}.parquet", args)
         result["target_parity"] = 1e-3
     text = json.dumps(result, indent=2)
     print(text)

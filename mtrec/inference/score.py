@@ -234,7 +234,7 @@ def _score_file(
                 ("forward_s", t3 - t2),
                 ("write_s", clock() - t3),
             ):
-                timings[key] = timings.get(key, 0.0) + seconds
+                timings[key] += seconds
     return rows
 
 
