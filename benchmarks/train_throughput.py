@@ -77,6 +77,18 @@ def _relative_to_first(runs: dict[str, dict], *, seconds: bool = False) -> dict[
     return {name: {k: r[src] / first[src] for k, src in keys.items()} for name, r in runs.items()}
 
 
+def _median(name: str, runs: list[dict]) -> dict:
+    """The median of one measurement's runs (by end-to-end seconds where it has them, else by
+    the loop's rows/s), with every run's figures beside it."""
+    by = "end_to_end_seconds" if name in ("mtrec_cli", "baseline") else "train_loop_rows_per_s"
+    runs = sorted(runs, key=lambda r: r[by])
+    best = dict(runs[len(runs) // 2])
+    best["train_loop_rows_per_s_all_runs"] = [r["train_loop_rows_per_s"] for r in runs]
+    if "end_to_end_seconds" in best:
+        best["end_to_end_seconds_all_runs"] = [r["end_to_end_seconds"] for r in runs]
+    return best
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -180,9 +192,10 @@ def run_mtrec_cli(data: str, threads: int, workdir: str, precision: str) -> dict
     meta = json.loads((out / "meta.json").read_text())
     epoch = json.loads((out / "metrics.json").read_text())["history"][0]
     timed = meta["timings"]
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import mtrec.training.trainer"], check=True)
-    import_s = time.perf_counter() - t0
+    # from starting a process to the end of its imports (not its exit, as mtrec ends with os._exit)
+    probe = "import time, os, mtrec.training.trainer; print(time.time(), flush=True); os._exit(0)"
+    t0 = time.time()
+    import_s = float(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True).stdout) - t0
     return {
         "precision": meta["precision"],
         "embedding_optimizer": meta["embedding_optimizer"],
@@ -293,7 +306,7 @@ def run_baseline(data: str, threads: int, workdir: str) -> dict:
         "train_loop_seconds": seconds,
         "train_loop_rows_per_s": n / seconds,
         "train_rows": n,
-        "final_batch_loss": float(loss),
+        "final_batch_loss": loss.item(),
         "peak_rss_mb": _peak_rss_mb(),
     }
 
@@ -376,30 +389,24 @@ def main() -> None:
                 result["end_to_end_rows_per_s"] = result["train_rows"] / result["end_to_end_seconds"]
             return result
 
-        def median_of(
-            name: str, precision: str = "auto", batch_size: int = 2048, embedding: str = "shared", variant: str = "mmoe"
-        ) -> dict:
-            # This shared 2-core VM shows run-to-run swings of up to ~20 %: run each
-            # measurement in fresh processes, interleaved, and keep the median run.
-            runs = [part(name, precision, batch_size, embedding, variant) for _ in range(args.repeats)]
-            by = "end_to_end_seconds" if name in ("mtrec_cli", "baseline") else "train_loop_rows_per_s"
-            runs.sort(key=lambda r: r[by])
-            best = dict(runs[len(runs) // 2])
-            best["train_loop_rows_per_s_all_runs"] = [r["train_loop_rows_per_s"] for r in runs]
-            if "end_to_end_seconds" in best:
-                best["end_to_end_seconds_all_runs"] = [r["end_to_end_seconds"] for r in runs]
-            return best
+        def medians(*specs: tuple) -> list[dict]:
+            """The median run of each spec (``part``'s arguments). This shared 2-core VM drifts by
+            up to ~20 % within an hour, so every run is a fresh process and the specs take turns
+            (one run of each, then the next round), so that a drift reaches all of them alike."""
+            rounds = [[part(*spec) for spec in specs] for _ in range(args.repeats)]
+            return [_median(spec[0], [r[i] for r in rounds]) for i, spec in enumerate(specs)]
 
         if args.variants:
-            variants = {v: median_of("mtrec", "auto", 2048, "shared", v) for v in args.variants.split(",")}
+            names = args.variants.split(",")
+            variants = dict(zip(names, medians(*[("mtrec", "auto", 2048, "shared", v) for v in names]), strict=True))
         elif args.embeddings:
-            modes = {m: median_of("mtrec", "auto", 2048, m) for m in args.embeddings.split(",")}
+            names = args.embeddings.split(",")
+            modes = dict(zip(names, medians(*[("mtrec", "auto", 2048, m) for m in names]), strict=True))
         elif args.device != "cpu":
-            gpu = {str(b): median_of("mtrec", "auto", b) for b in (2048, args.large_batch)}
+            sizes = (2048, args.large_batch)
+            gpu = dict(zip(map(str, sizes), medians(*[("mtrec", "auto", b) for b in sizes]), strict=True))
         else:
-            mt = median_of("mtrec_cli")
-            mt_fp32 = median_of("mtrec_cli", "fp32")
-            base = median_of("baseline")
+            mt, mt_fp32, base = medians(("mtrec_cli",), ("mtrec_cli", "fp32"), ("baseline",))
     import torch
 
     if args.variants:

@@ -1,7 +1,5 @@
 """``python -m mtrec`` (also what ``torchrun -m mtrec`` runs)."""
 
-import sys
+from mtrec.cli import run
 
-from mtrec.cli import main
-
-sys.exit(main())
+run()

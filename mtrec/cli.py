@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mtrec.errors import MtrecError
 from mtrec.tables import format_metrics
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 EXAMPLES = {
     "main": """\
@@ -633,8 +634,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         # `mtrec evaluate ... | head`: the reader left; stop quietly like other Unix tools.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as exc:
@@ -649,5 +648,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``mtrec`` process: :func:`main`, then an exit that skips tearing the interpreter down.
+
+    Freeing every module and object of torch and its compiler stack at exit took 0.7-1.1 s
+    after ``mtrec train`` (measured at 500k rows), time in which nothing is left to do: the
+    command's files are written and closed. So the exit handlers run (logging's flush,
+    anything registered with :mod:`atexit`), threads still running are waited for, the
+    standard streams are flushed and the process ends with ``os._exit``. Under
+    ``torchrun`` (``WORLD_SIZE`` > 1) the ordinary exit is kept.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit(code)
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # the reader of a pipe left: as main() answers it
+        code = 141
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
