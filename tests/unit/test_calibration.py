@@ -152,8 +152,16 @@ def test_isotonic_calibration_is_fitted_saved_and_applied_on_held_out_rows(logs,
     raw = ranker.predict(table, calibrated=False)
     calibrated = ranker.predict(table)
     assert not np.allclose(raw["cvr"], calibrated["cvr"])
-    # (calibrated from the logits; the reference goes through the float32 probability)
-    np.testing.assert_allclose(calibrated["cvr"], ranker.calibration["cvr"].apply(raw["cvr"]), rtol=1e-4, atol=1e-7)
+    # Calibrated from the logits, while the reference can only go through the float32 probability,
+    # a few float32 steps from the exact one (torch's float32 sigmoid); where the isotonic map is
+    # steep those steps move its output by more than any fixed tolerance. The map is monotone, so
+    # the calibrated value lies between the map at the probability moved 4 steps either way.
+    cal = ranker.calibration["cvr"]
+    p = raw["cvr"].astype(np.float64)
+    step = 4 * float(np.finfo(np.float32).eps)
+    low, high = cal.apply(p * (1 - step)), cal.apply(p * (1 + step))
+    assert np.all(calibrated["cvr"] >= low - 1e-7) and np.all(calibrated["cvr"] <= high + 1e-7)
+    np.testing.assert_allclose(calibrated["cvr"], cal.apply(raw["cvr"]), rtol=1e-3, atol=1e-7)
     scored = tmp_path / "scores.parquet"
     score_parquet(out, test_file, scored, progress=False)
     np.testing.assert_allclose(pq.read_table(scored).column("cvr").to_numpy(), calibrated["cvr"], rtol=1e-6)
